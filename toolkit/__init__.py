@@ -1,0 +1,1 @@
+"""Embedforge: decoder LLMs -> text-embedding and semantic-search models."""

@@ -1,0 +1,322 @@
+"""Typed run configuration: kw-only dataclasses loaded from YAML, with `key.sub=value` overrides.
+
+Every error names the file and the dotted field, and lists the allowed keys or values, because a
+typo in a 70B recipe should fail in the first second, not after the model loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The backbone. `path` is an HF folder, a `.gguf` file, or `asset:NAME` (see toolkit.assets)."""
+
+    path: str
+    bidirectional: bool = True
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    attention_dropout: float | None = None  # overrides the config's; SimCSE uses 0.3 in the paper
+    max_length: int = 512
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class PoolingConfig:
+    mode: Literal["mean", "weighted_mean", "last", "bos", "latent_attention", "pma"] = "mean"
+    heads: int = 8  # latent_attention / pma
+    num_latents: int = 512  # latent_attention
+    num_seeds: int = 1  # pma
+    instruction_template: str = "{instruction}\n"  # instruction tokens are attended, not pooled
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass(kw_only=True)
+class MNTPConfig:
+    mask_probability: float = 0.2
+    strategy: Literal["bert", "all_mask"] = "bert"  # bert = 80/10/10
+    mask_token: Literal["tokenizer", "underscore", "eos", "new"] = "tokenizer"
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    kind: Literal["mntp", "simcse", "supervised"]
+    temperature: float = 0.05  # SimCSE 0.05 (scale 20), supervised 0.02 (scale 50)
+    mntp: MNTPConfig = field(default_factory=MNTPConfig)
+    gradcache_chunk_size: int = 0  # 0 = off; else embed in chunks of this many texts
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """A stage's training data: JSONL (`text` or query/positive/negatives fields) or plain text."""
+
+    path: str
+    kind: Literal["text", "pair"] = "text"
+    text_field: str = "text"
+    max_samples: int = 0  # 0 = all
+    max_length: int = 128
+    batch_size: int = 32
+    shuffle: bool = True
+    length_bucketing: bool = True  # group similar lengths to avoid padding waste (MNTP only)
+    homogeneous_tasks: bool = True  # pair data: one task per batch, incomplete batches dropped
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    warmup_steps: int = 0
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    name: str
+    objective: ObjectiveConfig
+    data: DataConfig
+    steps: int
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    merge_previous: bool = True  # merge the previous stage's adapter before adding this one
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only at the end of each stage
+    keep_last: int = 2
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # local task names, see toolkit.eval
+    batch_size: int = 32
+    baselines: list[str] = field(default_factory=list)  # e.g. ["causal", "bidirectional", "minilm"]
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    output_dir: str
+    seed: int = 0
+    model: ModelConfig
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    stages: list[StageConfig]
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ConfigError("stages: at least one stage is required")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: stage names must be unique, got {names}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to `tp`, raising ConfigError naming `where` on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _build(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
+        return _build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+
+
+def _build_dataclass(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys of {cls.__name__}: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _build(hints[name], data[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required field is missing ({cls.__name__})")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """Apply `a.b.c=value` to a nested dict; list items are addressed by index or by `name`."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            match = [item for item in node if isinstance(item, dict) and item.get("name") == key]
+            if key.isdigit() and int(key) < len(node):
+                idx = int(key)
+            elif match:
+                idx = node.index(match[0])
+            else:
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise ConfigError(f"override {dotted}: no list item {key!r} (by index or name {names})")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(keys[:i])} is not a mapping")
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig) -> Any:
+    """Load `path` (YAML) into `cls`, apply `key.sub=value` overrides; errors name file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    try:
+        return _build_dataclass(cls, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def config_from_dict(data: dict, cls: type = RunConfig, source: str = "<dict>") -> Any:
+    try:
+        return _build_dataclass(cls, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-YAML-able dict of a config (tuples become lists)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
