@@ -115,6 +115,7 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     grad_accum: int = 1
     precision: Literal["fp32", "bf16"] = "fp32"
+    attention_dropout: float | None = None  # this stage's attention dropout (SimCSE: 0.3); None = model's
 
 
 @dataclass(kw_only=True)
@@ -203,6 +204,11 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

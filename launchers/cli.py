@@ -1,0 +1,164 @@
+"""`embedforge` command line: train, encode, export, eval, quickstart.
+
+Commands only parse arguments and call library entry points; errors in configs, paths and data are
+printed as one clear line (exit code 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.config import load_config
+    from toolkit.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    if args.stop_after_steps:
+        trainer.stop_after_steps = args.stop_after_steps
+    outcomes = trainer.run()
+    for o in outcomes:
+        state = f"final model: {o.final_dir}" if o.final_dir else f"stopped at step {o.steps_done} (checkpoint saved)"
+        print(f"stage {o.name}: {state}")
+    return 0 if all(o.final_dir for o in outcomes) and len(outcomes) == len(cfg.stages) else 3
+
+
+def _read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: input file not found (--input)")
+    texts = []
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{n}: expected an object with a string field 'text'")
+                texts.append(record["text"])
+            else:
+                texts.append(line.rstrip("\n"))
+    if not texts:
+        raise ValueError(f"{path}: no texts to encode")
+    return texts
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from toolkit.models.encoder import Encoder
+
+    texts = _read_texts(Path(args.input))
+    encoder = Encoder.from_pretrained(args.model)
+    emb = encoder.encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
+                         normalize=not args.no_normalize)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npy")
+    np.save(tmp, emb)
+    os.replace(tmp, out)
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from toolkit.checkpoint.consolidate import consolidate
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+    consolidate(Path(args.checkpoint), out)
+    print(f"exported {args.checkpoint} -> {out} (load with Encoder.from_pretrained or SentenceTransformer)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from toolkit.eval.report import evaluate_models, format_table
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate_models({m: m for m in args.models}, tasks, batch_size=args.batch_size)
+    print(format_table(results, tasks))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from launchers.quickstart import run_quickstart
+
+    run_quickstart(Path(args.config), args.overrides, resume=args.resume)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="embedforge", description="Train decoder LLMs into text encoders (LLM2Vec, D2LLM).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run the stages of a YAML recipe", description="Run a recipe's stages in order.")
+    t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.mntp.steps=10")
+    t.add_argument("--resume", default="auto", help="auto (newest complete step-N), never, or a step-N path")
+    t.add_argument("--stop-after-steps", type=int, default=0, help="save a checkpoint and stop after N steps (time slicing)")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("encode", help="embed texts with a trained encoder")
+    e.add_argument("--model", required=True, help="encoder folder (a stage's final/ or an export)")
+    e.add_argument("--input", required=True, help="text file (one per line) or JSONL with a 'text' field")
+    e.add_argument("--output", required=True, help="output .npy file")
+    e.add_argument("--instruction", default=None, help="task instruction (attended to, not pooled)")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--dim", type=int, default=None, help="Matryoshka truncation to the first DIM components")
+    e.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
+    e.set_defaults(func=_cmd_encode)
+
+    x = sub.add_parser("export", help="consolidate a run / stage / step-N checkpoint into a sentence-transformers folder")
+    x.add_argument("--checkpoint", required=True, help="run dir, stage dir, final/ or step-N/")
+    x.add_argument("--output", required=True, help="folder to write")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate encoders on the local held-out tasks")
+    v.add_argument("--models", nargs="+", required=True, help="encoder folders, or 'minilm' for all-MiniLM-L6-v2")
+    v.add_argument("--tasks", default="rt-sentiment,wordnet-retrieval", help="comma-separated local task names")
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--output", default=None, help="write results JSON here")
+    v.set_defaults(func=_cmd_eval)
+
+    q = sub.add_parser("quickstart", help="MNTP + SimCSE on real SmolLM2 weights, then the evaluation table")
+    q.add_argument("--config", default="configs/quickstart.yaml")
+    q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    q.add_argument("--resume", default="auto")
+    q.set_defaults(func=_cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from toolkit.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"embedforge {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

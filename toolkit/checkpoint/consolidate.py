@@ -1,0 +1,83 @@
+"""Turn a run, a finished stage or a mid-stage `step-N/` checkpoint into an Encoder folder.
+
+A step checkpoint holds only the trainable tensors (adapter + pooling head); consolidation rebuilds
+the stage's starting model from the run's saved config (base weights, previous stage merged), loads
+those tensors, merges the adapter and writes a sentence-transformers folder.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from toolkit.atomic import atomic_dir
+from toolkit.checkpoint.manager import COMPLETE, load_checkpoint
+from toolkit.config import RunConfig, load_config
+from toolkit.models.encoder import SPEC_FILE
+
+STAGE_RE = re.compile(r"^(\d+)-(.+)$")
+
+
+def finished_stages(run_dir: Path) -> list[Path]:
+    finals = [d / "final" for d in sorted(run_dir.iterdir()) if STAGE_RE.match(d.name) and (d / "final" / SPEC_FILE).is_file()]
+    return finals
+
+
+def consolidate(source: Path, output: Path) -> Path:
+    """Write an Encoder folder for `source` (run dir, stage dir, stage `final/`, or `step-N/`)."""
+    source = Path(source)
+    if (source / SPEC_FILE).is_file():  # already an encoder folder
+        with atomic_dir(output) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+        return output
+    if (source / COMPLETE).is_file():
+        return _from_step(source, output)
+    if (source / "config.yaml").is_file():  # a run directory: its newest finished stage
+        finals = finished_stages(source)
+        if not finals:
+            raise FileNotFoundError(f"{source}: no finished stage yet; export a step checkpoint (…/NN-stage/step-N) instead")
+        return consolidate(finals[-1], output)
+    if STAGE_RE.match(source.name) and (source / "final" / SPEC_FILE).is_file():
+        return consolidate(source / "final", output)
+    raise FileNotFoundError(
+        f"{source}: not an encoder folder, a run directory (config.yaml), a stage directory or a complete step-N checkpoint"
+    )
+
+
+def _from_step(step_dir: Path, output: Path) -> Path:
+    from toolkit.models.loading import build_encoder
+    from toolkit.models.lora import add_lora, merge_lora
+    from toolkit.objectives.steps import NEW_MASK_TOKEN
+    from toolkit.train import load_encoder_weights
+
+    stage_dir, run_dir = step_dir.parent, step_dir.parent.parent
+    match = STAGE_RE.match(stage_dir.name)
+    if not match or not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{step_dir}: expected <run>/<NN>-<stage>/step-N with <run>/config.yaml")
+    cfg: RunConfig = load_config(run_dir / "config.yaml")
+    index = int(match.group(1))
+    if index >= len(cfg.stages) or cfg.stages[index].name != match.group(2):
+        raise ValueError(f"{step_dir}: stage {stage_dir.name} is not in {run_dir / 'config.yaml'}")
+    stage = cfg.stages[index]
+    needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)
+    encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=NEW_MASK_TOKEN if needs_mask else None)
+    if index > 0:
+        previous = run_dir / f"{index - 1:02d}-{cfg.stages[index - 1].name}" / "final"
+        if not (previous / SPEC_FILE).is_file():
+            raise FileNotFoundError(f"{previous}: the previous stage's merged model is missing")
+        load_encoder_weights(encoder, previous)
+    if stage.lora.enabled:
+        encoder.backbone = add_lora(encoder.backbone, stage.lora)
+    tensors, _, _ = load_checkpoint(step_dir)
+    params = dict(encoder.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"{step_dir}/trainable.safetensors: tensors {unknown[:3]} do not exist in the rebuilt model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    encoder.backbone = merge_lora(encoder.backbone)
+    return encoder.save_pretrained(output)

@@ -1,0 +1,195 @@
+"""Encoder = backbone (bidirectional decoder) + pooling head + instruction handling.
+
+The saved format IS a sentence-transformers folder (plus `embedforge.json`), so a trained model
+loads with `SentenceTransformer(dir)` and embeds identically, and `Encoder.from_pretrained(dir)`
+reads the same folder back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from toolkit.config import PoolingConfig, config_from_dict
+from toolkit.models.pooling import Pooling, exclude_prefix
+
+SPEC_FILE = "embedforge.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class EncoderSpec:
+    """What `embedforge.json` records beyond the HF config: how to pool and how to tokenise."""
+
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    max_length: int = 512
+    bidirectional: bool = True
+    format_version: int = FORMAT_VERSION
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Right padding (instruction prefixes start at position 0) and a pad token (EOS if none)."""
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class Encoder(nn.Module):
+    def __init__(self, backbone: nn.Module, tokenizer: PreTrainedTokenizerBase, pooling: Pooling, spec: EncoderSpec):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.spec = spec
+        self._prompt_lengths: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ tokenisation
+    def format_instruction(self, instruction: str | None) -> str:
+        if not instruction:
+            return ""
+        return self.spec.pooling.instruction_template.format(instruction=instruction)
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens of `prompt` alone, minus a trailing special token (as sentence-transformers counts)."""
+        if not prompt:
+            return 0
+        if prompt not in self._prompt_lengths:
+            ids = self.tokenizer(prompt)["input_ids"]
+            n = len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
+            if n >= self.spec.max_length:
+                raise ValueError(
+                    f"instruction {prompt!r} is {n} tokens, not shorter than max_length={self.spec.max_length}"
+                )
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
+
+    def tokenize(self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None) -> dict:
+        """input_ids / attention_mask / embed_mask (instruction tokens attended, not pooled)."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text #{i} is empty or not a string ({t!r}); drop it before encoding")
+        prompt = self.format_instruction(instruction)
+        batch = self.tokenizer(
+            [prompt + t for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.spec.max_length,
+            return_tensors="pt",
+        )
+        batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        batch["embed_mask"] = exclude_prefix(batch["attention_mask"], self.prompt_length(prompt))
+        return batch
+
+    # ------------------------------------------------------------------ forward / encode
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def hidden_states(self, batch: dict) -> Tensor:
+        out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, batch: dict) -> Tensor:
+        """Unnormalised embeddings [b, output_dim] with the graph (for training)."""
+        return self.pooling(self.hidden_states(batch), batch["attention_mask"], batch["embed_mask"])
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str],
+        instruction: str | None = None,
+        batch_size: int = 32,
+        normalize: bool = True,
+        dim: int | None = None,
+        max_length: int | None = None,
+    ) -> np.ndarray:
+        """Embeddings [n, dim] in input order; batches are length-sorted so little padding is computed.
+
+        `dim` truncates to the first `dim` components (Matryoshka) before normalising.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of texts, not a single string")
+        if dim is not None and not 0 < dim <= self.pooling.output_dim:
+            raise ValueError(f"dim={dim} must be in 1..{self.pooling.output_dim}")
+        was_training = self.training
+        self.eval()
+        prompt = self.format_instruction(instruction)
+        lengths = [len(ids) for ids in self.tokenizer([prompt + t for t in texts])["input_ids"]]
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        out = np.zeros((len(texts), dim or self.pooling.output_dim), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            idx = order[start : start + batch_size]
+            batch = self.tokenize([texts[i] for i in idx], instruction, max_length)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            emb = self(batch)[:, :dim] if dim else self(batch)
+            if normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write a sentence-transformers folder atomically (temp dir, then rename)."""
+        from toolkit.models.export import write_sentence_transformers_folder
+
+        return write_sentence_transformers_folder(self, Path(path))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+    ) -> "Encoder":
+        path = Path(path)
+        spec_file = path / SPEC_FILE
+        if not spec_file.is_file():
+            hint = " (a training checkpoint? run `embedforge export` on it first)" if (path / "trainer_state.json").exists() else ""
+            raise FileNotFoundError(f"{spec_file}: not an Embedforge encoder folder{hint}")
+        spec = load_spec(spec_file)
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        if spec.bidirectional:
+            from toolkit.models.bidirectional import check_bidirectional, make_bidirectional
+
+            make_bidirectional(backbone)
+            check_bidirectional(backbone)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        pooling = Pooling(spec.pooling, backbone.config.hidden_size)
+        weights = path / "1_Pooling" / "model.safetensors"
+        if pooling.has_parameters:
+            if not weights.is_file():
+                raise FileNotFoundError(f"{weights}: pooling mode {spec.pooling.mode!r} needs its trained weights")
+            from safetensors.torch import load_file
+
+            state = {k.removeprefix("pooling."): v for k, v in load_file(weights).items()}
+            pooling.load_state_dict(state)
+        return cls(backbone, tokenizer, pooling, spec).to(device).eval()
+
+
+def load_spec(spec_file: Path) -> EncoderSpec:
+    try:
+        data = json.loads(spec_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{spec_file}: invalid JSON ({exc})") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{spec_file}: format_version={version!r}, this Embedforge reads {FORMAT_VERSION}")
+    return config_from_dict(data, EncoderSpec, source=str(spec_file))
+
+
+def spec_to_json(spec: EncoderSpec) -> str:
+    return json.dumps(asdict(spec), indent=2)

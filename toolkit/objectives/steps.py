@@ -1,0 +1,150 @@
+"""One micro-step per objective: samples -> tokens -> loss -> backward.
+
+The step owns its backward so that GradCache (which must interleave forward and backward chunk by
+chunk) and plain steps share one interface with the trainer: `step(samples, loss_scale)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from toolkit.config import ObjectiveConfig, StageConfig
+from toolkit.models.encoder import Encoder
+from toolkit.objectives.contrastive import GatherFn, simcse_loss, supervised_contrastive_loss
+from toolkit.objectives.gradcache import gradcache_backward
+from toolkit.objectives.mntp import MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
+
+
+@dataclass
+class StepStats:
+    loss: float
+    tokens: int  # real (non-pad) tokens processed, for throughput
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MNTPStep:
+    """Masked next-token prediction: token i is recovered from the logits at position i-1."""
+
+    def __init__(self, encoder: Encoder, lm_head: nn.Module, spec: MaskingSpec, max_length: int,
+                 precision: str, generator: torch.Generator):
+        self.encoder, self.lm_head, self.spec = encoder, lm_head, spec
+        self.max_length, self.precision, self.generator = max_length, precision, generator
+
+    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+        batch = self.encoder.tokenize([s["text"] for s in samples], max_length=self.max_length)
+        inputs, labels = mask_for_mntp(batch["input_ids"], batch["attention_mask"], self.spec, self.generator)
+        device = self.encoder.device
+        with autocast(self.precision, device):
+            hidden = self.encoder.hidden_states(
+                {"input_ids": inputs.to(device), "attention_mask": batch["attention_mask"].to(device)}
+            )
+            loss = mntp_loss(hidden, self.lm_head, labels.to(device))
+        (loss * loss_scale).backward()
+        return StepStats(float(loss.detach()), int(batch["attention_mask"].sum()))
+
+
+class _ContrastiveStep:
+    """Shared plumbing: tokenise the roles, embed (optionally with GradCache), loss, backward."""
+
+    def __init__(self, encoder: Encoder, cfg: ObjectiveConfig, max_length: int, precision: str,
+                 gather: GatherFn | None = None):
+        self.encoder, self.cfg, self.max_length = encoder, cfg, max_length
+        self.precision, self.gather = precision, gather
+
+    def _embed(self, batch: dict) -> Tensor:
+        device = self.encoder.device
+        with autocast(self.precision, device):
+            return self.encoder({k: v.to(device) for k, v in batch.items()}).float()
+
+    def _run(self, groups: list[dict], loss_fn: Callable[..., Tensor], loss_scale: float) -> StepStats:
+        tokens = int(sum(int(g["attention_mask"].sum()) for g in groups))
+        if self.cfg.gradcache_chunk_size:
+            loss = gradcache_backward(self._embed, groups, loss_fn, self.cfg.gradcache_chunk_size, loss_scale)
+            return StepStats(float(loss), tokens)
+        loss = loss_fn(*[self._embed(g) for g in groups])
+        (loss * loss_scale).backward()
+        return StepStats(float(loss.detach()), tokens)
+
+
+class SimCSEStep(_ContrastiveStep):
+    """Unsupervised SimCSE: the same batch twice; independent dropout makes the two views differ."""
+
+    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+        batch = self.encoder.tokenize([s["text"] for s in samples], max_length=self.max_length)
+
+        def loss_fn(a: Tensor, b: Tensor) -> Tensor:
+            return simcse_loss(a, b, self.cfg.temperature, gather=self.gather)
+
+        return self._run([batch, batch], loss_fn, loss_scale)
+
+
+class SupervisedStep(_ContrastiveStep):
+    """(instructed query, positive, k hard negatives) against all positives+negatives of the batch."""
+
+    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+        k = len(samples[0]["negatives"])
+        if any(len(s["negatives"]) != k for s in samples):
+            raise ValueError("supervised batch: every sample must have the same number of hard negatives")
+        instruction = samples[0]["instruction"]
+        if any(s["instruction"] != instruction for s in samples):
+            raise ValueError("supervised batch: all queries of a batch must share one instruction (one task per batch)")
+        groups = [
+            self.encoder.tokenize([s["query"] for s in samples], instruction, self.max_length),
+            self.encoder.tokenize([s["positive"] for s in samples], max_length=self.max_length),
+        ]
+        if k:
+            negs = [n for s in samples for n in s["negatives"]]  # sample-major: [b*k]
+            groups.append(self.encoder.tokenize(negs, max_length=self.max_length))
+        b = len(samples)
+
+        def loss_fn(q: Tensor, p: Tensor, n: Tensor | None = None) -> Tensor:
+            hard = n.view(b, k, -1) if n is not None else None
+            return supervised_contrastive_loss(q, p, hard, self.cfg.temperature, gather=self.gather)
+
+        return self._run(groups, loss_fn, loss_scale)
+
+
+NEW_MASK_TOKEN = "<mask>"
+
+
+def mask_token_id(tokenizer, choice: str) -> int:
+    """The MNTP mask id; `new` must already have been added (and embeddings resized) at model build."""
+    if choice == "new":
+        if NEW_MASK_TOKEN not in tokenizer.get_vocab():
+            raise ValueError("mntp.mask_token=new: the <mask> token was not added when the model was built")
+        return tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN)
+    return resolve_mask_token(tokenizer, choice)[0]
+
+
+def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, generator: torch.Generator,
+               gather: GatherFn | None = None):
+    obj = stage.objective
+    if obj.kind == "mntp":
+        if stage.data.kind != "text":
+            raise ValueError(f"stages.{stage.name}: objective mntp needs data.kind=text")
+        mask_id = mask_token_id(encoder.tokenizer, obj.mntp.mask_token)
+        spec = MaskingSpec(
+            probability=obj.mntp.mask_probability,
+            strategy=obj.mntp.strategy,
+            mask_token_id=mask_id,
+            vocab_size=len(encoder.tokenizer),
+            special_ids=frozenset(encoder.tokenizer.all_special_ids),
+        )
+        return MNTPStep(encoder, lm_head, spec, stage.data.max_length, stage.precision, generator)
+    if obj.kind == "simcse":
+        if stage.data.kind != "text":
+            raise ValueError(f"stages.{stage.name}: objective simcse needs data.kind=text")
+        return SimCSEStep(encoder, obj, stage.data.max_length, stage.precision, gather)
+    if stage.data.kind != "pair":
+        raise ValueError(f"stages.{stage.name}: objective supervised needs data.kind=pair")
+    return SupervisedStep(encoder, obj, stage.data.max_length, stage.precision, gather)
