@@ -1,8 +1,14 @@
 """Write an Encoder as a sentence-transformers folder (+ embedforge.json).
 
 Layout: the HF backbone (config with the bidirectional flag, so plain `AutoModel` loads it
-bidirectional) and tokenizer at the root, `1_Pooling/` holding `EmbedforgePooling`, `modules.json`
-naming both. `SentenceTransformer(dir)` and `Encoder.from_pretrained(dir)` then embed identically.
+bidirectional) and tokenizer at the root, `1_Pooling/`, and `modules.json` naming both.
+`SentenceTransformer(dir)` and `Encoder.from_pretrained(dir)` then embed identically.
+
+Mean and last-token pooling are written as sentence-transformers' own `Pooling` (with
+`include_prompt=False`), which loads anywhere. Weighted-mean (LLM2Vec's weights count pooled tokens
+only), BOS (first real token, even with a prompt) and the trained heads have no exact
+sentence-transformers equivalent: they use `EmbedforgePooling`, which needs
+`SentenceTransformer(dir, trust_remote_code=True)` and `embedforge` installed.
 """
 
 from __future__ import annotations
@@ -16,14 +22,24 @@ from toolkit.atomic import atomic_dir
 if TYPE_CHECKING:
     from toolkit.models.encoder import Encoder
 
-MODULES = [
-    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "toolkit.models.st_pooling.EmbedforgePooling"},
-]
+NATIVE_MODES = {"mean": "mean", "last": "lasttoken"}
+
+
+def modules_json(pooling_type: str) -> list[dict]:
+    return [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": pooling_type},
+    ]
+
+
+def needs_trust_remote_code(mode: str) -> bool:
+    return mode not in NATIVE_MODES
 
 
 def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
     from peft import PeftModel
+
+    from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
 
     from toolkit.models.encoder import SPEC_FILE, spec_to_json
     from toolkit.models.st_pooling import EmbedforgePooling
@@ -33,7 +49,14 @@ def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
     with atomic_dir(path) as tmp:
         encoder.backbone.save_pretrained(tmp, safe_serialization=True)
         encoder.tokenizer.save_pretrained(tmp)
-        (tmp / "modules.json").write_text(json.dumps(MODULES, indent=2))
+        mode = encoder.spec.pooling.mode
+        if mode in NATIVE_MODES:
+            pool = STPooling(encoder.pooling.output_dim, pooling_mode=NATIVE_MODES[mode], include_prompt=False)
+            pooling_type = "sentence_transformers.models.Pooling"
+        else:
+            pool = EmbedforgePooling.from_pooling(encoder.pooling)
+            pooling_type = "toolkit.models.st_pooling.EmbedforgePooling"
+        (tmp / "modules.json").write_text(json.dumps(modules_json(pooling_type), indent=2))
         (tmp / "sentence_bert_config.json").write_text(
             json.dumps({"max_seq_length": encoder.spec.max_length, "do_lower_case": False}, indent=2)
         )
@@ -42,6 +65,6 @@ def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
         )
         pool_dir = tmp / "1_Pooling"
         pool_dir.mkdir()
-        EmbedforgePooling.from_pooling(encoder.pooling).save(str(pool_dir))
+        pool.save(str(pool_dir))
         (tmp / SPEC_FILE).write_text(spec_to_json(encoder.spec))
     return path
