@@ -1,0 +1,73 @@
+"""Shared plumbing for the side-by-side benchmarks: real model + data, worker processes, tables.
+
+Each (implementation, workload) runs in its own fresh process so peak memory is per run, one after
+the other on the same machine, and the table reports ratios (Embedforge / llm2vec) of one sitting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS_PY = ROOT / ".venv" / "bin" / "python"
+REF_PY = ROOT / ".venv-llm2vec" / "bin" / "python"
+
+
+def prepare(model_spec: str, n_texts: int, workdir: Path) -> tuple[Path, Path, Path]:
+    """(HF model folder, texts JSONL, triples JSONL) from the packaged real assets."""
+    sys.path.insert(0, str(ROOT))
+    from toolkit.assets import nlp_corpus_sentences, resolve_model_path
+    from toolkit.eval.local_tasks import wordnet_training_pairs
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_path(model_spec)
+    texts = workdir / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in nlp_corpus_sentences(limit=n_texts)))
+    triples = workdir / "triples.jsonl"
+    rows = wordnet_training_pairs(n_texts)
+    triples.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"], "negative": r["negatives"][0],
+                                           "instruction": r.get("instruction")}) + "\n" for r in rows))
+    return model_dir, texts, triples
+
+
+def run_worker(impl: str, workload: str, model_dir: Path, data: Path, args) -> dict:
+    if impl == "embedforge":
+        cmd = [str(OURS_PY), str(ROOT / "bench" / "embedforge_worker.py")]
+    else:
+        if not REF_PY.exists():
+            return {"impl": impl, "workload": workload, "error": "reference venv missing: bash bench/setup_reference_env.sh"}
+        cmd = [str(REF_PY), str(ROOT / "bench" / "reference_llm2vec.py")]
+    cmd += ["--model", str(model_dir), "--workload", workload, "--batch-size", str(args.batch_size),
+            "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
+            "--threads", str(args.threads), "--texts", str(data)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"impl": impl, "workload": workload, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(lines[-1])
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: per workload, both implementations and the speed / memory ratios."""
+    rows = ["| workload | impl | real tokens/s | step s | peak RSS MB | loss |", "|---|---|---|---|---|---|"]
+    by = {(r["workload"], r["impl"]): r for r in results}
+    ratios = ["", "| workload | speed-up (embedforge / llm2vec) | peak memory ratio |", "|---|---|---|"]
+    for workload in dict.fromkeys(r["workload"] for r in results):
+        for impl in ("embedforge", "llm2vec-0.2.3"):
+            r = by.get((workload, impl))
+            if r is None:
+                continue
+            if "error" in r:
+                rows.append(f"| {workload} | {impl} | error: {r['error']} | | | |")
+                continue
+            loss = "" if r.get("loss") is None else f"{r['loss']:.4f}"
+            rows.append(f"| {workload} | {impl} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_rss_mb']:,.0f} | {loss} |")
+        a, b = by.get((workload, "embedforge")), by.get((workload, "llm2vec-0.2.3"))
+        if a and b and "error" not in a and "error" not in b:
+            ratios.append(f"| {workload} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} |")
+    return "\n".join(rows + ratios)

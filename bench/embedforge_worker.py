@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Embedforge side of the throughput benchmarks: one workload in one process, one JSON line out.
+
+Same CLI, data, batches, LoRA and token accounting as `bench/reference_llm2vec.py`, so the two are
+comparable line by line: texts are taken in file order (cycling), `batch_size` per step, truncated
+to `seq_len`; `real` tokens are non-pad tokens seen by the transformer (SimCSE counts both views,
+supervised counts query + positive + negative). Differences are Embedforge's own: MNTP computes
+vocabulary logits only at masked positions; encoding sorts by length (as llm2vec does too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+
+IMPL = "embedforge"
+DEFAULTS = {"mntp": dict(lr=5e-5), "simcse": dict(lr=3e-5, temperature=0.05, attn_dropout=0.3),
+            "supervised": dict(lr=2e-4, temperature=0.02)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--workload", choices=["mntp", "simcse", "supervised", "encode"], required=True)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--texts", required=True, help="JSONL: text / query,positive,negative[,instruction]")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def take(items, start, n):
+    return [items[(start + i) % len(items)] for i in range(n)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    real_stdout, sys.stdout = sys.stdout, sys.stderr
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from toolkit.config import DataConfig, LoraConfig, MNTPConfig, ModelConfig, ObjectiveConfig, PoolingConfig, StageConfig
+    from toolkit.models.loading import build_encoder, set_attention_dropout
+    from toolkit.models.lora import add_lora
+    from toolkit.objectives.steps import build_step
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    records = [json.loads(line) for line in open(args.texts) if line.strip()]
+    t_load = time.perf_counter()
+    encoder, lm_head = build_encoder(ModelConfig(path=args.model, max_length=args.seq_len), PoolingConfig(mode="mean"))
+    load_s = time.perf_counter() - t_load
+    bs = args.batch_size
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # noqa: E731
+
+    if args.workload == "encode":
+        texts = [r["text"] for r in records]
+        nw, nt = bs * args.warmup_steps, bs * args.steps
+        if nw:
+            encoder.encode(take(texts, 0, nw), batch_size=bs)
+        timed = take(texts, nw, nt)
+        real = sum(min(len(x), args.seq_len) for x in encoder.tokenizer(timed)["input_ids"])
+        t0 = time.perf_counter()
+        emb = encoder.encode(timed, batch_size=bs)
+        elapsed = time.perf_counter() - t0
+        out = {"tokens_per_s": real / elapsed, "step_s": elapsed / math.ceil(nt / bs), "texts_per_s": nt / elapsed,
+               "embedding_dim": int(emb.shape[1]), "loss": None}
+    else:
+        d = DEFAULTS[args.workload]
+        kind = "pair" if args.workload == "supervised" else "text"
+        objective = ObjectiveConfig(kind=args.workload, temperature=d.get("temperature", 0.05),
+                                    mntp=MNTPConfig(mask_probability=0.2, strategy="bert", mask_token="underscore"))
+        stage = StageConfig(name=args.workload, objective=objective, steps=args.steps,
+                            data=DataConfig(path=args.texts, kind=kind, max_length=args.seq_len, batch_size=bs))
+        if "attn_dropout" in d:
+            set_attention_dropout(encoder.backbone, d["attn_dropout"])
+        encoder.backbone = add_lora(encoder.backbone, LoraConfig(r=16, alpha=32, dropout=0.05))
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=d["lr"])
+        step_fn = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(args.seed))
+        encoder.train()
+        if kind == "pair":
+            records = [{"query": r["query"], "positive": r["positive"], "negatives": [r["negative"]],
+                        "instruction": r.get("instruction"), "task": "bench"} for r in records]
+
+        def step(i: int):
+            stats = step_fn.step(take(records, i * bs, bs), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return stats
+
+        for i in range(args.warmup_steps):
+            step(i)
+        times, real, loss = [], 0, None
+        for j in range(args.steps):
+            t0 = time.perf_counter()
+            stats = step(args.warmup_steps + j)
+            times.append(time.perf_counter() - t0)
+            real += stats.tokens
+            loss = stats.loss
+        elapsed = sum(times)
+        out = {"tokens_per_s": real / elapsed, "step_s": elapsed / args.steps, "loss": loss}
+    out = {"impl": IMPL, "workload": args.workload, **out, "real_tokens_per_s": out["tokens_per_s"],
+           "peak_rss_mb": round(peak(), 1), "load_s": load_s, "batch_size": bs, "seq_len": args.seq_len,
+           "threads": args.threads}
+    print(json.dumps(out), file=real_stdout, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
