@@ -36,7 +36,7 @@ def run_quickstart(config: Path, overrides: list[str], resume: str = "auto") -> 
         models["bidirectional + " + " + ".join(trained)] = str(o.final_dir)
     models["all-MiniLM-L6-v2 (baseline)"] = "minilm"
     t1 = time.perf_counter()
-    results = evaluate_models(models, tasks, batch_size=cfg.eval.batch_size)
+    results = evaluate_models(models, tasks, batch_size=cfg.eval.batch_size, task_sizes=cfg.eval.task_sizes)
     eval_s = time.perf_counter() - t1
     table = format_table(results, tasks)
     out = Path(cfg.output_dir)

@@ -133,9 +133,9 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    tasks: list[str] = field(default_factory=list)  # local task names, see toolkit.eval
+    tasks: list[str] = field(default_factory=list)  # local task names, see toolkit.eval.local_tasks
     batch_size: int = 32
-    baselines: list[str] = field(default_factory=list)  # e.g. ["causal", "bidirectional", "minilm"]
+    task_sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # e.g. {rt-sentiment: {n_test: 400}}
 
 
 @dataclass(kw_only=True)

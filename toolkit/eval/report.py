@@ -26,7 +26,9 @@ def as_encode_fn(spec: ModelSpec, batch_size: int = 32) -> EncodeFn:
     return as_encode_fn(Encoder.from_pretrained(spec), batch_size)
 
 
-def evaluate_models(models: Mapping[str, ModelSpec], tasks: list[str], batch_size: int = 32) -> dict:
+def evaluate_models(
+    models: Mapping[str, ModelSpec], tasks: list[str], batch_size: int = 32, task_sizes: Mapping[str, dict] | None = None
+) -> dict:
     """{label: {task: {metric: value, ..., "seconds": wall time}}}; models are loaded one at a time."""
     from toolkit.eval.local_tasks import get_task
 
@@ -36,7 +38,7 @@ def evaluate_models(models: Mapping[str, ModelSpec], tasks: list[str], batch_siz
         results[label] = {}
         for name in tasks:
             t0 = time.perf_counter()
-            scores = dict(get_task(name).evaluate(encode))
+            scores = dict(get_task(name, **(task_sizes or {}).get(name, {})).evaluate(encode))
             scores["seconds"] = time.perf_counter() - t0
             results[label][name] = scores
         del encode
