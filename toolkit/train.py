@@ -35,7 +35,7 @@ from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
 from toolkit.models.encoder import SPEC_FILE, Encoder
 from toolkit.models.loading import build_encoder, set_attention_dropout
 from toolkit.models.lora import add_lora, merge_lora
-from toolkit.objectives.steps import NEW_MASK_TOKEN, build_step
+from toolkit.objectives.steps import build_step
 from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ class Trainer:
             s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in self.cfg.stages
         )
         encoder, lm_head = build_encoder(
-            self.cfg.model, self.cfg.pooling, seed=self.cfg.seed, add_mask_token=NEW_MASK_TOKEN if needs_new_mask else None
+            self.cfg.model, self.cfg.pooling, seed=self.cfg.seed, add_mask_token=needs_new_mask
         )
         if self.cfg.model.gradient_checkpointing:
-            encoder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            encoder.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         outcomes: list[StageOutcome] = []
         previous_final: Path | None = None
         self.stop.install()
@@ -151,9 +151,10 @@ class Trainer:
         plan = self._plan(stage, samples, encoder, stage_seed)
 
         base = encoder.backbone
-        dropout = stage.attention_dropout if stage.attention_dropout is not None else self.cfg.model.attention_dropout
-        if dropout is not None:
-            set_attention_dropout(base, dropout)
+        # Every stage sets its own attention dropout, so one stage's (SimCSE's 0.3) never leaks into the next.
+        dropout = next(p for p in (stage.attention_dropout, self.cfg.model.attention_dropout,
+                                   getattr(base.config, "attention_dropout", 0.0), 0.0) if p is not None)
+        set_attention_dropout(base, float(dropout))
         if stage.lora.enabled:
             encoder.backbone = add_lora(base, stage.lora)
         else:

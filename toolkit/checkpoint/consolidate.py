@@ -50,7 +50,6 @@ def consolidate(source: Path, output: Path) -> Path:
 def _from_step(step_dir: Path, output: Path) -> Path:
     from toolkit.models.loading import build_encoder
     from toolkit.models.lora import add_lora, merge_lora
-    from toolkit.objectives.steps import NEW_MASK_TOKEN
     from toolkit.train import load_encoder_weights
 
     stage_dir, run_dir = step_dir.parent, step_dir.parent.parent
@@ -63,7 +62,7 @@ def _from_step(step_dir: Path, output: Path) -> Path:
         raise ValueError(f"{step_dir}: stage {stage_dir.name} is not in {run_dir / 'config.yaml'}")
     stage = cfg.stages[index]
     needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)
-    encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=NEW_MASK_TOKEN if needs_mask else None)
+    encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
     if index > 0:
         previous = run_dir / f"{index - 1:02d}-{cfg.stages[index - 1].name}" / "final"
         if not (previous / SPEC_FILE).is_file():

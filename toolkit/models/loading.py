@@ -43,17 +43,19 @@ def build_encoder(
     pooling_cfg: PoolingConfig,
     seed: int = 0,
     bidirectional: bool | None = None,
-    add_mask_token: str | None = None,
+    add_mask_token: bool = False,
 ) -> tuple[Encoder, nn.Module]:
     """Encoder over the causal LM's decoder, and the (frozen) LM head kept for MNTP.
 
-    `add_mask_token` adds that token to the vocabulary (MNTP `mask_token: new`) and resizes the
-    embeddings before the decoder is split off.
+    `add_mask_token` adds a new `<mask>` token (MNTP `mask_token: new`) and resizes the embeddings
+    before the decoder is split off.
     """
     causal, tokenizer = load_causal_lm(model_cfg, bidirectional)
-    if add_mask_token and add_mask_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [add_mask_token]})
-        causal.resize_token_embeddings(len(tokenizer))
+    if add_mask_token:
+        from toolkit.objectives.mntp import resolve_mask_token
+
+        if resolve_mask_token(tokenizer, "new")[1]:
+            causal.resize_token_embeddings(len(tokenizer))
     bidir = model_cfg.bidirectional if bidirectional is None else bidirectional
     backbone = causal.get_decoder()
     if bidir:

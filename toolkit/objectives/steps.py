@@ -17,7 +17,7 @@ from toolkit.config import ObjectiveConfig, StageConfig
 from toolkit.models.encoder import Encoder
 from toolkit.objectives.contrastive import GatherFn, simcse_loss, supervised_contrastive_loss
 from toolkit.objectives.gradcache import gradcache_backward
-from toolkit.objectives.mntp import MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
+from toolkit.objectives.mntp import NEW_MASK_TOKEN, MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
 
 
 @dataclass
@@ -112,9 +112,6 @@ class SupervisedStep(_ContrastiveStep):
             return supervised_contrastive_loss(q, p, hard, self.cfg.temperature, gather=self.gather)
 
         return self._run(groups, loss_fn, loss_scale)
-
-
-NEW_MASK_TOKEN = "<mask>"
 
 
 def mask_token_id(tokenizer, choice: str) -> int:

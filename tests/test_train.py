@@ -1,0 +1,129 @@
+"""Trainer: stages chain, resume is bit-identical, GradCache equals the plain step, export works."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import CORPUS
+from toolkit.config import config_from_dict
+from toolkit.train import Trainer
+
+
+def write_data(tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"{t} number {i}"}) + "\n" for i, t in enumerate(CORPUS)))
+    pairs = tmp_path / "pairs.jsonl"
+    rows = []
+    for i in range(16):
+        rows.append({"query": CORPUS[i % 8], "positive": CORPUS[(i + 1) % 8], "negatives": [CORPUS[(i + 3) % 8]],
+                     "instruction": "find the dog", "task": "t1" if i < 8 else "t2"})
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return texts, pairs
+
+
+def run_config(tmp_path, model_dir, out="run", **stage_overrides):
+    texts, pairs = write_data(tmp_path)
+    stages = [
+        {"name": "mntp", "objective": {"kind": "mntp", "mntp": {"mask_token": "new", "mask_probability": 0.3}},
+         "data": {"path": str(texts), "batch_size": 4, "max_length": 48}, "steps": 4,
+         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+         "optimizer": {"lr": 1e-3}, "schedule": {"warmup_steps": 1}},
+        {"name": "simcse", "objective": {"kind": "simcse"}, "attention_dropout": 0.1,
+         "data": {"path": str(texts), "batch_size": 4, "max_length": 48}, "steps": 4, "grad_accum": 2,
+         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
+         "optimizer": {"lr": 1e-3}},
+        {"name": "supervised", "objective": {"kind": "supervised", "temperature": 0.02},
+         "data": {"path": str(pairs), "kind": "pair", "batch_size": 4, "max_length": 48}, "steps": 3,
+         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+         "optimizer": {"lr": 1e-3}},
+    ]
+    for key, value in stage_overrides.items():
+        name, field = key.split("__")
+        for s in stages:
+            if s["name"] == name:
+                s[field] = value
+    cfg = {"output_dir": str(tmp_path / out), "seed": 3, "model": {"path": str(model_dir), "max_length": 48},
+           "pooling": {"mode": "mean"}, "stages": stages,
+           "checkpoint": {"every_steps": 2, "keep_last": 2},
+           "logging": {"every_steps": 1, "tensorboard": True, "progress": False}}
+    return config_from_dict(cfg)
+
+
+def final_weights(outcomes):
+    return [load_file(str(o.final_dir / "model.safetensors")) for o in outcomes]
+
+
+def test_resume_is_bit_identical(tiny_llama_dir, tmp_path):
+    full = Trainer(run_config(tmp_path, tiny_llama_dir, "full")).run()
+    assert [o.final_dir is not None for o in full] == [True, True, True]
+
+    cfg = run_config(tmp_path, tiny_llama_dir, "sliced")
+    trainer = Trainer(cfg)
+    trainer.stop_after_steps = 3  # stops mid-MNTP at step 3 (checkpoint), then mid-SimCSE, ...
+    runs = 0
+    while True:
+        outcomes = trainer.run()
+        runs += 1
+        if all(o.final_dir for o in outcomes) and len(outcomes) == 3:
+            break
+        assert runs < 10
+    assert runs >= 3
+    for a, b in zip(final_weights(full), final_weights(outcomes)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_metrics_tensorboard_and_checkpoints(tiny_llama_dir, tmp_path):
+    cfg = run_config(tmp_path, tiny_llama_dir)
+    Trainer(cfg).run()
+    out = tmp_path / "run"
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"mntp", "simcse", "supervised"}
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records)
+    assert list((out / "tensorboard" / "mntp").glob("events.out.tfevents.*"))
+    assert (out / "00-mntp" / "step-2" / "COMPLETE").is_file()
+    assert not (out / "00-mntp" / "step-4").exists()  # the end of a stage is its final/ folder
+    assert (out / "02-supervised" / "final" / "embedforge.json").is_file()
+
+
+def test_gradcache_step_equals_plain_step(tiny_llama_dir, tmp_path):
+    only_sup = dict(mntp__steps=1, simcse__steps=1)
+    plain = Trainer(run_config(tmp_path, tiny_llama_dir, "plain", **only_sup)).run()
+    cached = Trainer(run_config(tmp_path, tiny_llama_dir, "cached", **only_sup,
+                                supervised__objective={"kind": "supervised", "temperature": 0.02,
+                                                       "gradcache_chunk_size": 1})).run()
+    a, b = final_weights(plain)[-1], final_weights(cached)[-1]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_resume_with_changed_config_is_refused(tiny_llama_dir, tmp_path):
+    trainer = Trainer(run_config(tmp_path, tiny_llama_dir))
+    trainer.stop_after_steps = 2
+    trainer.run()
+    changed = run_config(tmp_path, tiny_llama_dir, mntp__optimizer={"lr": 5e-4})
+    with pytest.raises(ValueError, match="different configuration of stage 'mntp'"):
+        Trainer(changed).run()
+
+
+def test_export_of_a_step_checkpoint(tiny_llama_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from toolkit.checkpoint.consolidate import consolidate
+    from toolkit.models.encoder import Encoder
+
+    trainer = Trainer(run_config(tmp_path, tiny_llama_dir))
+    trainer.stop_after_steps = 2
+    trainer.run()
+    out = consolidate(tmp_path / "run" / "00-mntp" / "step-2", tmp_path / "exported")
+    enc = Encoder.from_pretrained(out)
+    texts = CORPUS[:3]
+    ours = enc.encode(texts)
+    theirs = SentenceTransformer(str(out), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(ours - theirs).max() <= 1e-4
+    with pytest.raises(FileNotFoundError, match="no finished stage"):
+        consolidate(tmp_path / "run", tmp_path / "x")
