@@ -1,0 +1,73 @@
+"""The `embedforge` CLI end to end on a tiny model: train, encode, export, eval, and its errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import CORPUS
+from launchers.cli import main
+
+
+def recipe(tmp_path, model_dir):
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(f"{t} {i}" for i, t in enumerate(CORPUS)) + "\n")
+    cfg = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(model_dir), "max_length": 192},
+        "pooling": {"mode": "weighted_mean"},
+        "stages": [{"name": "simcse", "objective": {"kind": "simcse"}, "steps": 2,
+                    "data": {"path": str(data), "batch_size": 4, "max_length": 32},
+                    "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}}],
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["encode"], ["export"], ["eval"], ["quickstart"]])
+def test_help(command):
+    out = subprocess.run([sys.executable, "-m", "launchers.cli", *command, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: embedforge" in out.stdout
+
+
+def test_train_encode_export_eval(tiny_llama_dir, tmp_path, capsys):
+    path = recipe(tmp_path, tiny_llama_dir)
+    assert main(["train", str(path)]) == 0
+    final = tmp_path / "run" / "00-simcse" / "final"
+    assert (final / "embedforge.json").is_file()
+
+    texts = tmp_path / "in.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS[:5]))
+    assert main(["encode", "--model", str(final), "--input", str(texts), "--output", str(tmp_path / "e.npy"),
+                 "--instruction", "find the dog", "--dim", "16"]) == 0
+    emb = np.load(tmp_path / "e.npy")
+    assert emb.shape == (5, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "exp")]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "exp")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+    assert main(["eval", "--models", str(tmp_path / "exp"), "--tasks", "wordnet-retrieval",
+                 "--output", str(tmp_path / "r.json")]) == 0
+    scores = json.loads((tmp_path / "r.json").read_text())
+    assert 0.0 <= scores[str(tmp_path / "exp")]["wordnet-retrieval"]["ndcg@10"] <= 1.0
+
+
+def test_errors_are_one_clear_line(tiny_llama_dir, tmp_path, capsys):
+    path = recipe(tmp_path, tiny_llama_dir)
+    assert main(["train", str(path), "stages.simcse.objective.temprature=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0].objective.temprature: unknown key" in err and str(path) in err
+    assert main(["train", str(path), "model.path=/nonexistent/model"]) == 2
+    assert "/nonexistent/model" in capsys.readouterr().err
+    assert main(["encode", "--model", str(tmp_path), "--input", str(tmp_path / "x.txt"), "--output", "o.npy"]) == 2
+    assert "x.txt: input file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json}\n')
+    assert main(["train", str(path), f"stages.simcse.data.path={bad}"]) == 2
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
