@@ -24,7 +24,7 @@ def write_data(tmp_path):
     return texts, pairs
 
 
-def run_config(tmp_path, model_dir, out="run", **stage_overrides):
+def run_config(tmp_path, model_dir, out="run", model_extra=None, **stage_overrides):
     texts, pairs = write_data(tmp_path)
     stages = [
         {"name": "mntp", "objective": {"kind": "mntp", "mntp": {"mask_token": "new", "mask_probability": 0.3}},
@@ -45,7 +45,7 @@ def run_config(tmp_path, model_dir, out="run", **stage_overrides):
         for s in stages:
             if s["name"] == name:
                 s[field] = value
-    cfg = {"output_dir": str(tmp_path / out), "seed": 3, "model": {"path": str(model_dir), "max_length": 48},
+    cfg = {"output_dir": str(tmp_path / out), "seed": 3, "model": {"path": str(model_dir), "max_length": 48, **(model_extra or {})},
            "pooling": {"mode": "mean"}, "stages": stages,
            "checkpoint": {"every_steps": 2, "keep_last": 2},
            "logging": {"every_steps": 1, "tensorboard": True, "progress": False}}
@@ -93,7 +93,8 @@ def test_metrics_tensorboard_and_checkpoints(tiny_llama_dir, tmp_path):
 def test_gradcache_step_equals_plain_step(tiny_llama_dir, tmp_path):
     only_sup = dict(mntp__steps=1, simcse__steps=1)
     plain = Trainer(run_config(tmp_path, tiny_llama_dir, "plain", **only_sup)).run()
-    cached = Trainer(run_config(tmp_path, tiny_llama_dir, "cached", **only_sup,
+    # GradCache + non-reentrant activation checkpointing vs the plain full-batch step
+    cached = Trainer(run_config(tmp_path, tiny_llama_dir, "cached", {"gradient_checkpointing": True}, **only_sup,
                                 supervised__objective={"kind": "supervised", "temperature": 0.02,
                                                        "gradcache_chunk_size": 1})).run()
     a, b = final_weights(plain)[-1], final_weights(cached)[-1]
@@ -127,3 +128,9 @@ def test_export_of_a_step_checkpoint(tiny_llama_dir, tmp_path):
     assert np.abs(ours - theirs).max() <= 1e-4
     with pytest.raises(FileNotFoundError, match="no finished stage"):
         consolidate(tmp_path / "run", tmp_path / "x")
+
+
+def test_bf16_autocast_stage_trains(tiny_llama_dir, tmp_path):
+    cfg = run_config(tmp_path, tiny_llama_dir, mntp__precision="bf16", mntp__steps=2, simcse__steps=1, supervised__steps=1)
+    outcomes = Trainer(cfg).run()
+    assert all(np.isfinite(o.last_loss) for o in outcomes)
