@@ -35,8 +35,9 @@ def prepare(model_spec: str, n_texts: int, workdir: Path) -> tuple[Path, Path, P
 
 
 def run_worker(impl: str, workload: str, model_dir: Path, data: Path, args) -> dict:
-    if impl == "embedforge":
+    if impl.startswith("embedforge"):
         cmd = [str(OURS_PY), str(ROOT / "bench" / "embedforge_worker.py")]
+        cmd += ["--batching", "bucketed"] if impl == "embedforge-bucketed" else []
     else:
         if not REF_PY.exists():
             return {"impl": impl, "workload": workload, "error": "reference venv missing: bash bench/setup_reference_env.sh"}
@@ -56,9 +57,9 @@ def table(results: list[dict]) -> str:
     """Markdown: per workload, both implementations and the speed / memory ratios."""
     rows = ["| workload | impl | real tokens/s | step s | peak RSS MB | loss |", "|---|---|---|---|---|---|"]
     by = {(r["workload"], r["impl"]): r for r in results}
-    ratios = ["", "| workload | speed-up (embedforge / llm2vec) | peak memory ratio |", "|---|---|---|"]
+    ratios = ["", "| workload | impl | speed-up vs llm2vec (real tokens/s) | peak memory ratio |", "|---|---|---|---|"]
     for workload in dict.fromkeys(r["workload"] for r in results):
-        for impl in ("embedforge", "llm2vec-0.2.3"):
+        for impl in ("embedforge", "embedforge-bucketed", "llm2vec-0.2.3"):
             r = by.get((workload, impl))
             if r is None:
                 continue
@@ -67,7 +68,10 @@ def table(results: list[dict]) -> str:
                 continue
             loss = "" if r.get("loss") is None else f"{r['loss']:.4f}"
             rows.append(f"| {workload} | {impl} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_rss_mb']:,.0f} | {loss} |")
-        a, b = by.get((workload, "embedforge")), by.get((workload, "llm2vec-0.2.3"))
-        if a and b and "error" not in a and "error" not in b:
-            ratios.append(f"| {workload} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} |")
+        b = by.get((workload, "llm2vec-0.2.3"))
+        for impl in ("embedforge", "embedforge-bucketed"):
+            a = by.get((workload, impl))
+            if a and b and "error" not in a and "error" not in b:
+                ratios.append(f"| {workload} | {impl} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x "
+                              f"| {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} |")
     return "\n".join(rows + ratios)

@@ -6,6 +6,8 @@ comparable line by line: texts are taken in file order (cycling), `batch_size` p
 to `seq_len`; `real` tokens are non-pad tokens seen by the transformer (SimCSE counts both views,
 supervised counts query + positive + negative). Differences are Embedforge's own: MNTP computes
 vocabulary logits only at masked positions; encoding sorts by length (as llm2vec does too).
+`--batching bucketed` reorders the same records into the trainer's length-bucketed batches, to
+measure what bucketing adds on top.
 """
 
 from __future__ import annotations
@@ -35,11 +37,23 @@ def parse_args(argv=None):
     p.add_argument("--texts", required=True, help="JSONL: text / query,positive,negative[,instruction]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batching", choices=["file", "bucketed"], default="file",
+                   help="file: batches in file order, as the reference; bucketed: the trainer's length-bucketed BatchPlan")
     return p.parse_args(argv)
 
 
 def take(items, start, n):
     return [items[(start + i) % len(items)] for i in range(n)]
+
+
+def bucketed(records: list[dict], tokenizer, batch_size: int, seed: int) -> list[dict]:
+    """The same records, reordered into the trainer's length-bucketed batches (less padding)."""
+    from data_pipelines.batching import BatchPlan
+
+    fields = [[r[k] for k in ("text", "query", "positive", "negative") if r.get(k)] for r in records]
+    lengths = [max(len(ids) for ids in tokenizer(f)["input_ids"]) for f in fields]
+    plan = BatchPlan(batch_size, seed, lengths=lengths)
+    return [records[int(i)] for batch in plan.epoch_batches(0) for i in batch]
 
 
 def main(argv=None) -> int:
@@ -64,6 +78,8 @@ def main(argv=None) -> int:
     bs = args.batch_size
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # noqa: E731
 
+    if args.batching == "bucketed":
+        records = bucketed(records, encoder.tokenizer, bs, args.seed)
     if args.workload == "encode":
         texts = [r["text"] for r in records]
         nw, nt = bs * args.warmup_steps, bs * args.steps
@@ -112,7 +128,7 @@ def main(argv=None) -> int:
             loss = stats.loss
         elapsed = sum(times)
         out = {"tokens_per_s": real / elapsed, "step_s": elapsed / args.steps, "loss": loss}
-    out = {"impl": IMPL, "workload": args.workload, **out, "real_tokens_per_s": out["tokens_per_s"],
+    out = {"impl": IMPL + ("-bucketed" if args.batching == "bucketed" else ""), "workload": args.workload, **out, "real_tokens_per_s": out["tokens_per_s"],
            "peak_rss_mb": round(peak(), 1), "load_s": load_s, "batch_size": bs, "seq_len": args.seq_len,
            "threads": args.threads}
     print(json.dumps(out), file=real_stdout, flush=True)

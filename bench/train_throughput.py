@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workloads", nargs="+", default=["mntp", "simcse", "supervised"])
-    p.add_argument("--impls", nargs="+", default=["embedforge", "llm2vec-0.2.3"])
+    p.add_argument("--impls", nargs="+", default=["embedforge", "embedforge-bucketed", "llm2vec-0.2.3"])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, texts, triples = prepare(args.model, 2000, Path(tmp))
