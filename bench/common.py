@@ -28,9 +28,8 @@ def prepare(model_spec: str, n_texts: int, workdir: Path) -> tuple[Path, Path, P
     texts = workdir / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in nlp_corpus_sentences(limit=n_texts)))
     triples = workdir / "triples.jsonl"
-    rows = wordnet_training_pairs(n_texts)
-    triples.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"], "negative": r["negatives"][0],
-                                           "instruction": r.get("instruction")}) + "\n" for r in rows))
+    fields = ("query", "positive", "negative", "instruction")
+    triples.write_text("".join(json.dumps({k: r[k] for k in fields}) + "\n" for r in wordnet_training_pairs(n_texts)))
     return model_dir, texts, triples
 
 

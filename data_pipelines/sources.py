@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from toolkit.atomic import atomic_write_text
 from toolkit.config import DataConfig
@@ -75,47 +76,54 @@ def asset_dataset(name: str) -> Path:
     return path
 
 
+def iter_records(path: Path, text_field: str = "text") -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line: a JSON object per line in `.jsonl` files,
+    else the line itself as `{text_field: line}`. Errors name the file and line."""
+    with path.open(encoding="utf-8", errors="strict") as fh:
+        try:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                if path.suffix != ".jsonl":
+                    yield line_no, {text_field: line.rstrip("\n")}
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{line_no}: each line must be a JSON object")
+                yield line_no, record
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not valid UTF-8 near byte {exc.start}") from None
+
+
 def read_samples(cfg: DataConfig) -> list[dict]:
     """All samples of `cfg.path` (capped at `cfg.max_samples`); empty texts are skipped and counted."""
     path = asset_dataset(cfg.path[len("asset:"):]) if cfg.path.startswith("asset:") else Path(cfg.path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (data.path)")
+    if path.suffix != ".jsonl" and cfg.kind != "text":
+        raise DataError(f"{path}: plain-text files only hold data.kind=text samples; use JSONL")
     samples: list[dict] = []
     skipped = 0
-    with path.open(encoding="utf-8", errors="strict") as fh:
-        try:
-            for line_no, line in enumerate(fh, 1):
-                where = f"{path}:{line_no}"
-                if not line.strip():
-                    continue
-                if path.suffix == ".jsonl":
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{where}: invalid JSON ({exc.msg})") from None
-                    if not isinstance(record, dict):
-                        raise DataError(f"{where}: each line must be a JSON object")
-                else:
-                    if cfg.kind != "text":
-                        raise DataError(f"{path}: plain-text files only hold data.kind=text samples; use JSONL")
-                    record = {cfg.text_field: line}
-                sample_id = str(record.get("id", f"{path.name}:{line_no}"))
-                if cfg.kind == "text":
-                    if cfg.text_field not in record:
-                        raise DataError(f"{where}: missing field {cfg.text_field!r} (data.text_field)")
-                    text = _text(record[cfg.text_field], where, cfg.text_field)
-                    sample = {"text": text} if text else None
-                else:
-                    sample = _pair(record, where, cfg)
-                if sample is None:
-                    skipped += 1
-                    continue
-                sample["id"] = sample_id
-                samples.append(sample)
-                if cfg.max_samples and len(samples) >= cfg.max_samples:
-                    break
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}: not valid UTF-8 near byte {exc.start}") from None
+    for line_no, record in iter_records(path, cfg.text_field):
+        where = f"{path}:{line_no}"
+        sample_id = str(record.get("id", f"{path.name}:{line_no}"))
+        if cfg.kind == "text":
+            if cfg.text_field not in record:
+                raise DataError(f"{where}: missing field {cfg.text_field!r} (data.text_field)")
+            text = _text(record[cfg.text_field], where, cfg.text_field)
+            sample = {"text": text} if text else None
+        else:
+            sample = _pair(record, where, cfg)
+        if sample is None:
+            skipped += 1
+            continue
+        sample["id"] = sample_id
+        samples.append(sample)
+        if cfg.max_samples and len(samples) >= cfg.max_samples:
+            break
     if skipped:
         log.warning("%s: skipped %d samples with an empty text", path, skipped)
     if not samples:

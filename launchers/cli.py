@@ -32,23 +32,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _read_texts(path: Path) -> list[str]:
+    from data_pipelines.sources import iter_records
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: input file not found (--input)")
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{path}:{n}: expected an object with a string field 'text'")
-                texts.append(record["text"])
-            else:
-                texts.append(line.rstrip("\n"))
+    for n, record in iter_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected an object with a string field 'text'")
+        texts.append(record["text"])
     if not texts:
         raise ValueError(f"{path}: no texts to encode")
     return texts
