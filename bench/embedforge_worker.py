@@ -48,12 +48,19 @@ def take(items, start, n):
 
 def bucketed(records: list[dict], tokenizer, batch_size: int, seed: int) -> list[dict]:
     """The same records, reordered into the trainer's length-bucketed batches (less padding)."""
-    from data_pipelines.batching import BatchPlan
+    import numpy as np
+
+    from data_pipelines.batching import window_batches
 
     fields = [[r[k] for k in ("text", "query", "positive", "negative") if r.get(k)] for r in records]
     lengths = [max(len(ids) for ids in tokenizer(f)["input_ids"]) for f in fields]
-    plan = BatchPlan(batch_size, seed, lengths=lengths)
-    return [records[int(i)] for batch in plan.epoch_batches(0) for i in batch]
+    window = 16 * batch_size  # the trainer's default data.bucket_batches
+    out = []
+    for start in range(0, len(records), window):
+        part = lengths[start : start + window]
+        rng = np.random.default_rng([seed, start])
+        out += [records[start + i] for batch in window_batches(part, batch_size, rng) for i in batch]
+    return out
 
 
 def main(argv=None) -> int:
@@ -94,17 +101,17 @@ def main(argv=None) -> int:
                "embedding_dim": int(emb.shape[1]), "loss": None}
     else:
         d = DEFAULTS[args.workload]
-        kind = "pair" if args.workload == "supervised" else "text"
+        kind = "pair" if args.workload == "supervised" else "text"  # the sample kind the step consumes
         objective = ObjectiveConfig(kind=args.workload, temperature=d.get("temperature", 0.05),
                                     mntp=MNTPConfig(mask_probability=0.2, strategy="bert", mask_token="underscore"))
         stage = StageConfig(name=args.workload, objective=objective, steps=args.steps,
-                            data=DataConfig(path=args.texts, kind=kind, max_length=args.seq_len, batch_size=bs))
+                            data=DataConfig(path=args.texts, max_length=args.seq_len, batch_size=bs))
         if "attn_dropout" in d:
             set_attention_dropout(encoder.backbone, d["attn_dropout"])
         encoder.backbone = add_lora(encoder.backbone, LoraConfig(r=16, alpha=32, dropout=0.05))
         params = [p for p in encoder.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=d["lr"])
-        step_fn = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(args.seed))
+        step_fn = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(args.seed), data_kind=kind)
         encoder.train()
         if kind == "pair":
             records = [{"query": r["query"], "positive": r["positive"], "negatives": [r["negative"]],

@@ -1,90 +1,79 @@
-"""Deterministic, resumable batch plans.
+"""Turning a window of samples into batches: length bucketing, token budgets, sequence packing.
 
-A plan is a pure function of (seed, epoch): the batches of an epoch are recomputed, never stored,
-so the loader state is just (epoch, batch index) and a resumed run sees exactly the batches an
-uninterrupted run would have seen.
+All pure functions of their inputs (and an explicit RNG), so the streaming loader can rebuild any
+window exactly when it resumes.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 
-@dataclass
-class LoaderState:
-    epoch: int = 0
-    batch: int = 0  # index of the next batch within the epoch
+def window_batches(
+    lengths: Sequence[int], batch_size: int, rng: np.random.Generator | None, *, max_tokens: int = 0,
+    sort: bool = True,
+) -> list[list[int]]:
+    """Index batches over one window of samples.
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class BatchPlan:
-    """Batches of sample indices.
-
-    - length bucketing: shuffle, then sort windows of `bucket_batches` batches by length, so a batch
-      holds similar lengths (little padding) while batch order stays random;
-    - homogeneous tasks: every batch comes from one task; incomplete batches are dropped
-      (in-batch negatives from another task would be trivially easy).
+    sort=True groups similar lengths (little padding) and `rng` then shuffles the batch order so
+    the step-to-step length sequence stays random. With `max_tokens` a batch holds as many
+    samples as fit `len(batch) * longest <= max_tokens` (at most `batch_size`); otherwise batches
+    are exactly `batch_size` and a short remainder is dropped (the caller sizes windows in whole
+    batches, so that only happens at a window the stream could not fill).
     """
+    if batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+    order = list(np.argsort(np.asarray(lengths), kind="stable")) if sort else list(range(len(lengths)))
+    batches: list[list[int]] = []
+    if max_tokens:
+        current: list[int] = []
+        for i in order:
+            longest = max([lengths[j] for j in current] + [lengths[i]])
+            if current and (len(current) >= batch_size or (len(current) + 1) * longest > max_tokens):
+                batches.append(current)
+                current = []
+            current.append(int(i))
+        if current:
+            batches.append(current)
+    else:
+        full = len(order) // batch_size * batch_size
+        batches = [[int(i) for i in order[k : k + batch_size]] for k in range(0, full, batch_size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
 
-    def __init__(
-        self,
-        batch_size: int,
-        seed: int,
-        *,
-        lengths: Sequence[int] | None = None,
-        tasks: Sequence[str] | None = None,
-        shuffle: bool = True,
-        bucket_batches: int = 50,
-        num_samples: int | None = None,
-    ):
-        n = num_samples if num_samples is not None else len(lengths if lengths is not None else tasks or [])
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.lengths = None if lengths is None else np.asarray(lengths)
-        self.tasks = None if tasks is None else np.asarray(tasks)
-        self.bucket = bucket_batches * batch_size
-        if self.batches_per_epoch() == 0:
-            raise ValueError(f"{n} samples make no full batch of data.batch_size={batch_size}")
 
-    def _rng(self, epoch: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, epoch])
+def pack_sequences(token_lists: Sequence[Sequence[int]], max_tokens: int) -> list[dict]:
+    """Greedy first-fit packing of tokenised samples into rows of at most `max_tokens` tokens.
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        rng = self._rng(epoch)
-        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
-        if self.tasks is not None:
-            batches = []
-            for task in sorted(set(self.tasks.tolist())):
-                members = order[self.tasks[order] == task]
-                full = len(members) // self.batch_size * self.batch_size
-                batches += np.split(members[:full], full // self.batch_size) if full else []
+    Each packed row keeps its sample boundaries: `cu_seqlens` (cumulative lengths, for
+    flash-attention's varlen kernels, which attend within each sample only), `position_ids`
+    restarting at 0 per sample, and `samples` (the indices packed, in order). A sample longer than
+    `max_tokens` is truncated to it.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, ids in enumerate(token_lists):
+        n = min(len(ids), max_tokens)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
         else:
-            batches = []
-            for start in range(0, self.n - self.batch_size + 1, self.bucket):
-                window = order[start : start + self.bucket]
-                if self.lengths is not None:
-                    window = window[np.argsort(self.lengths[window], kind="stable")]
-                full = len(window) // self.batch_size * self.batch_size
-                batches += np.split(window[:full], full // self.batch_size) if full else []
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
-
-    def batches_per_epoch(self) -> int:
-        return len(self.epoch_batches(0))
-
-    def iterate(self, state: LoaderState) -> Iterator[tuple[np.ndarray, LoaderState]]:
-        """Endless batches from `state`; yields (indices, state after this batch)."""
-        epoch, index = state.epoch, state.batch
-        while True:
-            batches = self.epoch_batches(epoch)
-            while index < len(batches):
-                index += 1
-                yield batches[index - 1], LoaderState(epoch, index)
-            epoch, index = epoch + 1, 0
+            rows.append([i])
+            room.append(max_tokens - n)
+    packed = []
+    for members in rows:
+        ids, pos, cu = [], [], [0]
+        for i in members:
+            seq = list(token_lists[i])[:max_tokens]
+            ids += seq
+            pos += list(range(len(seq)))
+            cu.append(cu[-1] + len(seq))
+        packed.append({"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "samples": members})
+    return packed

@@ -1,4 +1,4 @@
-"""`embedforge` command line: train, encode, export, eval, quickstart.
+"""`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info).
 
 Commands only parse arguments and call library entry points; errors in configs, paths and data are
 printed as one clear line (exit code 2), not a traceback.
@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,14 +33,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _read_texts(path: Path) -> list[str]:
-    from data_pipelines.sources import iter_records
+    """Texts to encode from any input `data build` reads (JSONL "text", CSV / TSV / Parquet, plain text)."""
+    from data_pipelines.records import BadRecord
+    from data_pipelines.writer import open_input
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: input file not found (--input)")
     texts = []
-    for n, record in iter_records(path):
-        if not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{n}: expected an object with a string field 'text'")
+    for n, record in open_input(str(path), "text", "text")[2]():
+        if isinstance(record, BadRecord) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected a record with a string field 'text' ({record})")
         texts.append(record["text"])
     if not texts:
         raise ValueError(f"{path}: no texts to encode")
@@ -93,6 +94,56 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """`256MB`, `64K`, `1.5G`, `4096` -> bytes (binary multiples: 1K = 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text, re.IGNORECASE)
+    if not m or float(m[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 256MB, 64K or 1G")
+    return max(1, int(float(m[1]) * 1024 ** " KMGT".index(m[2].upper() or " ")))
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from data_pipelines.writer import build_shards
+
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise FileNotFoundError(f"{args.tokenizer}: tokenizer folder not found (--tokenizer)")
+    m = build_shards(args.input, args.output, args.kind, text_field=args.text_field, shard_bytes=args.shard_size,
+                     shard_samples=args.shard_samples, tokenizer=args.tokenizer, max_chars=args.max_chars,
+                     max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite)
+    bad = sum(m.bad_records.values())
+    kinds = f" ({', '.join(f'{k}={v}' for k, v in m.bad_records.items())})" if bad else ""
+    print(f"built {args.output}: {len(m.shards)} shards, {m.num_samples} samples, {len(m.tasks())} tasks, "
+          f"{bad} bad records skipped{kinds}")
+    return 0
+
+
+def _cmd_data_verify(args: argparse.Namespace) -> int:
+    from data_pipelines.writer import verify_shards
+
+    problems = verify_shards(args.folder)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.folder}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.folder}: all shards match the manifest")
+    return 0
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from data_pipelines.manifest import load_manifest
+
+    m = load_manifest(args.folder)
+    print(f"kind: {m.kind}")
+    print(f"samples: {m.num_samples}")
+    print(f"shards: {len(m.shards)} ({sum(s.bytes for s in m.shards)} bytes)")
+    print("tasks: " + ", ".join(f"{task}={n}" for task, n in m.tasks().items()))
+    print(f"tokenizer: {m.tokenizer or '-'}")
+    print("bad records: " + (", ".join(f"{k}={v}" for k, v in m.bad_records.items()) or "none"))
+    print(f"source: {m.source or '-'} (built {m.created or '?'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedforge", description="Train decoder LLMs into text encoders (LLM2Vec, D2LLM).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -133,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     q.add_argument("--resume", default="auto")
     q.set_defaults(func=_cmd_quickstart)
+
+    d = sub.add_parser("data", help="build, verify and inspect sharded (WebDataset) datasets")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    b = dsub.add_parser("build", help="validate records into tar shards + manifest.json",
+                        description="Validate records (bad ones counted and skipped) into tar shards + manifest.json.")
+    b.add_argument("--input", nargs="+", required=True, metavar="IN",
+                   help=".jsonl, .csv, .tsv, .parquet, plain text (one per line, kind=text), asset:nlp-corpus or "
+                        "asset:wordnet-pairs; several are concatenated in order")
+    b.add_argument("--output", required=True, metavar="DIR",
+                   help="folder to write (built aside, moved into place when complete)")
+    b.add_argument("--kind", required=True, choices=["text", "pair", "scored"], help="sample kind")
+    b.add_argument("--text-field", default="text", metavar="NAME", help="field holding the text (kind=text)")
+    b.add_argument("--shard-size", type=_size, default=256 * 2**20, metavar="SIZE",
+                   help="close a shard at about this size: 256MB (default), 64K, 1G")
+    b.add_argument("--shard-samples", type=int, default=0, metavar="N",
+                   help="close a shard at N samples (0: size only)")
+    b.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer folder: also store token ids (tokens.npz)")
+    b.add_argument("--max-chars", type=int, default=100_000, metavar="N", help="a longer text is a bad record (0: no limit; the loader's data.max_chars is also 100000)")
+    b.add_argument("--max-bad-fraction", type=float, default=0.0, metavar="F",
+                   help="fail if more than this fraction of records is bad (default 0: any bad record fails)")
+    b.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    b.set_defaults(func=_cmd_data_build)
+    c = dsub.add_parser("verify", help="re-hash every shard against the manifest (exit 1 on a problem)")
+    c.add_argument("folder", metavar="DIR", help="folder with manifest.json")
+    c.set_defaults(func=_cmd_data_verify)
+    i = dsub.add_parser("info", help="kind, samples, shards and tasks of a dataset")
+    i.add_argument("folder", metavar="DIR", help="folder with manifest.json")
+    i.set_defaults(func=_cmd_data_info)
     return p
 
 
@@ -148,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         if args.verbose:
             raise
-        print(f"embedforge {args.command}: error: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+        print(f"embedforge {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

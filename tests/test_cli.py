@@ -15,12 +15,14 @@ from launchers.cli import main
 def recipe(tmp_path, model_dir):
     data = tmp_path / "texts.txt"
     data.write_text("\n".join(f"{t} {i}" for i, t in enumerate(CORPUS)) + "\n")
+    shards = tmp_path / "shards"
+    assert main(["data", "build", "--input", str(data), "--output", str(shards), "--kind", "text"]) == 0
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "model": {"path": str(model_dir), "max_length": 192},
         "pooling": {"mode": "weighted_mean"},
         "stages": [{"name": "simcse", "objective": {"kind": "simcse"}, "steps": 2,
-                    "data": {"path": str(data), "batch_size": 4, "max_length": 32},
+                    "data": {"path": str(shards), "batch_size": 4, "max_length": 32},
                     "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}}],
         "logging": {"progress": False, "tensorboard": False},
     }
@@ -70,4 +72,6 @@ def test_errors_are_one_clear_line(tiny_llama_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{not json}\n')
     assert main(["train", str(path), f"stages.simcse.data.path={bad}"]) == 2
-    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+    assert f"{bad}: a file, not a shard folder (data.path)" in capsys.readouterr().err
+    assert main(["data", "build", "--input", str(bad), "--output", str(tmp_path / "bad-shards"), "--kind", "text"]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err and not (tmp_path / "bad-shards").exists()

@@ -15,7 +15,7 @@ def test_smollm2_mntp_simcse_export(tmp_path):
     from toolkit.models.encoder import Encoder
     from toolkit.train import Trainer
 
-    stage = {"data": {"path": "asset:nlp-corpus", "batch_size": 4, "max_length": 24, "max_samples": 64},
+    stage = {"data": {"path": "asset:nlp-corpus", "batch_size": 4, "max_length": 24},
              "steps": 2, "lora": {"r": 4, "alpha": 8}}
     cfg = config_from_dict({
         "output_dir": str(tmp_path / "run"),

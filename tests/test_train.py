@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_pipelines.writer import build_shards
 from tests.conftest import CORPUS
 from toolkit.config import config_from_dict
 from toolkit.train import Trainer
@@ -21,7 +22,11 @@ def write_data(tmp_path):
         rows.append({"query": CORPUS[i % 8], "positive": CORPUS[(i + 1) % 8], "negatives": [CORPUS[(i + 3) % 8]],
                      "instruction": "find the dog", "task": "t1" if i < 8 else "t2"})
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return texts, pairs
+    text_shards, pair_shards = tmp_path / "text-shards", tmp_path / "pair-shards"
+    if not text_shards.exists():
+        build_shards([str(texts)], text_shards, "text")
+        build_shards([str(pairs)], pair_shards, "pair")
+    return text_shards, pair_shards
 
 
 def run_config(tmp_path, model_dir, out="run", model_extra=None, **stage_overrides):
@@ -36,7 +41,7 @@ def run_config(tmp_path, model_dir, out="run", model_extra=None, **stage_overrid
          "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
          "optimizer": {"lr": 1e-3}},
         {"name": "supervised", "objective": {"kind": "supervised", "temperature": 0.02},
-         "data": {"path": str(pairs), "kind": "pair", "batch_size": 4, "max_length": 48}, "steps": 3,
+         "data": {"path": str(pairs), "batch_size": 4, "max_length": 48}, "steps": 3,
          "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
          "optimizer": {"lr": 1e-3}},
     ]

@@ -74,17 +74,26 @@ class ObjectiveConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """A stage's training data: JSONL (`text` or query/positive/negatives fields) or plain text."""
+    """A stage's training data: WebDataset shards built by `embedforge data build` (a folder with
+    manifest.json), or `asset:nlp-corpus` / `asset:wordnet-pairs` (built into the cache once).
+    The sample kind comes from the manifest: text for MNTP / SimCSE, pair for supervised."""
 
     path: str
-    kind: Literal["text", "pair"] = "text"
-    text_field: str = "text"
-    max_samples: int = 0  # 0 = all
-    max_length: int = 128
-    batch_size: int = 32
+    max_length: int = 128  # tokens; longer texts are truncated
+    batch_size: int = 32  # per data-parallel rank
+    mode: Literal["exact", "resampled"] = "exact"  # exact epochs, or infinite draws with replacement
     shuffle: bool = True
-    length_bucketing: bool = True  # group similar lengths to avoid padding waste (MNTP only)
-    homogeneous_tasks: bool = True  # pair data: one task per batch, incomplete batches dropped
+    shuffle_buffer: int = 1000  # samples shuffled together within a shard
+    length_bucketing: bool = True  # text data: sort windows by length so batches pad little
+    bucket_batches: int = 16  # batches per bucketing window
+    max_tokens: int = 0  # >0: token-budget batches (size x longest <= max_tokens, size <= batch_size)
+    task_weights: dict[str, float] = field(default_factory=dict)  # default: proportional to task size
+    num_workers: int = 0  # loader worker processes per rank (0 = in the training process)
+    prefetch: int = 2  # batches each worker keeps ready
+    max_chars: int = 100_000  # a longer text is a bad record (counted, skipped)
+    max_bad_fraction: float = 0.001  # bad records tolerated before the run stops
+    verify: bool = True  # check each shard's sha256 against the manifest as it is read
+    shard_url_template: str = ""  # e.g. "pipe:aws s3 cp s3://bucket/corpus/{name} -"
 
 
 @dataclass(kw_only=True)

@@ -28,8 +28,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data_pipelines.batching import BatchPlan, LoaderState
-from data_pipelines.sources import read_samples
+from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.checkpoint.manager import latest_complete, load_checkpoint, save_checkpoint
 from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
 from toolkit.models.encoder import SPEC_FILE, Encoder
@@ -112,6 +111,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         seed_everything(self.cfg.seed)
+        for stage in self.cfg.stages:  # bad data paths fail before minutes of model loading
+            open_dataset(stage.data.path)
         needs_new_mask = any(
             s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in self.cfg.stages
         )
@@ -147,8 +148,8 @@ class Trainer:
     def _run_stage(self, index: int, stage: StageConfig, stage_dir: Path, encoder: Encoder, lm_head) -> StageOutcome:
         stage_seed = self.cfg.seed + 1000 * (index + 1)
         seed_everything(stage_seed)
-        samples = read_samples(stage.data)
-        plan = self._plan(stage, samples, encoder, stage_seed)
+        manifest = open_dataset(stage.data.path)
+        loader = StreamingLoader(manifest, stage.data, seed=stage_seed, tokenizer=encoder.tokenizer)
 
         base = encoder.backbone
         # Every stage sets its own attention dropout, so one stage's (SimCSE's 0.3) never leaks into the next.
@@ -167,15 +168,15 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, stage.steps))
         generator = torch.Generator().manual_seed(stage_seed)
-        step_fn = build_step(stage, encoder, lm_head, generator)
+        step_fn = build_step(stage, encoder, lm_head, generator, data_kind=manifest.kind)
 
-        step, loader = 0, LoaderState()
+        step = 0
         checkpoint = self._resume_point(stage_dir)
         if checkpoint is not None:
-            step, loader = self._restore(checkpoint, stage, params, optimizer, scheduler, generator)
+            step = self._restore(checkpoint, stage, params, optimizer, scheduler, generator, loader)
             log.info("stage %s: resumed from %s (step %d)", stage.name, checkpoint, step)
 
-        def save(at_step: int, at_loader: LoaderState) -> Path:
+        def save(at_step: int) -> Path:
             state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -189,7 +190,7 @@ class Trainer:
             meta = {
                 "stage": stage.name,
                 "step": at_step,
-                "loader": at_loader.to_dict(),
+                "loader": loader.state_dict(),
                 "fingerprint": stage_fingerprint(stage),
                 "trainable": sorted(params),
             }
@@ -197,15 +198,14 @@ class Trainer:
 
         tlog = TrainingLog(self.out, stage.name, stage.steps, self.cfg.logging, start_step=step)
         encoder.train()
-        batches = plan.iterate(loader)
+        batches = iter(loader)
         last_loss, steps_this_run = None, 0
         try:
             while step < stage.steps:
                 t0 = time.perf_counter()
                 loss_sum, tokens = 0.0, 0
                 for _ in range(stage.grad_accum):
-                    indices, loader = next(batches)
-                    stats = step_fn.step([samples[i] for i in indices], 1.0 / stage.grad_accum)
+                    stats = step_fn.step(next(batches), 1.0 / stage.grad_accum)
                     loss_sum += stats.loss / stage.grad_accum
                     tokens += stats.tokens
                 grad_norm = self._clip(params, stage.optimizer.clip_grad)
@@ -217,19 +217,24 @@ class Trainer:
                 last_loss = loss_sum
                 tlog.step(step, loss_sum, scheduler.get_last_lr()[0], tokens, time.perf_counter() - t0, grad_norm)
                 if not math.isfinite(loss_sum):
-                    save(step, loader)
+                    save(step)
                     raise FloatingPointError(f"stage {stage.name}: loss is {loss_sum} at step {step} (checkpoint saved)")
                 every = self.cfg.checkpoint.every_steps
                 preempted = self.stop.requested or (
                     self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps
                 )
                 if step < stage.steps and (preempted or (every and step % every == 0)):
-                    path = save(step, loader)
+                    path = save(step)
                     if preempted:
                         log.warning("stage %s: stopped at step %d; resume from %s", stage.name, step, path)
                         return StageOutcome(stage.name, None, step, last_loss)
         finally:
+            batches.close()  # stops loader workers
             tlog.close()
+            bad = loader.stats()
+            if bad.num_bad:
+                log.warning("stage %s: skipped %d bad records of %d read (%s)", stage.name, bad.num_bad,
+                            bad.good + bad.num_bad, bad.bad)
 
         encoder.backbone = merge_lora(encoder.backbone)
         encoder.backbone.requires_grad_(False)
@@ -238,16 +243,6 @@ class Trainer:
         return StageOutcome(stage.name, final, step, last_loss)
 
     # ------------------------------------------------------------------ helpers
-    def _plan(self, stage: StageConfig, samples: list[dict], encoder: Encoder, seed: int) -> BatchPlan:
-        data = stage.data
-        lengths = tasks = None
-        if data.kind == "text" and data.length_bucketing:
-            ids = encoder.tokenizer([s["text"] for s in samples], truncation=True, max_length=data.max_length)
-            lengths = [len(x) for x in ids["input_ids"]]
-        if data.kind == "pair" and data.homogeneous_tasks:
-            tasks = [s["task"] for s in samples]
-        return BatchPlan(data.batch_size, seed, lengths=lengths, tasks=tasks, shuffle=data.shuffle, num_samples=len(samples))
-
     def _resume_point(self, stage_dir: Path) -> Path | None:
         if self.resume == "never":
             return None
@@ -256,7 +251,7 @@ class Trainer:
         path = Path(self.resume)
         return path if path.parent == stage_dir else None
 
-    def _restore(self, path: Path, stage: StageConfig, params, optimizer, scheduler, generator):
+    def _restore(self, path: Path, stage: StageConfig, params, optimizer, scheduler, generator, loader) -> int:
         tensors, state, meta = load_checkpoint(path)
         if meta.get("fingerprint") != stage_fingerprint(stage):
             raise ValueError(
@@ -278,7 +273,8 @@ class Trainer:
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         generator.set_state(rng["generator"])
-        return int(meta["step"]), LoaderState(**meta["loader"])
+        loader.load_state_dict(meta["loader"], where=str(path))
+        return int(meta["step"])
 
     @staticmethod
     def _clip(params: dict, max_norm: float) -> float:

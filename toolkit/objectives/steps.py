@@ -123,12 +123,17 @@ def mask_token_id(tokenizer, choice: str) -> int:
     return resolve_mask_token(tokenizer, choice)[0]
 
 
+NEEDS_KIND = {"mntp": ("text",), "simcse": ("text",), "supervised": ("pair", "scored")}
+
+
 def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, generator: torch.Generator,
-               gather: GatherFn | None = None):
+               gather: GatherFn | None = None, *, data_kind: str = "text"):
+    """The step of the stage's objective; `data_kind` is the sample kind its shards hold."""
     obj = stage.objective
+    if data_kind not in NEEDS_KIND[obj.kind]:
+        raise ValueError(f"stages.{stage.name}: objective {obj.kind} needs {' or '.join(NEEDS_KIND[obj.kind])} data, "
+                         f"but {stage.data.path} holds {data_kind} samples (data.path)")
     if obj.kind == "mntp":
-        if stage.data.kind != "text":
-            raise ValueError(f"stages.{stage.name}: objective mntp needs data.kind=text")
         mask_id = mask_token_id(encoder.tokenizer, obj.mntp.mask_token)
         spec = MaskingSpec(
             probability=obj.mntp.mask_probability,
@@ -139,9 +144,5 @@ def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, 
         )
         return MNTPStep(encoder, lm_head, spec, stage.data.max_length, stage.precision, generator)
     if obj.kind == "simcse":
-        if stage.data.kind != "text":
-            raise ValueError(f"stages.{stage.name}: objective simcse needs data.kind=text")
         return SimCSEStep(encoder, obj, stage.data.max_length, stage.precision, gather)
-    if stage.data.kind != "pair":
-        raise ValueError(f"stages.{stage.name}: objective supervised needs data.kind=pair")
     return SupervisedStep(encoder, obj, stage.data.max_length, stage.precision, gather)
