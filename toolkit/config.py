@@ -141,6 +141,34 @@ class LoggingConfig:
 
 
 @dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks split the work (megatron engine; the hf engine is data-parallel only).
+
+    world size = dp x tp x pp x cp; `dp: 0` derives dp from the world size. Global batch per optimizer
+    step = data.batch_size (per DP rank) x dp x grad_accum.
+    """
+
+    tp: int = 1  # tensor parallel: attention heads / MLP columns split across ranks
+    pp: int = 1  # pipeline parallel: layers split into pp consecutive stages
+    dp: int = 0  # data parallel; 0 = world_size / (tp * pp * cp)
+    cp: int = 1  # context parallel: reserved, must be 1 for now
+    micro_batch_size: int = 0  # pipeline micro-batch (texts); 0 = the whole per-rank batch at once
+    sequence_parallel: bool = False  # megatron sequence parallelism (needs tp > 1)
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.dp < 0 or self.micro_batch_size < 0:
+            raise ConfigError("parallel.dp and parallel.micro_batch_size must be >= 0 (0 = automatic)")
+        if self.cp != 1:
+            raise ConfigError(f"parallel.cp: context parallelism is reserved and must be 1, got {self.cp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # local task names, see toolkit.eval.local_tasks
     batch_size: int = 32
@@ -151,6 +179,8 @@ class EvalConfig:
 class RunConfig:
     output_dir: str
     seed: int = 0
+    engine: Literal["hf", "megatron", "deepspeed"] = "hf"  # see toolkit.engines
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     model: ModelConfig
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     stages: list[StageConfig]

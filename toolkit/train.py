@@ -289,10 +289,15 @@ class Trainer:
 def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
     """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
     encoder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")))
+    load_pooling_weights(encoder.pooling, folder)
+
+
+def load_pooling_weights(pooling, folder: Path) -> None:
+    """A trained pooling head from an encoder folder (no-op for parameter-free heads)."""
     pooling_file = folder / "1_Pooling" / "model.safetensors"
-    if encoder.pooling.has_parameters and pooling_file.is_file():
+    if pooling.has_parameters and pooling_file.is_file():
         state = {k.removeprefix("pooling."): v for k, v in load_file(str(pooling_file)).items()}
-        encoder.pooling.load_state_dict(state)
+        pooling.load_state_dict(state)
 
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto") -> list[StageOutcome]:

@@ -9,11 +9,9 @@ DDP's gradient averaging this gives exactly the gradient of the mean global loss
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 from toolkit.objectives.contrastive import GatherFn
@@ -52,12 +50,34 @@ def gather_with_grad(tensor: Tensor, group=None) -> tuple[Tensor, int]:
     if rank < 0:
         raise ValueError("gather_with_grad: this process is not a member of the given process group")
     _check_equal_shapes(tensor, pg, world)
-    # Deprecated (FutureWarning) in favour of _functional_collectives.all_gather_tensor_autograd, which
-    # also backprops on gloo in torch 2.13 but is a private module; this public one is used on purpose.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        parts = dist_fn.all_gather(tensor.contiguous(), group=pg)
-    return torch.cat(parts, dim=0), rank * tensor.shape[0]
+    return _AllGatherWithGrad.apply(tensor, pg), rank * tensor.shape[0]
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's rows; backward sums every rank's gradient for this rank's rows.
+
+    Not torch.distributed.nn.functional.all_gather: on gloo its backward scatters with group-local
+    ranks as global ranks (torch 2.13), which breaks on any subgroup, e.g. the DP group under TP/PP.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.rows = group, rank, tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == dist.Backend.GLOO:  # gloo has no reduce_scatter
+            total = grad.clone()
+            dist.all_reduce(total, group=ctx.group)
+            return total[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None
+        out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
 
 
 def make_gather(group=None) -> GatherFn:

@@ -7,6 +7,7 @@ chunk) and plain steps share one interface with the trainer: `step(samples, loss
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,21 +41,28 @@ class MNTPStep:
         self.encoder, self.lm_head, self.spec = encoder, lm_head, spec
         self.max_length, self.precision, self.generator = max_length, precision, generator
 
-    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+    def prepare(self, samples: list[dict]) -> dict[str, Tensor]:
+        """Tokenise and mask (the engine-independent half): masked input_ids, attention_mask, labels."""
         batch = self.encoder.tokenize([s["text"] for s in samples], max_length=self.max_length)
         inputs, labels = mask_for_mntp(batch["input_ids"], batch["attention_mask"], self.spec, self.generator)
+        return {"input_ids": inputs, "attention_mask": batch["attention_mask"], "labels": labels}
+
+    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+        batch = self.prepare(samples)
         device = self.encoder.device
         with autocast(self.precision, device):
             hidden = self.encoder.hidden_states(
-                {"input_ids": inputs.to(device), "attention_mask": batch["attention_mask"].to(device)}
+                {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
             )
-            loss = mntp_loss(hidden, self.lm_head, labels.to(device))
+            loss = mntp_loss(hidden, self.lm_head, batch["labels"].to(device))
         (loss * loss_scale).backward()
         return StepStats(float(loss.detach()), int(batch["attention_mask"].sum()))
 
 
-class _ContrastiveStep:
-    """Shared plumbing: tokenise the roles, embed (optionally with GradCache), loss, backward."""
+class _ContrastiveStep(ABC):
+    """Shared plumbing: tokenise the roles, embed (optionally with GradCache), loss, backward.
+
+    `prepare` is the engine-independent half (other engines embed the groups their own way)."""
 
     def __init__(self, encoder: Encoder, cfg: ObjectiveConfig, max_length: int, precision: str,
                  gather: GatherFn | None = None):
@@ -66,7 +74,12 @@ class _ContrastiveStep:
         with autocast(self.precision, device):
             return self.encoder({k: v.to(device) for k, v in batch.items()}).float()
 
-    def _run(self, groups: list[dict], loss_fn: Callable[..., Tensor], loss_scale: float) -> StepStats:
+    @abstractmethod
+    def prepare(self, samples: list[dict]) -> tuple[list[dict], Callable[..., Tensor]]:
+        """(tokenised groups, one per role; loss over one embedding matrix per group)."""
+
+    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+        groups, loss_fn = self.prepare(samples)
         tokens = int(sum(int(g["attention_mask"].sum()) for g in groups))
         if self.cfg.gradcache_chunk_size:
             loss = gradcache_backward(self._embed, groups, loss_fn, self.cfg.gradcache_chunk_size, loss_scale)
@@ -79,19 +92,19 @@ class _ContrastiveStep:
 class SimCSEStep(_ContrastiveStep):
     """Unsupervised SimCSE: the same batch twice; independent dropout makes the two views differ."""
 
-    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+    def prepare(self, samples: list[dict]) -> tuple[list[dict], Callable[..., Tensor]]:
         batch = self.encoder.tokenize([s["text"] for s in samples], max_length=self.max_length)
 
         def loss_fn(a: Tensor, b: Tensor) -> Tensor:
             return simcse_loss(a, b, self.cfg.temperature, gather=self.gather)
 
-        return self._run([batch, batch], loss_fn, loss_scale)
+        return [batch, batch], loss_fn
 
 
 class SupervisedStep(_ContrastiveStep):
     """(instructed query, positive, k hard negatives) against all positives+negatives of the batch."""
 
-    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+    def prepare(self, samples: list[dict]) -> tuple[list[dict], Callable[..., Tensor]]:
         k = len(samples[0]["negatives"])
         if any(len(s["negatives"]) != k for s in samples):
             raise ValueError("supervised batch: every sample must have the same number of hard negatives")
@@ -111,7 +124,7 @@ class SupervisedStep(_ContrastiveStep):
             hard = n.view(b, k, -1) if n is not None else None
             return supervised_contrastive_loss(q, p, hard, self.cfg.temperature, gather=self.gather)
 
-        return self._run(groups, loss_fn, loss_scale)
+        return groups, loss_fn
 
 
 def mask_token_id(tokenizer, choice: str) -> int:

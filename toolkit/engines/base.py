@@ -1,0 +1,110 @@
+"""One engine interface, several backends, chosen by name (`engine: hf | megatron | deepspeed`).
+
+The trainer owns the loop (data, logging, signals, the step-N/ layout and its COMPLETE marker); an
+engine owns the model: how it is built and sharded, one optimizer step over a list of micro-batches
+(forward, backward, gradient sync, clipping, update), what it writes into a checkpoint directory and
+how a stage's result becomes an encoder folder. Backends register themselves by name, as in verl.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.distributed.parallel_dims import ParallelDims
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss of the optimizer step (averaged over micro-batches and DP ranks)
+    tokens: int  # real tokens processed by this DP replica
+    grad_norm: float
+    lr: float
+
+
+class Engine(ABC):
+    name: str = ""
+
+    def __init__(self, cfg: RunConfig, dims: ParallelDims):
+        self.cfg, self.dims = cfg, dims
+
+    @property
+    @abstractmethod
+    def tokenizer(self): ...
+
+    @abstractmethod
+    def build(self, *, add_mask_token: bool) -> None:
+        """Load the backbone (and the frozen MNTP head) onto this rank."""
+
+    @abstractmethod
+    def load_stage_output(self, final_dir: Path) -> None:
+        """Load a finished stage's merged encoder (stage chaining)."""
+
+    @abstractmethod
+    def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
+        """Dropout, adapter / trainable set, optimizer and LR schedule for `stage`."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
+        """One optimizer step over `grad_accum` batches of samples (this DP rank's share)."""
+
+    @abstractmethod
+    def save(self, step_dir: Path) -> None:
+        """Write model + optimizer state into `step_dir` (every rank calls; a temp dir, marker comes later)."""
+
+    @abstractmethod
+    def load(self, step_dir: Path) -> None:
+        """Restore what `save` wrote, possibly at another parallel layout when the backend can reshard."""
+
+    @abstractmethod
+    def end_stage(self, final_dir: Path) -> Path:
+        """Merge adapters and write the encoder folder (one writer); returns `final_dir`."""
+
+    def rng_state(self) -> dict:
+        return {}
+
+    def set_rng_state(self, state: dict) -> None:
+        pass
+
+
+_REGISTRY: dict[str, Callable[[RunConfig, ParallelDims], Engine]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def build_engine(cfg: RunConfig, dims: ParallelDims) -> Engine:
+    import toolkit.engines.hf  # noqa: F401  (registers "hf")
+
+    if cfg.engine == "megatron":
+        import toolkit.engines.megatron.engine  # noqa: F401
+    if cfg.engine not in _REGISTRY:
+        raise ConfigError(f"engine: {cfg.engine!r} is not available; registered engines: {sorted(_REGISTRY)}")
+    return _REGISTRY[cfg.engine](cfg, dims)
+
+
+# ---------------------------------------------------------------------------------------------- shared
+def allreduce_mean(tensors: list[torch.Tensor], group) -> None:
+    """Average tensors in place over `group` with one flat all-reduce (a DDP bucket without overlap)."""
+    if group is None or dist.get_world_size(group) == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    flat /= dist.get_world_size(group)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n

@@ -1,0 +1,374 @@
+"""The `megatron` engine: tensor / pipeline / data-parallel bidirectional backbones (megatron-core).
+
+Every rank of a DP replica (all its TP and PP ranks) reads the same samples and tokenises / masks
+them identically (same seeds), so no broadcast of batches is needed. One optimizer step runs
+megatron's pipeline schedule over micro-batches; pooling and losses run on the last stage only:
+- MNTP: logits only at masked rows, vocab-parallel cross-entropy; each micro-batch's token-loss sum
+  is divided by its batch's masked-token count, so micro-batching never changes the loss;
+- contrastive: a batch's role groups (queries, positives, negatives / two SimCSE views) travel as one
+  micro-batch, because their loss couples them; negatives are gathered across DP with gradient.
+Gradients are then averaged over DP, clipped by the global norm (TP shards counted once per shard,
+replicated tensors once) and applied by torch AdamW: elementwise, so a sharded update equals the
+unsharded one. Checkpoints are megatron `dist_checkpointing` (model + Adam moments as sharded
+tensors), so they load at another TP / PP / DP layout.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.distributed.gather import make_gather
+from toolkit.distributed.parallel_dims import ParallelDims
+from toolkit.engines.base import Engine, StepResult, allreduce_mean, register
+from toolkit.engines.megatron import checkpoint as mckpt
+from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from toolkit.engines.megatron.model import Arch, build_backbone, padding_mask, transformer_config
+from toolkit.engines.megatron.weights import HFWeights
+from toolkit.models.loading import DTYPES
+from toolkit.objectives.mntp import IGNORE_INDEX
+
+
+@register("megatron")
+class MegatronEngine(Engine):
+    def __init__(self, cfg: RunConfig, dims: ParallelDims):
+        super().__init__(cfg, dims)
+        self.model = None
+        self.optimizer = None
+        self.scheduler = None
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    # ------------------------------------------------------------------ build
+    def build(self, *, add_mask_token: bool) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from toolkit.models.encoder import Encoder, EncoderSpec, prepare_tokenizer
+        from toolkit.models.loading import resolve_model_path
+        from toolkit.models.pooling import Pooling
+
+        cfg, dims = self.cfg, self.dims
+        if add_mask_token:
+            raise ConfigError("engine=megatron: mntp.mask_token=new (resizing the vocabulary) is not supported; "
+                              "use mask_token: underscore, eos or tokenizer")
+        if not cfg.model.bidirectional:
+            raise ConfigError("engine=megatron: model.bidirectional=false is not supported (the layer spec is bidirectional)")
+        path = resolve_model_path(cfg.model.path)
+        self.hf_config = AutoConfig.from_pretrained(path)
+        self.arch = Arch.from_hf(self.hf_config)
+        self.arch.check_parallel(dims.tp, dims.pp)
+        dims.initialize_megatron(cfg.seed)
+        dropout = cfg.model.attention_dropout
+        if dropout is None:
+            dropout = float(getattr(self.hf_config, "attention_dropout", 0.0) or 0.0)
+        self.mconfig = transformer_config(
+            self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype], attention_dropout=dropout,
+            sequence_parallel=cfg.parallel.sequence_parallel,
+            recompute="full" if cfg.model.gradient_checkpointing and cfg.parallel.recompute == "none" else cfg.parallel.recompute,
+        )
+        self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
+                                    post_process=dims.is_last_stage)
+        self.load_hf_weights(HFWeights(path), source=str(path))
+        with torch.random.fork_rng():  # the same initial head as the hf engine
+            torch.manual_seed(cfg.seed)
+            pooling = Pooling(cfg.pooling, self.arch.hidden_size)
+        spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True)
+        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling, spec)
+        prepare_tokenizer(self.encoder.tokenizer)
+
+    def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
+        dims = self.dims
+        state = hf_to_megatron(hf, self.arch, tp=dims.tp, tp_rank=dims.tp_rank, pp=dims.pp, pp_rank=dims.pp_rank,
+                               include_head=include_head, source=source)
+        own = self.model.state_dict()
+        skip = ("_extra_state",) if include_head else ("_extra_state", "output_layer.weight")
+        missing = sorted(k for k in own if k not in state and not k.endswith(skip))
+        if missing:
+            raise KeyError(f"megatron model expects tensors the conversion did not produce: {missing[:4]}")
+        for name, value in state.items():
+            if own[name].shape != value.shape:
+                raise ValueError(f"{name}: converted shape {tuple(value.shape)} != model shape {tuple(own[name].shape)}")
+        self.model.load_state_dict(state, strict=False)
+
+    def hf_state_dict(self, grads: bool = False) -> dict[str, Tensor] | None:
+        """The full HF-layout weights (or gradients) gathered on rank 0 (None elsewhere)."""
+        local = {}
+        for name, p in self.model.named_parameters():
+            value = p.grad if grads else p.data
+            if value is not None:
+                local[name] = value.detach().cpu()
+        gathered = [None] * self.dims.world_size if dist.is_initialized() else [local]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, (self.dims.tp_rank, self.dims.pp_rank, self.dims.dp_rank, local))
+        else:
+            gathered = [(0, 0, 0, local)]
+        shards = {(t, p): sd for t, p, d, sd in gathered if d == 0}
+        if self.dims.rank != 0:
+            return None
+        return megatron_to_hf(shards, self.arch, tp=self.dims.tp, pp=self.dims.pp)
+
+    def load_stage_output(self, final_dir: Path) -> None:
+        """A finished stage's encoder folder (HF backbone + pooling head) into this rank's shards.
+
+        The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
+        """
+        from safetensors.torch import load_file
+
+        from toolkit.train import load_pooling_weights
+
+        backbone = {f"model.{k}": v for k, v in load_file(str(final_dir / "model.safetensors")).items()}
+        self.load_hf_weights(backbone, include_head=False, source=str(final_dir / "model.safetensors"))
+        load_pooling_weights(self.encoder.pooling, final_dir)
+
+    # ------------------------------------------------------------------ stage
+    def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from toolkit.objectives.steps import build_step
+        from toolkit.train import lr_lambda
+
+        where = f"stages[{index}] ({stage.name})"
+        if stage.lora.enabled:
+            raise ConfigError(f"{where}.lora.enabled: LoRA on engine=megatron is not implemented yet; "
+                              "set lora.enabled=false (full fine-tuning) or use engine=hf")
+        if stage.objective.gradcache_chunk_size:
+            raise ConfigError(f"{where}.objective.gradcache_chunk_size: GradCache is not implemented for "
+                              "engine=megatron yet; set it to 0 (parallel.micro_batch_size splits MNTP batches)")
+        self.stage = stage
+        if stage.attention_dropout is not None:
+            for module in self.model.modules():
+                if isinstance(module, DotProductAttention):
+                    module.attention_dropout.p = float(stage.attention_dropout)
+        self.model.requires_grad_(True)
+        if self.dims.is_last_stage:
+            self.model.output_layer.weight.requires_grad_(False)
+        self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
+        self.params = {f"backbone.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        if self.dims.is_last_stage:
+            self.params.update({f"pooling.{n}": p for n, p in self.encoder.pooling.named_parameters()})
+        self.tp_sharded = {f"backbone.{n}" for n in tp_sharded_parameters(self.model)}
+        o = stage.optimizer
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
+        self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
+                                   data_kind=data_kind)
+        self.kind = stage.objective.kind
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _micro_batches(self, batches: list[list[dict]]) -> list[dict]:
+        accum = len(batches)
+        out = []
+        for samples in batches:
+            if self.kind == "mntp":
+                b = self.step_obj.prepare(samples)
+                masked = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                size = self.cfg.parallel.micro_batch_size or b["input_ids"].shape[0]
+                for i in range(0, b["input_ids"].shape[0], size):
+                    chunk = {k: v[i : i + size] for k, v in b.items()}
+                    chunk["scale"] = 1.0 / (accum * max(masked, 1))
+                    out.append(chunk)
+            else:
+                groups, loss_fn = self.step_obj.prepare(samples)
+                out.append({**_concat_groups(groups), "loss_fn": loss_fn, "scale": 1.0 / accum})
+        return out
+
+    def _forward_step(self, data_iterator, model):
+        mb = next(data_iterator)
+        ids, am = mb["input_ids"], mb["attention_mask"]
+        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        with _autocast(self.stage.precision):
+            output = model(ids if self.dims.is_first_stage else None, positions, padding_mask(am))
+        return output, functools.partial(self._loss, mb)
+
+    def _loss(self, mb: dict, output: Tensor):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        hidden = output.transpose(0, 1)  # [b, s, h]
+        if self.kind == "mntp":
+            targets = mb["labels"][:, 1:]
+            selected = targets != IGNORE_INDEX
+            rows = hidden[:, :-1][selected]
+            if rows.shape[0] == 0:  # nothing masked: a zero that still reaches every parameter
+                loss = hidden.sum() * 0.0
+            else:
+                logits = self.model.lm_logits(rows).float()
+                logits = self._mask_padded_vocab(logits)
+                loss = vocab_parallel_cross_entropy(logits, targets[selected]).sum() * mb["scale"]
+        else:
+            emb = self.encoder.pooling(hidden.float(), mb["attention_mask"], mb["embed_mask"])
+            parts = torch.split(emb, mb["sizes"])
+            loss = mb["loss_fn"](*parts) * mb["scale"]
+        return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
+
+    def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
+        per_rank = logits.shape[-1]
+        start = self.dims.tp_rank * per_rank
+        pad_from = self.arch.vocab_size - start
+        if pad_from >= per_rank:
+            return logits
+        logits = logits.clone()
+        logits[:, max(pad_from, 0):] = float("-inf")
+        return logits
+
+    def forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
+        """Gradients of the step's loss, averaged over DP; returns (loss, real tokens over all DP ranks)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        mbs = self._micro_batches(micro_batches)
+        tokens = sum(int(mb["attention_mask"].sum()) for mb in mbs)
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(mbs), model=self.model,
+            num_microbatches=len(mbs), seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
+            micro_batch_size=mbs[0]["input_ids"].shape[0], forward_only=False,
+        )
+        allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
+        return self._step_loss(losses), self._dp_sum(tokens)
+
+    def optimizer_step(self) -> float:
+        """Clip by the global norm, update, advance the LR schedule; returns the norm before clipping."""
+        grad_norm = self._clip(self.stage.optimizer.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
+        loss, tokens = self.forward_backward(micro_batches)
+        grad_norm = self.optimizer_step()
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+
+    def _step_loss(self, losses: list[dict]) -> float:
+        value = torch.zeros(1, dtype=torch.float64)
+        if self.dims.is_last_stage:
+            value += sum(float(d["loss"]) for d in losses)
+        if dist.is_initialized():
+            dist.all_reduce(value, group=self.dims.group("pp"))  # only the last stage holds a loss
+            allreduce_mean([value], self.dims.dp_group)
+        return float(value)
+
+    def _dp_sum(self, n: int) -> int:
+        if not dist.is_initialized() or self.dims.dp == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(t, group=self.dims.dp_group)
+        return int(t)
+
+    def grad_norm(self) -> Tensor:
+        """Global L2 norm over every rank's gradients: TP shards once each, replicated tensors once."""
+        sq = torch.zeros(1, dtype=torch.float64)
+        for name, p in self.params.items():
+            if p.grad is not None and (name in self.tp_sharded or self.dims.tp_rank == 0):
+                sq += p.grad.double().pow(2).sum()
+        if dist.is_initialized():
+            dist.all_reduce(sq, group=self.dims.group("mp"))
+        return sq.sqrt()
+
+    def _clip(self, max_norm: float) -> float:
+        norm = self.grad_norm()
+        if max_norm > 0:  # the same arithmetic as torch.nn.utils.clip_grad_norm_
+            coef = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.dtype))
+        return float(norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step_dir: Path) -> None:
+        mckpt.save(self, step_dir)
+
+    def load(self, step_dir: Path) -> None:
+        mckpt.load(self, step_dir)
+
+    def rng_state(self) -> dict:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        return {"tracker": get_cuda_rng_tracker().get_states()}
+
+    def set_rng_state(self, state: dict) -> None:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        if "tracker" in state:
+            get_cuda_rng_tracker().set_states(state["tracker"])
+
+    def end_stage(self, final_dir: Path) -> Path:
+        """Gather the HF layout to rank 0 and write the encoder folder there."""
+        hf = self.hf_state_dict()
+        pooling = _gather_pooling(self.encoder.pooling, self.dims)
+        if self.dims.rank == 0:
+            self._write_encoder(hf, pooling, final_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        return final_dir
+
+    def _write_encoder(self, hf: dict[str, Tensor], pooling_state: dict[str, Tensor], final_dir: Path) -> None:
+        from transformers import AutoModel
+
+        from toolkit.models.bidirectional import make_bidirectional
+        from toolkit.models.encoder import Encoder
+        from toolkit.models.pooling import Pooling
+
+        backbone = AutoModel.from_config(self.hf_config, dtype=DTYPES[self.cfg.model.dtype])
+        backbone.load_state_dict({k.removeprefix("model."): v for k, v in hf.items() if k.startswith("model.")})
+        make_bidirectional(backbone)
+        pooling = Pooling(self.cfg.pooling, self.arch.hidden_size)
+        pooling.load_state_dict(pooling_state)
+        Encoder(backbone, self.encoder.tokenizer, pooling, self.encoder.spec).save_pretrained(final_dir)
+
+
+def tp_sharded_parameters(model) -> set[str]:
+    """Names of parameters split across TP ranks (everything else is replicated on each TP rank).
+
+    Decided by layer type, not by megatron's `tensor_model_parallel` attribute, which is not set when
+    weights are created on CPU without initialisation (ours come from the HF checkpoint).
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    names = set()
+    for prefix, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
+                    isinstance(module, RowParallelLinear) and pname == "weight"):
+                names.add(f"{prefix}.{pname}" if prefix else pname)
+    return names
+
+
+def _gather_pooling(pooling, dims: ParallelDims) -> dict[str, Tensor]:
+    """The trained pooling head lives on the last stage; rank 0 (first stage) needs it to export."""
+    state = {k: v.detach().cpu() for k, v in pooling.state_dict().items()}
+    if dims.pp == 1 or not dist.is_initialized():
+        return state
+    objs = [None] * dims.world_size
+    dist.all_gather_object(objs, state if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0 else None)
+    return next(o for o in objs if o is not None)
+
+
+def _concat_groups(groups: list[dict]) -> dict:
+    """Role groups (each [n_g, s_g]) as one right-padded micro-batch [sum n_g, max s_g] + group sizes."""
+    longest = max(g["input_ids"].shape[1] for g in groups)
+
+    def pad(t: Tensor, value: int) -> Tensor:
+        return torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=value)
+
+    return {
+        "input_ids": torch.cat([pad(g["input_ids"], 0) for g in groups]),
+        "attention_mask": torch.cat([pad(g["attention_mask"], 0) for g in groups]),
+        "embed_mask": torch.cat([pad(g["embed_mask"], 0) for g in groups]),
+        "sizes": [g["input_ids"].shape[0] for g in groups],
+    }
+
+
+def _autocast(precision: str):
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
