@@ -2,8 +2,10 @@
 
 Stage chaining follows LLM2Vec: a finished stage's adapter is merged and the merged encoder saved
 to `<run>/<NN>-<stage>/final/` (a sentence-transformers folder); the next stage adds a new adapter
-on top. Inside a stage: AdamW, warmup + decay, gradient accumulation, clipping, optional bf16
-autocast, `step-N/` checkpoints and exact resume (weights bit-identical on CPU).
+on top. The loop is the same for every engine (`engine: hf | megatron`, toolkit/engines): it reads
+this DP rank's shards, hands the engine one optimizer step's batches, logs, and writes `step-N/`
+checkpoints (engine state + per-DP-replica data order and RNG) with exact resume (weights
+bit-identical on CPU with the same layout; resharded by the megatron engine at another layout).
 
 This module knows no launcher: no Ray, no SLURM. A SIGTERM/SIGUSR2 only sets a flag; the loop
 saves at the next step boundary and returns.
@@ -19,22 +21,22 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file
 
 from data_pipelines.loader import StreamingLoader, open_dataset
-from toolkit.checkpoint.manager import latest_complete, load_checkpoint, save_checkpoint
+from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_complete, read_meta
 from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
+from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
+from toolkit.engines.base import build_engine
 from toolkit.models.encoder import SPEC_FILE, Encoder
-from toolkit.models.loading import build_encoder, set_attention_dropout
-from toolkit.models.lora import add_lora, merge_lora
-from toolkit.objectives.steps import build_step
 from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ class StopFlag:
 
 
 class Trainer:
+    """Runs the stages of a recipe on one rank; every rank of a torchrun / SLURM / Ray job runs one."""
+
     def __init__(self, cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto"):
         self.cfg = cfg
         self.resume = resume
@@ -108,19 +112,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[StageOutcome]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        rank, world = init_distributed()
+        self.dims = ParallelDims.from_config(self.cfg.parallel, world, rank)
+        if self.dims.is_logging_rank:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         seed_everything(self.cfg.seed)
         for stage in self.cfg.stages:  # bad data paths fail before minutes of model loading
             open_dataset(stage.data.path)
         needs_new_mask = any(
             s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in self.cfg.stages
         )
-        encoder, lm_head = build_encoder(
-            self.cfg.model, self.cfg.pooling, seed=self.cfg.seed, add_mask_token=needs_new_mask
-        )
-        if self.cfg.model.gradient_checkpointing:
-            encoder.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.engine = build_engine(self.cfg, self.dims)
+        self.engine.build(add_mask_token=needs_new_mask)
         outcomes: list[StageOutcome] = []
         previous_final: Path | None = None
         self.stop.install()
@@ -134,8 +138,8 @@ class Trainer:
                     previous_final = final
                     continue
                 if previous_final is not None:
-                    load_encoder_weights(encoder, previous_final)
-                outcome = self._run_stage(index, stage, stage_dir, encoder, lm_head)
+                    self.engine.load_stage_output(previous_final)
+                outcome = self._run_stage(index, stage, stage_dir)
                 outcomes.append(outcome)
                 if outcome.final_dir is None:
                     break
@@ -145,84 +149,57 @@ class Trainer:
         return outcomes
 
     # ------------------------------------------------------------------ one stage
-    def _run_stage(self, index: int, stage: StageConfig, stage_dir: Path, encoder: Encoder, lm_head) -> StageOutcome:
+    def _run_stage(self, index: int, stage: StageConfig, stage_dir: Path) -> StageOutcome:
+        dims, engine = self.dims, self.engine
         stage_seed = self.cfg.seed + 1000 * (index + 1)
         seed_everything(stage_seed)
         manifest = open_dataset(stage.data.path)
-        loader = StreamingLoader(manifest, stage.data, seed=stage_seed, tokenizer=encoder.tokenizer)
-
-        base = encoder.backbone
-        # Every stage sets its own attention dropout, so one stage's (SimCSE's 0.3) never leaks into the next.
-        dropout = next(p for p in (stage.attention_dropout, self.cfg.model.attention_dropout,
-                                   getattr(base.config, "attention_dropout", 0.0), 0.0) if p is not None)
-        set_attention_dropout(base, float(dropout))
-        if stage.lora.enabled:
-            encoder.backbone = add_lora(base, stage.lora)
-        else:
-            base.requires_grad_(True)
-        encoder.pooling.requires_grad_(True)
-        params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
-        opt_cfg = stage.optimizer
-        optimizer = torch.optim.AdamW(
-            params.values(), lr=opt_cfg.lr, betas=opt_cfg.betas, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, stage.steps))
+        loader = StreamingLoader(manifest, stage.data, seed=stage_seed, tokenizer=engine.tokenizer,
+                                 dp_rank=dims.dp_rank, dp_world=dims.dp)
         generator = torch.Generator().manual_seed(stage_seed)
-        step_fn = build_step(stage, encoder, lm_head, generator, data_kind=manifest.kind)
+        engine.begin_stage(index, stage, data_kind=manifest.kind, generator=generator)
 
         step = 0
         checkpoint = self._resume_point(stage_dir)
         if checkpoint is not None:
-            step = self._restore(checkpoint, stage, params, optimizer, scheduler, generator, loader)
+            step = self._restore(checkpoint, stage, generator, loader)
             log.info("stage %s: resumed from %s (step %d)", stage.name, checkpoint, step)
 
         def save(at_step: int) -> Path:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                    "generator": generator.get_state(),
-                },
-            }
-            meta = {
-                "stage": stage.name,
-                "step": at_step,
-                "loader": loader.state_dict(),
-                "fingerprint": stage_fingerprint(stage),
-                "trainable": sorted(params),
-            }
-            return save_checkpoint(stage_dir, at_step, params, state, meta, self.cfg.checkpoint.keep_last)
+            tmp = begin_step_dir(stage_dir, at_step, dims.rank)
+            engine.save(tmp)
+            trainer_dir = tmp / "trainer"
+            if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
+                trainer_dir.mkdir(exist_ok=True)
+                torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
+                           trainer_dir / f"dp-{dims.dp_rank}.pt")
+            engine_rng = engine.rng_state()
+            if engine_rng:
+                trainer_dir.mkdir(exist_ok=True)
+                torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
+            meta = {"stage": stage.name, "step": at_step, "fingerprint": stage_fingerprint(stage),
+                    "engine": engine.name, "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
+            return commit_step_dir(tmp, meta, dims.rank, self.cfg.checkpoint.keep_last)
 
-        tlog = TrainingLog(self.out, stage.name, stage.steps, self.cfg.logging, start_step=step)
-        encoder.train()
+        logging_cfg = self.cfg.logging if dims.is_logging_rank else replace(
+            self.cfg.logging, tensorboard=False, progress=False)
+        tlog = TrainingLog(self.out, stage.name, stage.steps, logging_cfg, start_step=step,
+                           write_metrics=dims.is_logging_rank)
         batches = iter(loader)
         last_loss, steps_this_run = None, 0
         try:
             while step < stage.steps:
                 t0 = time.perf_counter()
-                loss_sum, tokens = 0.0, 0
-                for _ in range(stage.grad_accum):
-                    stats = step_fn.step(next(batches), 1.0 / stage.grad_accum)
-                    loss_sum += stats.loss / stage.grad_accum
-                    tokens += stats.tokens
-                grad_norm = self._clip(params, stage.optimizer.clip_grad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                result = engine.train_step([next(batches) for _ in range(stage.grad_accum)])
                 step += 1
                 steps_this_run += 1
-                last_loss = loss_sum
-                tlog.step(step, loss_sum, scheduler.get_last_lr()[0], tokens, time.perf_counter() - t0, grad_norm)
-                if not math.isfinite(loss_sum):
+                last_loss = result.loss
+                tlog.step(step, result.loss, result.lr, result.tokens, time.perf_counter() - t0, result.grad_norm)
+                if not math.isfinite(result.loss):
                     save(step)
-                    raise FloatingPointError(f"stage {stage.name}: loss is {loss_sum} at step {step} (checkpoint saved)")
+                    raise FloatingPointError(f"stage {stage.name}: loss is {result.loss} at step {step} (checkpoint saved)")
                 every = self.cfg.checkpoint.every_steps
-                preempted = self.stop.requested or (
-                    self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps
-                )
+                preempted = self._agreed_stop(steps_this_run)
                 if step < stage.steps and (preempted or (every and step % every == 0)):
                     path = save(step)
                     if preempted:
@@ -236,13 +213,20 @@ class Trainer:
                 log.warning("stage %s: skipped %d bad records of %d read (%s)", stage.name, bad.num_bad,
                             bad.good + bad.num_bad, bad.bad)
 
-        encoder.backbone = merge_lora(encoder.backbone)
-        encoder.backbone.requires_grad_(False)
-        final = encoder.save_pretrained(stage_dir / "final")
+        final = engine.end_stage(stage_dir / "final")
         log.info("stage %s: done, merged encoder saved to %s", stage.name, final)
         return StageOutcome(stage.name, final, step, last_loss)
 
     # ------------------------------------------------------------------ helpers
+    def _agreed_stop(self, steps_this_run: int) -> bool:
+        """A preemption signal may reach only some ranks: all stop together (or none does)."""
+        wanted = self.stop.requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps)
+        if self.dims.world_size == 1:
+            return wanted
+        flag = torch.tensor([int(wanted)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _resume_point(self, stage_dir: Path) -> Path | None:
         if self.resume == "never":
             return None
@@ -251,39 +235,43 @@ class Trainer:
         path = Path(self.resume)
         return path if path.parent == stage_dir else None
 
-    def _restore(self, path: Path, stage: StageConfig, params, optimizer, scheduler, generator, loader) -> int:
-        tensors, state, meta = load_checkpoint(path)
+    def _restore(self, path: Path, stage: StageConfig, generator: torch.Generator, loader: StreamingLoader) -> int:
+        meta = read_meta(path)
         if meta.get("fingerprint") != stage_fingerprint(stage):
             raise ValueError(
                 f"{path}: checkpoint was written with a different configuration of stage {stage.name!r} "
                 "(objective, data, lora, optimizer, schedule, batch or precision changed); "
                 "resume with the same config, or start a new output_dir"
             )
-        missing = sorted(set(params) - set(tensors))
-        unexpected = sorted(set(tensors) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"{path}/trainable.safetensors: parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        generator.set_state(rng["generator"])
-        loader.load_state_dict(meta["loader"], where=str(path))
+        if meta.get("engine", "hf") != self.engine.name:
+            raise ValueError(f"{path}: written by engine={meta.get('engine')!r}, this run uses engine={self.engine.name!r}; "
+                             f"export it (`embedforge export`) and start a new stage instead")
+        self.engine.load(path)
+        dims = self.dims
+        saved = meta.get("layout", {"dp": 1, "tp": 1, "pp": 1})
+        own = path / "trainer" / f"dp-{dims.dp_rank}.pt"
+        state = torch.load(own if own.is_file() else path / "trainer" / "dp-0.pt", weights_only=False)
+        _set_rng_state(state["rng"], generator)
+        loader.load_state_dict(state["loader"], where=str(path))
+        engine_rng = path / "trainer" / f"rank-{dims.rank}.pt"
+        if saved == {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp} and engine_rng.is_file():
+            self.engine.set_rng_state(torch.load(engine_rng, weights_only=False))
+        elif saved != {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}:
+            log.warning("%s: saved at %s, resuming at dp=%d tp=%d pp=%d (weights and optimizer resharded)",
+                        path, saved, dims.dp, dims.tp, dims.pp)
         return int(meta["step"])
 
-    @staticmethod
-    def _clip(params: dict, max_norm: float) -> float:
-        grads = [p for p in params.values() if p.grad is not None]
-        if not grads:
-            return 0.0
-        if max_norm > 0:
-            return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+
+def _rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "generator": generator.get_state()}
+
+
+def _set_rng_state(rng: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    generator.set_state(rng["generator"])
 
 
 def load_encoder_weights(encoder: Encoder, folder: Path) -> None:

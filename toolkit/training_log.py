@@ -10,9 +10,11 @@ from toolkit.config import LoggingConfig
 
 
 class TrainingLog:
-    def __init__(self, out_dir: Path, stage: str, total_steps: int, cfg: LoggingConfig, start_step: int = 0):
+    def __init__(self, out_dir: Path, stage: str, total_steps: int, cfg: LoggingConfig, start_step: int = 0,
+                 write_metrics: bool = True):
+        """`write_metrics=False` (every rank but the logging one) keeps the window arithmetic only."""
         self.stage, self.cfg = stage, cfg
-        self.metrics = (out_dir / "metrics.jsonl").open("a")
+        self.metrics = (out_dir / "metrics.jsonl").open("a") if write_metrics else None
         self.writer = None
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -38,8 +40,9 @@ class TrainingLog:
             window_tps = self._window_tokens / max(self._window_time, 1e-9)
             record = {"stage": self.stage, "step": step, "loss": loss, "lr": lr, "tokens_per_s": window_tps,
                       "grad_norm": grad_norm}
-            self.metrics.write(json.dumps(record) + "\n")
-            self.metrics.flush()
+            if self.metrics is not None:
+                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.flush()
             if self.writer is not None:
                 for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
                     self.writer.add_scalar(f"{self.stage}/{key}", record[key], step)
@@ -50,4 +53,5 @@ class TrainingLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from toolkit.atomic import atomic_dir
-from toolkit.checkpoint.manager import COMPLETE, load_checkpoint
+from toolkit.checkpoint.manager import COMPLETE, read_meta
 from toolkit.config import RunConfig, load_config
 from toolkit.models.encoder import SPEC_FILE
 
@@ -61,22 +62,67 @@ def _from_step(step_dir: Path, output: Path) -> Path:
     if index >= len(cfg.stages) or cfg.stages[index].name != match.group(2):
         raise ValueError(f"{step_dir}: stage {stage_dir.name} is not in {run_dir / 'config.yaml'}")
     stage = cfg.stages[index]
+    meta = read_meta(step_dir)
+    if meta.get("engine", "hf") == "megatron":
+        return _from_megatron_step(cfg, index, step_dir, output)
     needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)
     encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
     if index > 0:
-        previous = run_dir / f"{index - 1:02d}-{cfg.stages[index - 1].name}" / "final"
-        if not (previous / SPEC_FILE).is_file():
-            raise FileNotFoundError(f"{previous}: the previous stage's merged model is missing")
-        load_encoder_weights(encoder, previous)
+        load_encoder_weights(encoder, _previous_final(run_dir, cfg, index))
     if stage.lora.enabled:
         encoder.backbone = add_lora(encoder.backbone, stage.lora)
-    tensors, _, _ = load_checkpoint(step_dir)
+    trainable = step_dir / "trainable.safetensors"
+    if not trainable.is_file():
+        raise FileNotFoundError(f"{trainable}: missing from a checkpoint marked complete")
+    tensors = load_file(str(trainable))
     params = dict(encoder.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise ValueError(f"{step_dir}/trainable.safetensors: tensors {unknown[:3]} do not exist in the rebuilt model")
+        raise ValueError(f"{trainable}: tensors {unknown[:3]} do not exist in the rebuilt model")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
     encoder.backbone = merge_lora(encoder.backbone)
     return encoder.save_pretrained(output)
+
+
+def _previous_final(run_dir: Path, cfg: RunConfig, index: int) -> Path:
+    previous = run_dir / f"{index - 1:02d}-{cfg.stages[index - 1].name}" / "final"
+    if not (previous / SPEC_FILE).is_file():
+        raise FileNotFoundError(f"{previous}: the previous stage's merged model is missing")
+    return previous
+
+
+def _from_megatron_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:
+    """Load the sharded checkpoint into one process (tp = pp = 1: dist_checkpointing reshards) and
+    write the HF encoder folder, as the engine does at the end of a stage."""
+    import dataclasses
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from toolkit.distributed.parallel_dims import ParallelDims
+    from toolkit.engines.megatron.engine import MegatronEngine
+    from toolkit.objectives.steps import NEEDS_KIND
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, dp=1))
+        engine = MegatronEngine(single, ParallelDims(dp=1, world_size=1, rank=0))
+        engine.build(add_mask_token=False)
+        if index > 0:
+            engine.load_stage_output(_previous_final(step_dir.parent.parent, cfg, index))
+        stage = single.stages[index]
+        engine.begin_stage(index, stage, data_kind=NEEDS_KIND[stage.objective.kind][0], generator=torch.Generator())
+        engine.load(step_dir)
+        return engine.end_stage(output)
+    finally:
+        if own_group:
+            dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """Step checkpoints: `step-N/` directories that count only when complete.
 
-A step directory is built under a temporary name and renamed into place after its `COMPLETE`
-marker is written, so a crash mid-save leaves nothing that resume could mistake for a checkpoint.
+A step directory is built under a temporary name (every rank writes its part), and rank 0 renames
+it into place after its `COMPLETE` marker is written, so a crash mid-save leaves nothing that resume
+could mistake for a checkpoint. What goes inside is the engine's business (see toolkit/engines).
 Resume takes the newest complete step; older ones beyond `keep_last` are pruned after a save.
 """
 
@@ -13,10 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from toolkit.atomic import atomic_dir
+import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -38,34 +36,46 @@ def latest_complete(stage_dir: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def save_checkpoint(
-    stage_dir: Path,
-    step: int,
-    tensors: dict[str, torch.Tensor],
-    state: dict[str, Any],
-    meta: dict[str, Any],
-    keep_last: int = 2,
-) -> Path:
-    """Write trainable tensors (safetensors), opaque state (optimizer, RNG...) and JSON metadata."""
-    final = stage_dir / f"step-{step}"
-    with atomic_dir(final) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def begin_step_dir(stage_dir: Path, step: int, rank: int) -> Path:
+    """A fresh temporary directory every rank writes its part of `step-N/` into."""
+    tmp = stage_dir / f".step-{step}.partial"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash mid-save: never complete, never resumed from
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def commit_step_dir(tmp: Path, meta: dict[str, Any], rank: int, keep_last: int = 2) -> Path:
+    """After every rank wrote into `tmp`: marker + rename by rank 0, then prune old complete steps."""
+    final = tmp.parent / tmp.name.removeprefix(".").removesuffix(".partial")
+    _barrier()
+    if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (tmp / COMPLETE).write_text(f"step {step}\n")
-    if keep_last > 0:
-        for _, old in complete_steps(stage_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        (tmp / COMPLETE).write_text(f"step {meta.get('step')}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last > 0:
+            for _, old in complete_steps(tmp.parent)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+def read_meta(path: Path) -> dict[str, Any]:
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-    for name in ("trainable.safetensors", "state.pt", "meta.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing from a checkpoint marked complete")
-    tensors = load_file(str(path / "trainable.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=False)
-    meta = json.loads((path / "meta.json").read_text())
-    return tensors, state, meta
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: missing from a checkpoint marked complete")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_file}: invalid JSON ({exc})") from None

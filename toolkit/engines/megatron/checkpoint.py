@@ -18,14 +18,15 @@ MODEL_DIR = "megatron"
 
 
 def _sharded_state(engine) -> dict:
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     dims = engine.dims
     model_sd = engine.model.sharded_state_dict(prefix="backbone.")
     by_param = {}
     for value in model_sd.values():
-        if isinstance(value, ShardedTensor) and isinstance(value.data, torch.nn.Parameter):
+        # SwiGLU's fc1 is a factory (gate and up halves re-split for any TP): the optimizer follows it.
+        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and isinstance(value.data, torch.nn.Parameter):
             by_param[id(value.data)] = value
     state: dict = {"model": model_sd}
     if dims.is_last_stage:

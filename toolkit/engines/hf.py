@@ -1,0 +1,134 @@
+"""The `hf` engine: a transformers model in one process, or replicated over data-parallel ranks.
+
+Stages chain as in LLM2Vec: a LoRA adapter (or the full model) is trained, merged at the end of the
+stage and saved as an encoder folder; the next stage adds a fresh adapter. With several processes
+(torchrun), every rank holds the whole model, contrastive negatives are gathered across ranks with
+gradient, and gradients are averaged over the DP group before clipping (DDP's arithmetic, without
+its overlap), so dp ranks equal one process accumulating their shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from toolkit.config import ConfigError, StageConfig
+from toolkit.engines.base import Engine, StepResult, allreduce_mean, register
+
+TRAINABLE = "trainable.safetensors"
+STATE = "state.pt"
+
+
+@register("hf")
+class HFEngine(Engine):
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def build(self, *, add_mask_token: bool) -> None:
+        from toolkit.models.loading import build_encoder
+
+        if self.dims.tp * self.dims.pp != 1:
+            raise ConfigError(f"engine=hf is data-parallel only; parallel.tp={self.dims.tp} / parallel.pp="
+                              f"{self.dims.pp} need engine=megatron")
+        self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
+                                                   add_mask_token=add_mask_token)
+        if self.cfg.model.gradient_checkpointing:
+            self.encoder.backbone.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def load_stage_output(self, final_dir: Path) -> None:
+        from toolkit.train import load_encoder_weights
+
+        load_encoder_weights(self.encoder, final_dir)
+
+    def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
+        from toolkit.distributed.gather import make_gather
+        from toolkit.models.loading import set_attention_dropout
+        from toolkit.models.lora import add_lora
+        from toolkit.objectives.steps import build_step
+        from toolkit.train import lr_lambda
+
+        encoder, base = self.encoder, self.encoder.backbone
+        # Every stage sets its own attention dropout, so one stage's (SimCSE's 0.3) never leaks into the next.
+        dropout = next(p for p in (stage.attention_dropout, self.cfg.model.attention_dropout,
+                                   getattr(base.config, "attention_dropout", 0.0), 0.0) if p is not None)
+        set_attention_dropout(base, float(dropout))
+        if stage.lora.enabled:
+            encoder.backbone = add_lora(base, stage.lora)
+        else:
+            base.requires_grad_(True)
+        encoder.pooling.requires_grad_(True)
+        self.stage = stage
+        self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+        o = stage.optimizer
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
+        gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
+        self.step_fn = build_step(stage, encoder, self.lm_head, generator, gather, data_kind=data_kind)
+        encoder.train()
+
+    def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
+        accum = len(micro_batches)
+        loss, tokens = 0.0, 0
+        for samples in micro_batches:
+            stats = self.step_fn.step(samples, 1.0 / accum)
+            loss += stats.loss / accum
+            tokens += stats.tokens
+        if self.dims.dp > 1:
+            allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
+            totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+            dist.all_reduce(totals, group=self.dims.dp_group)
+            loss, tokens = float(totals[0]) / self.dims.dp, int(totals[1])
+        grad_norm = self._clip(self.stage.optimizer.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+
+    def _clip(self, max_norm: float) -> float:
+        grads = [p for p in self.params.values() if p.grad is not None]
+        if not grads:
+            return 0.0
+        if max_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step_dir: Path) -> None:
+        """Trainable tensors + optimizer / scheduler; DP replicas are identical, so rank 0 writes."""
+        if self.dims.rank != 0:
+            return
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.params.items()}, str(step_dir / TRAINABLE))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   step_dir / STATE)
+
+    def load(self, step_dir: Path) -> None:
+        for name in (TRAINABLE, STATE):
+            if not (step_dir / name).is_file():
+                raise FileNotFoundError(f"{step_dir / name}: missing (was this checkpoint written by engine=hf?)")
+        tensors = load_file(str(step_dir / TRAINABLE))
+        missing, unexpected = sorted(set(self.params) - set(tensors)), sorted(set(tensors) - set(self.params))
+        if missing or unexpected:
+            raise ValueError(f"{step_dir / TRAINABLE}: parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(tensors[name])
+        state = torch.load(step_dir / STATE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def end_stage(self, final_dir: Path) -> Path:
+        from toolkit.models.lora import merge_lora
+
+        self.encoder.backbone = merge_lora(self.encoder.backbone)
+        self.encoder.backbone.requires_grad_(False)
+        if self.dims.rank == 0:
+            self.encoder.save_pretrained(final_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        return final_dir
