@@ -1,4 +1,4 @@
-"""`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info).
+"""`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan.
 
 Commands only parse arguments and call library entry points; errors in configs, paths and data are
 printed as one clear line (exit code 2), not a traceback.
@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from launchers import plan
+
 EXIT_USAGE = 2
 
 
@@ -26,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stop_after_steps:
         trainer.stop_after_steps = args.stop_after_steps
     outcomes = trainer.run()
-    for o in outcomes:
+    for o in outcomes if trainer.dims.is_logging_rank else ():
         state = f"final model: {o.final_dir}" if o.final_dir else f"stopped at step {o.steps_done} (checkpoint saved)"
         print(f"stage {o.name}: {state}")
     return 0 if all(o.final_dir for o in outcomes) and len(outcomes) == len(cfg.stages) else 3
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = dsub.add_parser("info", help="kind, samples, shards and tasks of a dataset")
     i.add_argument("folder", metavar="DIR", help="folder with manifest.json")
     i.set_defaults(func=_cmd_data_info)
+    plan.add_parser(sub)
     return p
 
 

@@ -63,6 +63,10 @@ def build_encoder(
 
         check_bidirectional(backbone)
     lm_head = causal.get_output_embeddings()
+    if lm_head.weight is backbone.get_input_embeddings().weight:
+        # Tied embeddings: the MNTP head is a frozen copy, so full fine-tuning trains the input
+        # embeddings without moving the head (as on the megatron engine, where stages hold them apart).
+        lm_head.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
     lm_head.requires_grad_(False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -229,8 +229,20 @@ class MegatronEngine(Engine):
             num_microbatches=len(mbs), seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
             micro_batch_size=mbs[0]["input_ids"].shape[0], forward_only=False,
         )
+        self._freeze_pad_row()
         allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
         return self._step_loss(losses), self._dp_sum(tokens)
+
+    def _freeze_pad_row(self) -> None:
+        """HF embeddings never train the pad token's row (`nn.Embedding(padding_idx=pad_token_id)`);
+        neither do ours, so both engines train the same weights (it matters where pad == EOS == mask)."""
+        pad = getattr(self.hf_config, "pad_token_id", None)
+        if pad is None or not self.dims.is_first_stage:
+            return
+        weight = self.model.embedding.word_embeddings.weight
+        local = pad - self.dims.tp_rank * weight.shape[0]
+        if weight.grad is not None and 0 <= local < weight.shape[0]:
+            weight.grad[local] = 0
 
     def optimizer_step(self) -> float:
         """Clip by the global norm, update, advance the LR schedule; returns the norm before clipping."""

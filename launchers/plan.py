@@ -1,0 +1,62 @@
+"""`embedforge plan CONFIG --gpus N --gpu-mem 80`: will this recipe fit, per GPU, before any job starts?
+
+Prints one table per training stage (toolkit.planner); exit code 0 when every stage fits, 1 when one
+does not, 2 for a config / layout error (printed as one line by the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Lets overrides follow the options (`plan CONFIG --gpus 8 parallel.tp=2`), not only precede them."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "plan", help="per-GPU memory plan of a recipe (parameters, grads, optimizer, activations)",
+        description="Per-GPU memory of each stage of a recipe on N GPUs, without loading any weights. "
+                    "Exit 0 if every stage fits, 1 if one does not.")
+    p.add_argument("config", help="YAML recipe, e.g. configs/scale/llama3-8b.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. parallel.tp=4")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs of the job")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB (default 80)")
+    p.add_argument("--arch", default=None, metavar="FILE",
+                   help="HF config.json of the model (default: model.path/config.json, else the recipe's '# arch:' line)")
+    p.add_argument("--stage", default=None, help="plan only this stage (default: all)")
+    p.add_argument("--negatives", type=int, default=1, help="hard negatives per supervised sample (default 1)")
+    p.add_argument("--distributed-optimizer", action="store_true",
+                   help="shard full-fine-tuning optimizer states over DP (megatron distributed optimizer)")
+    p.add_argument("--reserve", type=float, default=3.0, metavar="GIB",
+                   help="per-GPU reserve for CUDA context, NCCL buffers, fragmentation (default 3)")
+    p.set_defaults(func=run)
+    p.__class__ = _IntermixedParser  # subparsers build plain parsers; this one also takes overrides last
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolkit.config import load_config
+    from toolkit.planner import format_plan, load_arch, plan_run
+
+    cfg = load_config(args.config, args.overrides)
+    arch, source = load_arch(cfg, args.config, args.arch)
+    plans = plan_run(cfg, arch, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, stage=args.stage,
+                     negatives=args.negatives, distributed_optimizer=args.distributed_optimizer,
+                     reserve_gib=args.reserve)
+    print(f"{args.config}: {arch.model_type}, {arch.layers} layers, hidden {arch.hidden} (arch: {source})")
+    for plan in plans:
+        print()
+        print(format_plan(plan))
+    return 0 if all(p.fits for p in plans) else 1

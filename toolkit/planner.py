@@ -1,0 +1,393 @@
+"""Memory planner: per-GPU parameters, gradients, optimizer states and activations of a recipe.
+
+Why: a 70B recipe that cannot fit should fail on a laptop in a second, not on 64 GPUs after the
+weights loaded. The numbers describe megatron-core on GPUs (the engine used at scale) per pipeline
+stage: the first holds the embedding and the most in-flight micro-batches, the last the final
+norm, LM head, pooling head and MNTP logits. Assumptions, stated:
+
+- Weights are stored in `model.dtype` (bf16: 2 bytes). With LoRA the base is frozen; the adapters
+  (and a trainable pooling head) are fp32 with fp32 grads and Adam m, v: 4 + 4 + 8 = 16 bytes/param,
+  replicated over DP (they are tiny). Full fine-tuning in bf16 counts the usual mixed-precision
+  2 + 2 + 12 bytes/param (bf16 weights and grads, fp32 master + m + v), in fp32 4 + 4 + 8; the
+  optimizer part is divided by dp only with `distributed_optimizer` (the engine today uses torch
+  AdamW, which does not shard it).
+- The LM head is a frozen copy on the last stage (the megatron engine never ties it; the hf engine
+  shares a tied one); vocabularies are padded to a multiple of tp; TP shards linears, not norms.
+- Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+  Transformer Models"), generalised from GPT-3 to GQA + SwiGLU; for GPT-3 shapes it reduces exactly
+  to s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, dropout on), /t with TP + sequence parallel
+  (only the TP-sharded part /t without it), selective recompute dropping the 5*a*s/h term (so do
+  sdpa / flash kernels), full recompute keeping the layer input (2*s*b*h) plus one layer's working
+  set. Terms: `layer_activation_bytes`; measured HF / megatron differences: tests/test_planner.py.
+- 1F1B keeps min(pp - stage, micro-batches) micro-batches in flight. A contrastive micro-batch is
+  all texts of a step (queries + positives + negatives, or both SimCSE views: their loss couples
+  them) unless GradCache (`objective.gradcache_chunk_size`) embeds them in chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.config import ConfigError, RunConfig, StageConfig
+
+GIB = 2**30
+FAMILIES = ("llama", "mistral", "qwen2")  # what the megatron engine builds
+# HF LoRA target -> (input dim key, output dim key, column-parallel?)
+_LINEARS = {"q_proj": ("h", "q", True), "k_proj": ("h", "kv", True), "v_proj": ("h", "kv", True),
+            "o_proj": ("q", "h", False), "gate_proj": ("h", "f", True), "up_proj": ("h", "f", True),
+            "down_proj": ("f", "h", False)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arch:
+    """The HF config facts memory depends on (no weights needed)."""
+
+    model_type: str
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    qkv_bias: bool = False
+    tied: bool = False
+    gated: bool = True  # SwiGLU (Llama family); False = GeLU MLP (GPT-3, used to check the paper's 34)
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "arch") -> "Arch":
+        missing = [k for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "vocab_size") if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing field {missing[0]} (an HF config.json is expected)")
+        if d["model_type"] not in FAMILIES:
+            raise ConfigError(f"{source}: model_type={d['model_type']!r} is not planned; supported: {', '.join(FAMILIES)}")
+        heads = d["num_attention_heads"]
+        return cls(model_type=d["model_type"], hidden=d["hidden_size"], ffn=d["intermediate_size"],
+                   layers=d["num_hidden_layers"], heads=heads, kv_heads=d.get("num_key_value_heads") or heads,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads, vocab=d["vocab_size"],
+                   qkv_bias=d["model_type"] == "qwen2" or bool(d.get("attention_bias", False)),
+                   tied=bool(d.get("tie_word_embeddings", False)),
+                   attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0))
+
+    def dim(self, key: str) -> int:
+        return {"h": self.hidden, "q": self.heads * self.head_dim, "kv": self.kv_heads * self.head_dim,
+                "f": self.ffn}[key]
+
+    def padded_vocab(self, tp: int) -> int:
+        return -(-self.vocab // tp) * tp
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """How one layer runs: what the activation formula depends on besides the shapes."""
+
+    tp: int = 1
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective | full
+    scores_materialized: bool = False  # unfused attention without recompute keeps the a*s*s scores
+    act_bytes: int = 2  # 2 = bf16 activations, 4 = fp32
+    full_ft: bool = False  # every weight trainable (its linear keeps its input for the weight grad)
+    lora_targets: tuple[str, ...] = ()
+    lora_r: int = 16
+    lora_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+def layer_params(arch: Arch, tp: int = 1) -> int:
+    """Parameters of one decoder layer on one TP rank (linears sharded, the two norms replicated)."""
+    h, q, kv, f = arch.hidden, arch.dim("q"), arch.dim("kv"), arch.ffn
+    linear = h * q + 2 * h * kv + q * h + 3 * h * f
+    bias = q + 2 * kv if arch.qkv_bias else 0
+    return (linear + bias) // tp + 2 * h
+
+
+def lora_params(arch: Arch, targets: tuple[str, ...], r: int, tp: int = 1) -> int:
+    """LoRA parameters of one layer on one TP rank: A (r x in) and B (out x r) per target; the
+    column-parallel targets shard B, the row-parallel ones (o, down) shard A."""
+    dims = [(arch.dim(_LINEARS[n][0]), arch.dim(_LINEARS[n][1]), _LINEARS[n][2]) for n in targets]
+    return sum(r * i + o * r // tp if column else r * i // tp + o * r for i, o, column in dims)
+
+
+def pooling_params(mode: str, hidden: int, num_seeds: int = 1, num_latents: int = 512) -> int:
+    """Trainable pooling-head parameters (toolkit.models.pooling), on the last stage, replicated."""
+    if mode == "pma":  # seeds, q/k/v/ffn linears with bias, two LayerNorms
+        return num_seeds * hidden + 4 * (hidden * hidden + hidden) + 4 * hidden
+    if mode == "latent_attention":  # latents, q, kv, out (no bias), 2-layer MLP with bias
+        return num_latents * hidden + 4 * hidden * hidden + 2 * (hidden * hidden + hidden)
+    return 0
+
+
+def layer_activation_bytes(arch: Arch, lay: Layout, tokens: int, seq: int, *, stored: bool = True) -> dict[str, float]:
+    """Bytes one layer keeps for backward for `tokens` (= s*b) tokens, by term.
+
+    Korthikanti's GPT-3 count per layer (16-bit): norms 4sbh, QKV input 2sbh, Q K V 6sbh, attention
+    output (projection input) 2sbh, MLP input 2sbh, GeLU input 8sbh and output 8sbh, two dropout
+    masks 2sbh = 34sbh; scores: softmax 2as^2b, its dropout mask as^2b and output 2as^2b = 5as^2b.
+    Generalised here: K and V are kv_heads wide (GQA) unless the scores are materialised (unfused
+    attention repeats them to all heads); SwiGLU keeps gate, up and silu outputs (3F) plus the down
+    projection input (F); a linear's input is kept only when its weight (or a dropout-free LoRA
+    adapter on it) needs it, and a LoRA adapter with dropout keeps its own dropped copy + a 1-byte
+    mask, plus A's r-wide output. Replicated-region tensors are /tp only with sequence parallel.
+    `stored=False` gives the full layer even under full recompute (the recompute working set).
+    """
+    e, t = lay.act_bytes, lay.tp
+    rep = t if lay.sequence_parallel else 1
+    h, q, kv, f, a = arch.hidden, arch.dim("q"), arch.dim("kv"), arch.ffn, arch.heads
+    if stored and lay.recompute == "full":
+        return {"layer input": e * tokens * h / rep}
+
+    def keeps_input(names: tuple[str, ...]) -> bool:
+        return lay.full_ft or any(n in lay.lora_targets and lay.lora_dropout == 0 for n in names)
+
+    scores = lay.scores_materialized and (lay.recompute == "none" or not stored)
+    out = {"norms": 2 * e * tokens * h / rep}
+    if keeps_input(("q_proj", "k_proj", "v_proj")):
+        out["qkv input"] = e * tokens * h / rep
+    kv_saved = q if scores else kv
+    out["q, k, v, attention output"] = e * tokens * (2 * q + 2 * kv_saved) / t
+    if scores:
+        drop = (1 + e) if lay.attention_dropout > 0 else 0
+        out["attention scores"] = a * seq * tokens * (e + drop) / t
+    if keeps_input(("gate_proj", "up_proj")):
+        out["mlp input"] = e * tokens * h / rep
+    out["mlp activation"] = e * tokens * f * (3 if arch.gated else 1) / t
+    if keeps_input(("down_proj",)):
+        out["down input"] = e * tokens * f / t
+    if arch.hidden_dropout > 0:
+        out["dropout masks"] = 2 * tokens * h / rep
+    lora = 0.0
+    for name in lay.lora_targets:
+        din, _, column = _LINEARS[name]
+        lora += e * tokens * lay.lora_r
+        if lay.lora_dropout > 0:
+            lora += (e + 1) * tokens * arch.dim(din) / (rep if column else t)
+    if lora:
+        out["lora"] = lora
+    return out
+
+
+@dataclass(kw_only=True)
+class StageMemory:
+    """One GPU of pipeline stage `pp_rank`; all sizes in bytes."""
+
+    pp_rank: int
+    layers: int
+    params: int
+    trainable: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    reserve: float
+    activation_terms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.reserve
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """The memory plan of one training stage on `gpus` GPUs of `gpu_mem_gib` GiB."""
+
+    stage: str
+    objective: str
+    gpus: int
+    gpu_mem_gib: float
+    tp: int
+    pp: int
+    dp: int
+    layout: Layout
+    seq: int
+    micro_texts: int
+    num_micro: int
+    global_batch: int
+    texts_per_sample: int
+    stages: list[StageMemory]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak.total <= self.gpu_mem_gib * GIB
+
+
+def check_parallel(cfg: RunConfig, arch: Arch, gpus: int) -> tuple[int, int, int]:
+    """(tp, pp, dp) for `gpus` GPUs, or a ConfigError naming the field that does not fit."""
+    par, tp, pp = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp
+    if gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {gpus}")
+    if cfg.engine != "megatron" and (tp > 1 or pp > 1):
+        raise ConfigError(f"parallel.tp/pp: engine={cfg.engine} is data-parallel only; use engine: megatron")
+    if gpus % (tp * pp):
+        raise ConfigError(f"parallel: tp({tp}) x pp({pp}) = {tp * pp} does not divide the {gpus} GPUs")
+    dp = par.dp or gpus // (tp * pp)
+    if tp * pp * dp != gpus:
+        raise ConfigError(f"parallel.dp={par.dp}: tp({tp}) x pp({pp}) x dp({dp}) = {tp * pp * dp} != {gpus} GPUs")
+    for name, n in (("num_attention_heads", arch.heads), ("num_key_value_heads", arch.kv_heads)):
+        if n % tp:
+            raise ConfigError(f"parallel.tp={tp}: {name}={n} is not divisible by tp")
+    if arch.layers % pp:
+        raise ConfigError(f"parallel.pp={pp}: num_hidden_layers={arch.layers} is not divisible by pp")
+    return tp, pp, dp
+
+
+def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu_mem_gib: float,
+               negatives: int = 1, distributed_optimizer: bool = False, reserve_gib: float = 3.0) -> Plan:
+    """Per-GPU memory of every pipeline stage for one training stage of `cfg`."""
+    tp, pp, dp = check_parallel(cfg, arch, gpus)
+    kind, lora = stage.objective.kind, stage.lora
+    unknown = [t for t in lora.target_modules if t not in _LINEARS] if lora.enabled else []
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {unknown[0]!r} is not planned; known: {', '.join(_LINEARS)}")
+    megatron = cfg.engine == "megatron"
+    recompute = cfg.parallel.recompute if megatron else "none"
+    if cfg.model.gradient_checkpointing and recompute == "none":
+        recompute = "full"  # what both engines do with it
+    attn_drop = stage.attention_dropout if stage.attention_dropout is not None else (
+        cfg.model.attention_dropout if cfg.model.attention_dropout is not None else arch.attention_dropout)
+    lay = Layout(tp=tp, sequence_parallel=cfg.parallel.sequence_parallel, recompute=recompute,
+                 scores_materialized=megatron or cfg.model.attn_implementation == "eager",
+                 act_bytes=2 if stage.precision == "bf16" else 4, full_ft=not lora.enabled,
+                 lora_targets=tuple(lora.target_modules) if lora.enabled else (), lora_r=lora.r,
+                 lora_dropout=lora.dropout, attention_dropout=attn_drop)
+    notes: list[str] = []
+    # Texts per step and per micro-batch (what is alive at once).
+    seq, batch = stage.data.max_length, stage.data.batch_size
+    texts_per_sample = {"mntp": 1, "simcse": 2}.get(kind, 2 + negatives)
+    step_texts = batch * texts_per_sample
+    chunk = stage.objective.gradcache_chunk_size
+    if kind == "mntp":
+        micro = min((cfg.parallel.micro_batch_size if megatron else 0) or batch, batch)
+        num_micro = stage.grad_accum * math.ceil(batch / micro)
+    elif chunk:
+        micro = min(chunk, step_texts)
+        num_micro = stage.grad_accum * math.ceil(step_texts / micro)
+        if megatron:
+            notes.append("objective.gradcache_chunk_size: the megatron engine does not implement GradCache yet")
+    else:
+        micro, num_micro = step_texts, stage.grad_accum
+        notes.append(f"{kind}: all {step_texts} texts of a step are one micro-batch (their loss couples them)")
+    if lora.enabled and megatron:
+        notes.append("lora.enabled: the megatron engine does not implement LoRA yet (planned as peft-style adapters)")
+    tokens = micro * seq
+
+    wbytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    opt_bytes = (12 if wbytes == 2 else 8) / (dp if distributed_optimizer else 1)
+    per_layer_params = layer_params(arch, tp)
+    vocab_rows = arch.padded_vocab(tp) // tp
+    head = pooling_params(cfg.pooling.mode, arch.hidden, cfg.pooling.num_seeds, cfg.pooling.num_latents)
+    per_layer = layer_activation_bytes(arch, lay, tokens, seq)
+    working = sum(layer_activation_bytes(arch, lay, tokens, seq, stored=False).values()) if recompute == "full" else 0.0
+    stages, n_layers = [], arch.layers // pp
+    for p in range(pp):
+        first, last = p == 0, p == pp - 1
+        base = n_layers * per_layer_params + (vocab_rows * arch.hidden if first else 0)
+        lm_head = 0 if arch.tied and not megatron else vocab_rows * arch.hidden
+        frozen_head = (arch.hidden + lm_head) if last else 0  # final norm + LM head
+        adapters = n_layers * lora_params(arch, lay.lora_targets, lora.r, tp) if lora.enabled else 0
+        extra = head if last else 0
+        if lora.enabled:
+            trainable = adapters + extra
+            weights = (base + frozen_head) * wbytes + trainable * 4
+            grads, optim = trainable * 4.0, trainable * 8.0
+        else:
+            full = base + (arch.hidden if last else 0)  # the final norm trains, the LM head stays frozen
+            trainable = full + extra
+            weights = (base + frozen_head) * wbytes + extra * 4
+            grads, optim = full * wbytes + extra * 4.0, full * opt_bytes + extra * 8.0
+        inflight = min(pp - p, num_micro)
+        terms = {k: v * n_layers * inflight for k, v in per_layer.items()}
+        if working:
+            terms["recompute working set"] = working
+        if last:
+            terms["final norm"] = lay.act_bytes * tokens * arch.hidden / (tp if lay.sequence_parallel else 1)
+            if kind == "mntp":
+                terms["mntp logits"] = stage.objective.mntp.mask_probability * tokens * vocab_rows * 4
+        stages.append(StageMemory(pp_rank=p, layers=n_layers, params=base + frozen_head + adapters + extra,
+                                  trainable=trainable, weights=weights, grads=grads, optimizer=optim,
+                                  activations=sum(terms.values()), reserve=reserve_gib * GIB,
+                                  activation_terms=terms))
+    return Plan(stage=stage.name, objective=kind, gpus=gpus, gpu_mem_gib=gpu_mem_gib, tp=tp, pp=pp, dp=dp,
+                layout=lay, seq=seq, micro_texts=micro, num_micro=num_micro,
+                global_batch=batch * dp * stage.grad_accum, texts_per_sample=texts_per_sample, stages=stages,
+                notes=notes)
+
+
+def plan_run(cfg: RunConfig, arch: Arch, *, gpus: int, gpu_mem_gib: float, stage: str | None = None,
+             **kwargs) -> list[Plan]:
+    """A plan per training stage of `cfg` (or only the one named `stage`)."""
+    chosen = [s for s in cfg.stages if stage is None or s.name == stage]
+    if not chosen:
+        raise ConfigError(f"--stage {stage}: no such stage; stages are {[s.name for s in cfg.stages]}")
+    return [plan_stage(cfg, s, arch, gpus=gpus, gpu_mem_gib=gpu_mem_gib, **kwargs) for s in chosen]
+
+
+_ARCH_COMMENT = re.compile(r"^#\s*arch:\s*(\S+)", re.MULTILINE)
+
+
+def load_arch(cfg: RunConfig, config_path: str | Path | None = None, arch_file: str | Path | None = None) -> tuple[Arch, str]:
+    """The architecture: `arch_file`, else `model.path/config.json`, else the recipe's `# arch: FILE`
+    comment (relative to the recipe), so presets plan without downloading any weights."""
+    path, folder = Path(arch_file) if arch_file else None, Path(cfg.model.path)
+    if path is None and (folder / "config.json").is_file():
+        path = folder / "config.json"
+    elif path is None and config_path and (m := _ARCH_COMMENT.search(Path(config_path).read_text())):
+        path = Path(config_path).parent / m[1]
+    if path is None:
+        raise ConfigError(f"model.path={cfg.model.path}: no config.json there; pass --arch FILE (an HF config.json)")
+    if not path.is_file():
+        raise ConfigError(f"{path}: architecture file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return Arch.from_hf(data, str(path)), str(path)
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.2f} GiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def format_plan(plan: Plan) -> str:
+    """A plain-text table: first and last pipeline stage side by side (they bound the others)."""
+    lay, cap = plan.layout, plan.gpu_mem_gib * GIB
+    cols = [plan.stages[0], plan.stages[-1]] if plan.pp > 1 else plan.stages
+    names = ["stage 0 (first)", f"stage {plan.pp - 1} (last)"] if plan.pp > 1 else ["per GPU"]
+
+    def fits(s: StageMemory) -> str:
+        return f"yes (+{(cap - s.total) / GIB:.1f} GiB)" if s.total <= cap else f"NO (-{(s.total - cap) / GIB:.1f} GiB)"
+
+    rows = [(label, [fn(s) for s in cols]) for label, fn in [
+        ("parameters", lambda s: _count(s.params)), ("  trainable", lambda s: _count(s.trainable)),
+        ("weights", lambda s: _gib(s.weights)), ("gradients", lambda s: _gib(s.grads)),
+        ("optimizer states", lambda s: _gib(s.optimizer)), ("activations", lambda s: _gib(s.activations)),
+        ("reserve (context, NCCL, frag.)", lambda s: _gib(s.reserve)), ("total", lambda s: _gib(s.total)),
+        (f"fits in {plan.gpu_mem_gib:g} GiB", fits)]]
+    width, colw = max(len(r[0]) for r in rows) + 2, max(18, *(len(v) + 2 for _, vals in rows for v in vals))
+    lines = [
+        f"stage {plan.stage} ({plan.objective}): {plan.gpus} GPUs = tp {plan.tp} x pp {plan.pp} x dp {plan.dp}; "
+        f"recompute {lay.recompute}; sequence parallel {'on' if lay.sequence_parallel else 'off'}; "
+        f"{'bf16' if lay.act_bytes == 2 else 'fp32'} activations",
+        f"  global batch {plan.global_batch} samples x {plan.texts_per_sample} text(s) x {plan.seq} tokens; "
+        f"micro-batch {plan.micro_texts} texts, {plan.num_micro} per step per DP rank, "
+        f"{min(plan.pp, plan.num_micro)} in flight on stage 0",
+        "".ljust(width) + "".join(n.rjust(colw) for n in names),
+    ] + [label.ljust(width) + "".join(v.rjust(colw) for v in vals) for label, vals in rows]
+    top = sorted(plan.stages[0].activation_terms.items(), key=lambda kv: -kv[1])[:4]
+    lines.append("  stage 0 activations: " + ", ".join(f"{k} {_gib(v)}" for k, v in top))
+    return "\n".join(lines + [f"  note: {n}" for n in plan.notes])
