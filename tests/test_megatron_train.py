@@ -1,9 +1,10 @@
-"""`embedforge train ... engine=megatron` under torchrun: a real (tiny) run, resumed at another layout.
+"""`embedforge train ... engine=megatron` under torchrun: a real (tiny) run, resumed at other layouts.
 
-Proves, end to end through the CLI and the trainer: 2 processes train MNTP then supervised
-contrastive at TP=2; a second run stops after 2 steps (checkpoint: megatron dist_checkpointing +
-per-DP data order) and resumes at TP=1 x PP=2 (weights and Adam moments resharded on load); its
-losses after the resume equal the uninterrupted run's, and so do the final encoders. A mid-stage
+Proves, end to end through the CLI and the trainer: 2 processes train MNTP (full fine-tuning) then
+supervised contrastive (LoRA on the merged MNTP model) at TP=2; a second run stops after 2 steps
+(checkpoint: megatron dist_checkpointing + per-DP data order), resumes at TP=1 x PP=2 (weights and
+Adam moments resharded on load), stops again mid-supervised, and finishes at TP=2 (LoRA adapters
+and their moments resharded); its losses equal the uninterrupted run's, and so do the final encoders. A mid-stage
 megatron checkpoint exports (resharded to one process) into a folder sentence-transformers loads.
 """
 
@@ -37,7 +38,8 @@ def recipe(tmp_path: Path) -> Path:
             {"name": "mntp", "steps": 4, "lora": {"enabled": False}, "data": {"path": str(texts), **data},
              "objective": {"kind": "mntp", "mntp": {"mask_probability": 0.3, "mask_token": "eos"}},
              "optimizer": {"lr": 1e-3}, "schedule": {"warmup_steps": 1}},
-            {"name": "supervised", "steps": 3, "lora": {"enabled": False}, "data": {"path": str(pairs), **data},
+            {"name": "supervised", "steps": 3, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+             "data": {"path": str(pairs), **data},
              "objective": {"kind": "supervised", "temperature": 0.05}, "optimizer": {"lr": 1e-3}},
         ],
         "checkpoint": {"every_steps": 2, "keep_last": 2},
@@ -68,9 +70,12 @@ def test_torchrun_train_and_resume_at_another_layout(tmp_path):
     # stopped with a checkpoint, not finished: exit 3 per rank, which torchrun reports as a failure
     assert b.returncode != 0 and "stopped at step 2" in b.stderr, b.stderr[-4000:]
     assert (sliced / "00-mntp" / "step-2" / "COMPLETE").is_file()
-    c = torchrun("train", str(cfg), f"output_dir={sliced}", "parallel.tp=1", "parallel.pp=2")
-    assert c.returncode == 0, c.stderr[-4000:]
-    assert "resharded" in c.stderr
+    c = torchrun("train", str(cfg), f"output_dir={sliced}", "parallel.tp=1", "parallel.pp=2", "--stop-after-steps", "2")
+    assert c.returncode != 0 and "stage supervised: stopped at step 2" in c.stderr, c.stderr[-4000:]
+    assert "resharded" in c.stderr  # full fine-tuning weights + Adam moments, TP2 -> PP2
+    d = torchrun("train", str(cfg), f"output_dir={sliced}", "parallel.tp=2")
+    assert d.returncode == 0, d.stderr[-4000:]
+    assert "resharded" in d.stderr  # LoRA adapters + their Adam moments, PP2 -> TP2
 
     want, got = losses(full), losses(sliced)
     assert set(want) == {("mntp", s) for s in range(1, 5)} | {("supervised", s) for s in range(1, 4)}

@@ -22,13 +22,18 @@ def _sharded_state(engine) -> dict:
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
     dims = engine.dims
-    model_sd = engine.model.sharded_state_dict(prefix="backbone.")
+    if engine.lora is not None:  # a LoRA stage saves its adapters; the frozen base is rebuilt on resume
+        model_sd = engine.lora.sharded_state_dict(dims.dp_rank)
+        part = "lora"
+    else:
+        model_sd = engine.model.sharded_state_dict(prefix="backbone.")
+        part = "model"
     by_param = {}
     for value in model_sd.values():
         # SwiGLU's fc1 is a factory (gate and up halves re-split for any TP): the optimizer follows it.
         if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and isinstance(value.data, torch.nn.Parameter):
             by_param[id(value.data)] = value
-    state: dict = {"model": model_sd}
+    state: dict = {part: model_sd}
     if dims.is_last_stage:
         replica = (0, dims.tp_rank, dims.dp_rank)
         for name, p in engine.encoder.pooling.named_parameters():
@@ -83,8 +88,16 @@ def load(engine, step_dir: Path) -> None:
     except Exception as exc:  # name the checkpoint and the layouts, not just a key error deep inside
         raise RuntimeError(f"{source}: cannot load into tp={engine.dims.tp} pp={engine.dims.pp} "
                            f"dp={engine.dims.dp}: {exc}") from exc
-    engine.model.load_state_dict({k.removeprefix("backbone."): v for k, v in loaded["model"].items()},
-                                 strict=False)
+    if ("lora" in loaded) != (engine.lora is not None):
+        raise RuntimeError(f"{source}: saved {'with' if 'lora' in loaded else 'without'} LoRA adapters, but this "
+                           f"stage has lora.enabled={engine.lora is not None}")
+    if engine.lora is not None:
+        with torch.no_grad():
+            for key, value in loaded["lora"].items():
+                engine.lora.adapters.get_parameter(key).copy_(value)
+    else:
+        engine.model.load_state_dict({k.removeprefix("backbone."): v for k, v in loaded["model"].items()},
+                                     strict=False)
     if "pooling" in loaded:
         engine.encoder.pooling.load_state_dict(loaded["pooling"])
     common = loaded["common"]

@@ -39,6 +39,7 @@ class MegatronEngine(Engine):
     def __init__(self, cfg: RunConfig, dims: ParallelDims):
         super().__init__(cfg, dims)
         self.model = None
+        self.lora = None
         self.optimizer = None
         self.scheduler = None
 
@@ -135,9 +136,6 @@ class MegatronEngine(Engine):
         from toolkit.train import lr_lambda
 
         where = f"stages[{index}] ({stage.name})"
-        if stage.lora.enabled:
-            raise ConfigError(f"{where}.lora.enabled: LoRA on engine=megatron is not implemented yet; "
-                              "set lora.enabled=false (full fine-tuning) or use engine=hf")
         if stage.objective.gradcache_chunk_size:
             raise ConfigError(f"{where}.objective.gradcache_chunk_size: GradCache is not implemented for "
                               "engine=megatron yet; set it to 0 (parallel.micro_batch_size splits MNTP batches)")
@@ -146,14 +144,27 @@ class MegatronEngine(Engine):
             for module in self.model.modules():
                 if isinstance(module, DotProductAttention):
                     module.attention_dropout.p = float(stage.attention_dropout)
-        self.model.requires_grad_(True)
-        if self.dims.is_last_stage:
-            self.model.output_layer.weight.requires_grad_(False)
         self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
-        self.params = {f"backbone.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        if stage.lora.enabled:
+            from toolkit.engines.megatron.lora import MegatronLora, check_targets
+
+            check_targets(stage.lora, where)
+            if self.cfg.parallel.sequence_parallel:
+                raise ConfigError(f"{where}.lora: LoRA with parallel.sequence_parallel is not supported yet")
+            self.model.requires_grad_(False)
+            self.lora = MegatronLora(self.model, self.arch, stage.lora, tp=self.dims.tp, tp_rank=self.dims.tp_rank,
+                                     pp_rank=self.dims.pp_rank, seed=self.cfg.seed + 1000 * (index + 1))
+            self.params = {f"lora.{n}": p for n, p in self.lora.named_parameters()}
+            self.tp_sharded = {f"lora.{n}" for n in self.lora.sharded_names()}
+        else:
+            self.lora = None
+            self.model.requires_grad_(True)
+            if self.dims.is_last_stage:
+                self.model.output_layer.weight.requires_grad_(False)
+            self.params = {f"backbone.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+            self.tp_sharded = {f"backbone.{n}" for n in tp_sharded_parameters(self.model)}
         if self.dims.is_last_stage:
             self.params.update({f"pooling.{n}": p for n, p in self.encoder.pooling.named_parameters()})
-        self.tp_sharded = {f"backbone.{n}" for n in tp_sharded_parameters(self.model)}
         o = stage.optimizer
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -312,6 +323,9 @@ class MegatronEngine(Engine):
 
     def end_stage(self, final_dir: Path) -> Path:
         """Gather the HF layout to rank 0 and write the encoder folder there."""
+        if self.lora is not None:
+            self.lora.merge_into(self.model)
+            self.lora = None
         hf = self.hf_state_dict()
         pooling = _gather_pooling(self.encoder.pooling, self.dims)
         if self.dims.rank == 0:
