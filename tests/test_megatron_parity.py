@@ -38,10 +38,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_config(model_dir: Path, *, tp: int = 1, pp: int = 1, engine: str = "megatron", attn: str = "sdpa"):
+def run_config(model_dir: Path, *, tp: int = 1, pp: int = 1, engine: str = "megatron", attn: str = "sdpa",
+               extra: dict | None = None):
     data = {"path": "unused", "max_length": 40}
     return config_from_dict({
-        "output_dir": "unused", "seed": SEED, "engine": engine, "parallel": {"tp": tp, "pp": pp},
+        "output_dir": "unused", "seed": SEED, "engine": engine, "parallel": {"tp": tp, "pp": pp, **(extra or {})},
         "model": {"path": str(model_dir), "max_length": 40, "attn_implementation": attn},
         "pooling": {"mode": "mean"},
         "stages": [
@@ -62,7 +63,7 @@ def samples(kind: str) -> list[dict]:
             for i in range(BATCH)]
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str):
+def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str, extra: dict | None = None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -71,12 +72,12 @@ def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, 
         from toolkit.distributed.parallel_dims import ParallelDims
         from toolkit.engines.megatron.engine import MegatronEngine
 
-        cfg = run_config(Path(model_dir), tp=tp, pp=pp)
+        cfg = run_config(Path(model_dir), tp=tp, pp=pp, extra=extra)
         dims = ParallelDims.from_config(cfg.parallel, world, rank)
         engine = MegatronEngine(cfg, dims)
         engine.build(add_mask_token=False)
         result = {}
-        if pp == 1:  # hidden states of a padded batch straight from the megatron model
+        if pp == 1 and not cfg.parallel.sequence_parallel:  # hidden states of a padded batch straight from the megatron model
             batch = engine.encoder.tokenize([s["text"] for s in samples("mntp")], max_length=40)
             from toolkit.engines.megatron.model import padding_mask
 
@@ -132,22 +133,30 @@ def reference(model_dir: Path, dp: int, attn: str = "sdpa") -> dict:
     return result
 
 
-CASES = [  # (model_type, tp, pp, dp)
-    ("llama", 2, 1, 1),
-    ("llama", 1, 2, 1),
-    ("qwen2", 2, 1, 2),
-    ("qwen2", 1, 2, 2),
-    ("llama", 2, 2, 1),
+SP, RECOMPUTE = {"sequence_parallel": True}, {"recompute": "full"}
+CASES = [  # (model_type, tp, pp, dp, more parallel settings)
+    ("llama", 2, 1, 1, {}),
+    ("llama", 1, 2, 1, {}),
+    ("qwen2", 2, 1, 2, {}),
+    ("qwen2", 1, 2, 2, {}),
+    ("llama", 2, 2, 1, {}),
+    ("qwen2", 2, 1, 1, SP),
+    ("llama", 2, 1, 1, {**SP, **RECOMPUTE}),
 ]
 
 
-@pytest.mark.parametrize("model_type,tp,pp,dp", CASES, ids=[f"{m}-tp{t}-pp{p}-dp{d}" for m, t, p, d in CASES])
-def test_megatron_matches_hf(tmp_path, model_type, tp, pp, dp):
+def _id(m, t, p, d, extra) -> str:
+    return f"{m}-tp{t}-pp{p}-dp{d}" + ("-sp" if extra.get("sequence_parallel") else "") + (
+        "-recompute" if extra.get("recompute") else "")
+
+
+@pytest.mark.parametrize("model_type,tp,pp,dp,extra", CASES, ids=[_id(*c) for c in CASES])
+def test_megatron_matches_hf(tmp_path, model_type, tp, pp, dp, extra):
     # vocab 257 is not divisible by tp=2: exercises the padded, masked vocabulary slice.
     model_dir = save_tiny_decoder(tmp_path / model_type, model_type, num_hidden_layers=4)
     world = tp * pp * dp
     out = tmp_path / "megatron.pt"
-    mp.spawn(_worker, args=(world, _free_port(), str(model_dir), tp, pp, str(out)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), str(model_dir), tp, pp, str(out), extra), nprocs=world, join=True)
     got, want = torch.load(out), reference(model_dir, dp)
     if "hidden" in got:
         mask = got["attention_mask"].bool()
@@ -207,8 +216,8 @@ LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
-def lora_config(model_dir: Path, *, tp: int = 1, pp: int = 1, engine: str = "megatron"):
-    cfg = run_config(model_dir, tp=tp, pp=pp, engine=engine)
+def lora_config(model_dir: Path, *, tp: int = 1, pp: int = 1, engine: str = "megatron", extra: dict | None = None):
+    cfg = run_config(model_dir, tp=tp, pp=pp, engine=engine, extra=extra)
     for stage in cfg.stages:
         stage.lora = config_from_dict({"output_dir": "x", "model": {"path": "x"}, "stages": [
             {"name": "s", "steps": 1, "data": {"path": "x"}, "objective": {"kind": "mntp"}, "lora": LORA}]}).stages[0].lora
@@ -222,7 +231,8 @@ def full_adapter(layer: int, target: str, shape: tuple[int, int]) -> tuple[torch
     return torch.randn(r, shape[1], generator=gen) * 0.1, torch.randn(shape[0], r, generator=gen) * 0.1
 
 
-def _lora_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str):
+def _lora_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str,
+                 extra: dict | None = None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -232,7 +242,7 @@ def _lora_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: 
         from toolkit.engines.megatron.lora import TARGETS, unshard
         from toolkit.engines.megatron.weights import HFWeights
 
-        cfg = lora_config(Path(model_dir), tp=tp, pp=pp)
+        cfg = lora_config(Path(model_dir), tp=tp, pp=pp, extra=extra)
         dims = ParallelDims.from_config(cfg.parallel, world, rank)
         engine = MegatronEngine(cfg, dims)
         engine.build(add_mask_token=False)
@@ -316,17 +326,17 @@ def lora_reference(model_dir: Path, dp: int) -> dict:
     return result
 
 
-LORA_CASES = [("llama", 2, 2, 1), ("qwen2", 2, 1, 2)]
+LORA_CASES = [("llama", 2, 2, 1, {}), ("qwen2", 2, 1, 2, {}), ("llama", 2, 1, 1, SP)]
 
 
-@pytest.mark.parametrize("model_type,tp,pp,dp", LORA_CASES, ids=[f"{m}-tp{t}-pp{p}-dp{d}" for m, t, p, d in LORA_CASES])
-def test_megatron_lora_matches_peft(tmp_path, model_type, tp, pp, dp):
+@pytest.mark.parametrize("model_type,tp,pp,dp,extra", LORA_CASES, ids=[_id(*c) for c in LORA_CASES])
+def test_megatron_lora_matches_peft(tmp_path, model_type, tp, pp, dp, extra):
     """Megatron LoRA (per-projection adapters on fused TP linears) == peft LoRA on the HF model:
     losses, every adapter gradient, and the merged weights, within 1e-5."""
     model_dir = save_tiny_decoder(tmp_path / model_type, model_type, num_hidden_layers=4)
     world = tp * pp * dp
     out = tmp_path / "megatron-lora.pt"
-    mp.spawn(_lora_worker, args=(world, _free_port(), str(model_dir), tp, pp, str(out)), nprocs=world, join=True)
+    mp.spawn(_lora_worker, args=(world, _free_port(), str(model_dir), tp, pp, str(out), extra), nprocs=world, join=True)
     got, want = torch.load(out), lora_reference(model_dir, dp)
     for stage in ("mntp", "supervised"):
         g, w = got[stage], want[stage]

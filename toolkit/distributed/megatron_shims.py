@@ -9,7 +9,8 @@ a megatron upgrade moved or renamed one of them, so a silent no-op shim can neve
 - `torch.cuda.current_device()` -> the CPU device (p2p shape buffers, embedding-group all-reduce);
 - `torch.cuda.synchronize()` -> no-op (p2p communication);
 - the model-parallel RNG tracker -> a CPU-generator tracker (`tensor_parallel.random`), so dropout
-  inside TP regions forks a seeded CPU stream as it forks a CUDA stream on GPU;
+  inside TP regions forks a seeded CPU stream as it forks a CUDA stream on GPU, and the CUDA RNG
+  get / set of activation recomputation -> no-ops (the CPU state and the tracker are still replayed);
 - `transformer.utils.get_default_causal_mask` / `get_sliding_window_causal_mask` -> CPU masks;
 - `device="cuda"` literals in `pipeline_parallel.schedules` -> CPU (token counters).
 
@@ -110,6 +111,8 @@ _TARGETS = (
     ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER"),
     ("megatron.core.tensor_parallel.random", "_CUDA_RNG_STATE_TRACKER_INITIALIZED"),
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker"),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
     ("megatron.core.transformer.utils", "get_default_causal_mask"),
     ("megatron.core.transformer.utils", "get_sliding_window_causal_mask"),
     ("megatron.core.pipeline_parallel.schedules", "torch"),
@@ -146,6 +149,9 @@ def apply() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     mrandom._CUDA_RNG_STATE_TRACKER = _CpuRngTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recomputation saves / restores "all" RNG states: on CPU there is no CUDA one.
+    mrandom._get_cuda_rng_state = lambda *a, **k: None
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
     tutils.get_default_causal_mask = _cpu_causal_mask
     tutils.get_sliding_window_causal_mask = _cpu_sliding_window_mask
     schedules.torch = _CpuTorch()

@@ -149,11 +149,10 @@ class MegatronEngine(Engine):
             from toolkit.engines.megatron.lora import MegatronLora, check_targets
 
             check_targets(stage.lora, where)
-            if self.cfg.parallel.sequence_parallel:
-                raise ConfigError(f"{where}.lora: LoRA with parallel.sequence_parallel is not supported yet")
             self.model.requires_grad_(False)
             self.lora = MegatronLora(self.model, self.arch, stage.lora, tp=self.dims.tp, tp_rank=self.dims.tp_rank,
-                                     pp_rank=self.dims.pp_rank, seed=self.cfg.seed + 1000 * (index + 1))
+                                     pp_rank=self.dims.pp_rank, seed=self.cfg.seed + 1000 * (index + 1),
+                                     sequence_parallel=self.cfg.parallel.sequence_parallel)
             self.params = {f"lora.{n}": p for n, p in self.lora.named_parameters()}
             self.tp_sharded = {f"lora.{n}" for n in self.lora.sharded_names()}
         else:
@@ -176,6 +175,11 @@ class MegatronEngine(Engine):
     # ------------------------------------------------------------------ one optimizer step
     def _micro_batches(self, batches: list[list[dict]]) -> list[dict]:
         accum = len(batches)
+        if self.cfg.parallel.sequence_parallel:  # sequence shards need a length divisible by tp
+            return [_pad_to_multiple(mb, self.dims.tp) for mb in self._micro_batches_unpadded(batches, accum)]
+        return self._micro_batches_unpadded(batches, accum)
+
+    def _micro_batches_unpadded(self, batches: list[list[dict]], accum: int) -> list[dict]:
         out = []
         for samples in batches:
             if self.kind == "mntp":
@@ -202,6 +206,10 @@ class MegatronEngine(Engine):
     def _loss(self, mb: dict, output: Tensor):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+        if self.cfg.parallel.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward keeps each rank's slice
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
         hidden = output.transpose(0, 1)  # [b, s, h]
         if self.kind == "mntp":
             targets = mb["labels"][:, 1:]
@@ -241,8 +249,25 @@ class MegatronEngine(Engine):
             micro_batch_size=mbs[0]["input_ids"].shape[0], forward_only=False,
         )
         self._freeze_pad_row()
+        self._sync_sequence_parallel_grads()
         allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
         return self._step_loss(losses), self._dp_sum(tokens)
+
+    def _sync_sequence_parallel_grads(self) -> None:
+        """Under sequence parallelism a TP-replicated tensor inside the layers (norms, replicated LoRA
+        halves) sees only this rank's sequence slice: sum its gradient over TP, as megatron's
+        finalize_model_grads does. The pooling head sees the gathered sequence: it is already whole."""
+        if not self.cfg.parallel.sequence_parallel or self.dims.tp == 1:
+            return
+        grads = [p.grad for n, p in self.params.items()
+                 if p.grad is not None and n not in self.tp_sharded and not n.startswith("pooling.")]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.dims.tp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def _freeze_pad_row(self) -> None:
         """HF embeddings never train the pad token's row (`nn.Embedding(padding_idx=pad_token_id)`);
@@ -374,6 +399,17 @@ def _gather_pooling(pooling, dims: ParallelDims) -> dict[str, Tensor]:
     objs = [None] * dims.world_size
     dist.all_gather_object(objs, state if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0 else None)
     return next(o for o in objs if o is not None)
+
+
+def _pad_to_multiple(mb: dict, multiple: int) -> dict:
+    """Right-pad a micro-batch's token tensors so the sequence length divides by `multiple`."""
+    length = mb["input_ids"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return mb
+    fill = {"labels": IGNORE_INDEX}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0))
+            if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == length else v for k, v in mb.items()}
 
 
 def _concat_groups(groups: list[dict]) -> dict:

@@ -11,7 +11,9 @@ Tensor parallelism:
   all-reduce backward) so A's gradient sums every rank's rows, like the full matrix's would;
 - row-parallel base (attention output, down projection): A holds this rank's input columns, the
   partial A-outputs are all-reduced (`reduce_from_tensor_model_parallel_region`), B is replicated.
-Merging folds scaling * B @ A into the local weight shard (no communication).
+With sequence parallelism the column input is gathered from the sequence slices first and the row
+output reduce-scattered back to them; the replicated halves' gradients are then summed over TP by the
+engine, like the norms'. Merging folds scaling * B @ A into the local weight shard (no communication).
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ def check_targets(cfg: LoraConfig, where: str) -> None:
 class MegatronLora(nn.Module):
     """All adapters of one pipeline stage: `adapters["<local layer>-<hf target>"]` holds lora_A / lora_B."""
 
-    def __init__(self, model, arch: Arch, cfg: LoraConfig, *, tp: int, tp_rank: int, pp_rank: int, seed: int):
+    def __init__(self, model, arch: Arch, cfg: LoraConfig, *, tp: int, tp_rank: int, pp_rank: int, seed: int,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.arch, self.tp, self.tp_rank, self.pp_rank = arch, tp, tp_rank, pp_rank
+        self.sequence_parallel = sequence_parallel
         self.scaling = cfg.alpha / cfg.r
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.adapters = nn.ModuleDict()
@@ -113,16 +117,25 @@ class MegatronLora(nn.Module):
         def hook(module, inputs, output):
             from megatron.core.tensor_parallel import (
                 copy_to_tensor_model_parallel_region,
+                gather_from_sequence_parallel_region,
                 reduce_from_tensor_model_parallel_region,
+                reduce_scatter_to_sequence_parallel_region,
             )
 
             out, bias = output
             x = self.dropout(inputs[0])
+            column = TARGETS[targets[0]][1] == "column"
+            if column and self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters
+                x = gather_from_sequence_parallel_region(x)
             deltas = {}
             for target in targets:
                 adapter = self.adapters[f"{local}-{target}"]
                 u = x @ adapter.lora_A.t()
-                if TARGETS[target][1] == "column":
+                if self.sequence_parallel:
+                    # column: x's gradient is summed by the reduce-scatter above, A's by the engine's
+                    # sequence-parallel gradient sum; row: partial sums reduce-scattered to sequence slices.
+                    u = u if column else reduce_scatter_to_sequence_parallel_region(u)
+                elif column:
                     u = copy_to_tensor_model_parallel_region(u)
                 else:
                     u = reduce_from_tensor_model_parallel_region(u)

@@ -137,14 +137,32 @@ def transformer_config(arch: Arch, *, tp: int, pp: int, dtype: torch.dtype = tor
     )
 
 
-def layer_spec():
-    """megatron-core's local GPT layer spec with a padding-only (bidirectional) attention mask."""
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron's norm constructor signature.
+
+    megatron's own torch fallback refuses sequence parallelism (without apex / Transformer Engine it
+    cannot flag the weights for the TP gradient sum); the engine sums replicated gradients itself,
+    so this plain norm serves with and without sequence parallelism.
+    """
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **kwargs):
+        super().__init__(hidden_size, eps=eps)
+
+
+def block_spec(arch: Arch, pp: int):
+    """megatron-core's local GPT layer spec, padding-only (bidirectional) attention mask, as a block
+    of this pipeline stage's layers with a final norm."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
-    return spec
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[layer] * (arch.num_layers // pp), layer_norm=RMSNorm))
 
 
 def build_backbone(arch: Arch, config, *, pre_process: bool, post_process: bool):
@@ -157,16 +175,21 @@ def build_backbone(arch: Arch, config, *, pre_process: bool, post_process: bool)
             return hidden_states
 
         def lm_logits(self, rows: Tensor) -> Tensor:
-            """Vocab-parallel logits [t, V/tp] of hidden rows [t, h] (only the rows MNTP scores)."""
-            logits, _ = self.output_layer(rows.unsqueeze(1))
-            return logits.squeeze(1)
+            """Vocab-parallel logits [t, V/tp] of full hidden rows [t, h] (only the rows MNTP scores).
+
+            The output layer's own forward would treat rows as a sequence slice under sequence
+            parallelism; its (frozen) weight is applied directly, the rows' gradient summed over TP.
+            """
+            from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+            return F.linear(copy_to_tensor_model_parallel_region(rows), self.output_layer.weight)
 
     rope = {}
     if arch.rope_scaling:
         rope = dict(rope_scaling=True, rope_scaling_factor=float(arch.rope_scaling.get("factor", 8.0)))
     model = EncoderGPTModel(
         config,
-        layer_spec(),
+        block_spec(arch, config.pipeline_model_parallel_size),
         vocab_size=arch.padded_vocab(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_positions,
         pre_process=pre_process,
