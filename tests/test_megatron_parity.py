@@ -50,6 +50,9 @@ def run_config(model_dir: Path, *, tp: int = 1, pp: int = 1, engine: str = "mega
              "objective": {"kind": "mntp", "mntp": {"mask_probability": 0.3, "mask_token": "eos"}}},
             {"name": "supervised", "steps": 1, "lora": {"enabled": False}, "data": data,
              "objective": {"kind": "supervised", "temperature": 0.05}},
+            # GradCache through the pipeline: uneven chunks (3 + 1 per DP rank of 4, 3 + 3 + 2 of 8)
+            {"name": "gradcache", "steps": 1, "lora": {"enabled": False}, "data": data,
+             "objective": {"kind": "supervised", "temperature": 0.05, "gradcache_chunk_size": 3}},
         ],
     })
 
@@ -161,7 +164,7 @@ def test_megatron_matches_hf(tmp_path, model_type, tp, pp, dp, extra):
     if "hidden" in got:
         mask = got["attention_mask"].bool()
         assert (got["hidden"][mask] - want["hidden"][mask]).abs().max() <= TOL
-    for stage in ("mntp", "supervised"):
+    for stage in ("mntp", "supervised", "gradcache"):
         g, w = got[stage], want[stage]
         assert abs(g["loss"] - w["loss"]) <= TOL, (stage, g["loss"], w["loss"])
         assert abs(g["norm"] - w["norm"]) <= TOL * max(1.0, w["norm"]), (stage, g["norm"], w["norm"])

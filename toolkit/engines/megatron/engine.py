@@ -136,9 +136,6 @@ class MegatronEngine(Engine):
         from toolkit.train import lr_lambda
 
         where = f"stages[{index}] ({stage.name})"
-        if stage.objective.gradcache_chunk_size:
-            raise ConfigError(f"{where}.objective.gradcache_chunk_size: GradCache is not implemented for "
-                              "engine=megatron yet; set it to 0 (parallel.micro_batch_size splits MNTP batches)")
         self.stage = stage
         if stage.attention_dropout is not None:
             for module in self.model.modules():
@@ -203,7 +200,7 @@ class MegatronEngine(Engine):
             output = model(ids if self.dims.is_first_stage else None, positions, padding_mask(am))
         return output, functools.partial(self._loss, mb)
 
-    def _loss(self, mb: dict, output: Tensor):
+    def _loss(self, mb: dict, output: Tensor, non_loss_data: bool = False):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         if self.cfg.parallel.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward keeps each rank's slice
@@ -223,6 +220,11 @@ class MegatronEngine(Engine):
                 loss = vocab_parallel_cross_entropy(logits, targets[selected]).sum() * mb["scale"]
         else:
             emb = self.encoder.pooling(hidden.float(), mb["attention_mask"], mb["embed_mask"])
+            if non_loss_data:  # GradCache pass 1: the embeddings themselves
+                return emb
+            if "cached_grad" in mb:  # GradCache pass 2: d loss / d emb is known
+                loss = (emb * mb["cached_grad"]).sum()
+                return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
             parts = torch.split(emb, mb["sizes"])
             loss = mb["loss_fn"](*parts) * mb["scale"]
         return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
@@ -237,17 +239,28 @@ class MegatronEngine(Engine):
         logits[:, max(pad_from, 0):] = float("-inf")
         return logits
 
-    def forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
-        """Gradients of the step's loss, averaged over DP; returns (loss, real tokens over all DP ranks)."""
+    def _schedule(self, mbs: list[dict], *, forward_only: bool = False) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        mbs = self._micro_batches(micro_batches)
-        tokens = sum(int(mb["attention_mask"].sum()) for mb in mbs)
-        losses = get_forward_backward_func()(
+        return get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(mbs), model=self.model,
             num_microbatches=len(mbs), seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
-            micro_batch_size=mbs[0]["input_ids"].shape[0], forward_only=False,
+            micro_batch_size=mbs[0]["input_ids"].shape[0], forward_only=forward_only,
+            collect_non_loss_data=forward_only,
         )
+
+    def forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
+        """Gradients of the step's loss, averaged over DP; returns (loss, real tokens over all DP ranks)."""
+        if self.kind != "mntp" and self.stage.objective.gradcache_chunk_size:
+            losses, tokens = [], 0
+            for samples in micro_batches:
+                loss, n = self._gradcache(samples, 1.0 / len(micro_batches))
+                losses.append({"loss": loss / len(micro_batches)})
+                tokens += n
+        else:
+            mbs = self._micro_batches(micro_batches)
+            tokens = sum(int(mb["attention_mask"].sum()) for mb in mbs)
+            losses = self._schedule(mbs)
         self._freeze_pad_row()
         self._sync_sequence_parallel_grads()
         allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
@@ -292,6 +305,41 @@ class MegatronEngine(Engine):
         loss, tokens = self.forward_backward(micro_batches)
         grad_norm = self.optimizer_step()
         return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+
+    def _gradcache(self, samples: list[dict], scale: float) -> tuple[Tensor, int]:
+        """GradCache through the pipeline: the batch size no longer bounds memory.
+
+        Pass 1 runs the schedule forward-only over chunks of each role group; the last stage pools,
+        computes the contrastive loss on the [n, d] embeddings (negatives gathered across DP) and
+        its gradient w.r.t. them. Pass 2 replays the same chunks with the same RNG (per stage the
+        forwards consume it in the same order) and back-propagates emb . cached_grad per chunk.
+        """
+        groups, loss_fn = self.step_obj.prepare(samples)
+        size = self.stage.objective.gradcache_chunk_size
+        chunks, roles = [], []
+        for role, g in enumerate(groups):
+            for i in range(0, g["input_ids"].shape[0], size):
+                chunks.append({k: g[k][i : i + size] for k in ("input_ids", "attention_mask", "embed_mask")})
+                roles.append(role)
+        if self.cfg.parallel.sequence_parallel:
+            chunks = [_pad_to_multiple(c, self.dims.tp) for c in chunks]
+        tokens = sum(int(c["attention_mask"].sum()) for c in chunks)
+        rng = _rng_snapshot()
+        with torch.no_grad():
+            pooled = self._schedule(chunks, forward_only=True)
+        loss = torch.zeros(())
+        if self.dims.is_last_stage:
+            reps = [torch.cat([e for e, r in zip(pooled, roles) if r == role]).requires_grad_()
+                    for role in range(len(groups))]
+            loss = loss_fn(*reps)
+            (loss * scale).backward()
+            grads = {role: list(torch.split(rep.grad, [c["input_ids"].shape[0] for c, r in zip(chunks, roles)
+                                                       if r == role])) for role, rep in enumerate(reps)}
+            for c, role in zip(chunks, roles):
+                c["cached_grad"] = grads[role].pop(0)
+        _rng_restore(rng)
+        self._schedule(chunks)
+        return loss.detach(), tokens
 
     def _step_loss(self, losses: list[dict]) -> float:
         value = torch.zeros(1, dtype=torch.float64)
@@ -399,6 +447,23 @@ def _gather_pooling(pooling, dims: ParallelDims) -> dict[str, Tensor]:
     objs = [None] * dims.world_size
     dist.all_gather_object(objs, state if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0 else None)
     return next(o for o in objs if o is not None)
+
+
+def _rng_snapshot() -> tuple:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, get_cuda_rng_tracker().get_states()
+
+
+def _rng_restore(state: tuple) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    cpu, cuda, tracker = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    get_cuda_rng_tracker().set_states(dict(tracker))
 
 
 def _pad_to_multiple(mb: dict, multiple: int) -> dict:
