@@ -273,13 +273,9 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
     elif chunk:
         micro = min(chunk, step_texts)
         num_micro = stage.grad_accum * math.ceil(step_texts / micro)
-        if megatron:
-            notes.append("objective.gradcache_chunk_size: the megatron engine does not implement GradCache yet")
     else:
         micro, num_micro = step_texts, stage.grad_accum
         notes.append(f"{kind}: all {step_texts} texts of a step are one micro-batch (their loss couples them)")
-    if lora.enabled and megatron:
-        notes.append("lora.enabled: the megatron engine does not implement LoRA yet (planned as peft-style adapters)")
     tokens = micro * seq
 
     wbytes = 2 if cfg.model.dtype == "bfloat16" else 4
