@@ -66,19 +66,25 @@ def samples(kind: str) -> list[dict]:
             for i in range(BATCH)]
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str, extra: dict | None = None):
+def _start_engine(rank: int, world: int, port: int, cfg):
+    """This process's gloo rank and a built megatron engine for `cfg`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from toolkit.distributed.parallel_dims import ParallelDims
-        from toolkit.engines.megatron.engine import MegatronEngine
+    from toolkit.distributed.parallel_dims import ParallelDims
+    from toolkit.engines.megatron.engine import MegatronEngine
 
-        cfg = run_config(Path(model_dir), tp=tp, pp=pp, extra=extra)
-        dims = ParallelDims.from_config(cfg.parallel, world, rank)
-        engine = MegatronEngine(cfg, dims)
-        engine.build(add_mask_token=False)
+    dims = ParallelDims.from_config(cfg.parallel, world, rank)
+    engine = MegatronEngine(cfg, dims)
+    engine.build(add_mask_token=False)
+    return engine, dims
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str, extra: dict | None = None):
+    cfg = run_config(Path(model_dir), tp=tp, pp=pp, extra=extra)
+    try:
+        engine, dims = _start_engine(rank, world, port, cfg)
         result = {}
         if pp == 1 and not cfg.parallel.sequence_parallel:  # hidden states of a padded batch straight from the megatron model
             batch = engine.encoder.tokenize([s["text"] for s in samples("mntp")], max_length=40)
@@ -102,7 +108,8 @@ def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, 
         if rank == 0:
             torch.save(result, out)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def reference(model_dir: Path, dp: int, attn: str = "sdpa") -> dict:
@@ -236,19 +243,12 @@ def full_adapter(layer: int, target: str, shape: tuple[int, int]) -> tuple[torch
 
 def _lora_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, out: str,
                  extra: dict | None = None):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = lora_config(Path(model_dir), tp=tp, pp=pp, extra=extra)
     try:
-        from toolkit.distributed.parallel_dims import ParallelDims
-        from toolkit.engines.megatron.engine import MegatronEngine
+        engine, dims = _start_engine(rank, world, port, cfg)
         from toolkit.engines.megatron.lora import TARGETS, unshard
         from toolkit.engines.megatron.weights import HFWeights
 
-        cfg = lora_config(Path(model_dir), tp=tp, pp=pp, extra=extra)
-        dims = ParallelDims.from_config(cfg.parallel, world, rank)
-        engine = MegatronEngine(cfg, dims)
-        engine.build(add_mask_token=False)
         hf_weights = engine.hf_state_dict()  # rank 0 only; shapes for the adapters
         shapes = [None]
         if rank == 0:
@@ -289,7 +289,8 @@ def _lora_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: 
         if rank == 0:
             torch.save(result, out)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def lora_reference(model_dir: Path, dp: int) -> dict:
