@@ -96,6 +96,14 @@ def build_engine(cfg: RunConfig, dims: ParallelDims) -> Engine:
 
 
 # ---------------------------------------------------------------------------------------------- shared
+def stage_attention_dropout(stage: StageConfig, cfg: RunConfig, hf_config) -> float:
+    """A stage's attention dropout: its own, else the model's override, else the checkpoint's.
+
+    Set at every stage, so one stage's (SimCSE's 0.3) never leaks into the next."""
+    return float(next(p for p in (stage.attention_dropout, cfg.model.attention_dropout,
+                                  getattr(hf_config, "attention_dropout", 0.0), 0.0) if p is not None))
+
+
 def allreduce_mean(tensors: list[torch.Tensor], group) -> None:
     """Average tensors in place over `group` with one flat all-reduce (a DDP bucket without overlap)."""
     if group is None or dist.get_world_size(group) == 1 or not tensors:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from toolkit.config import ConfigError, StageConfig
-from toolkit.engines.base import Engine, StepResult, allreduce_mean, register
+from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
@@ -53,10 +53,7 @@ class HFEngine(Engine):
         from toolkit.train import lr_lambda
 
         encoder, base = self.encoder, self.encoder.backbone
-        # Every stage sets its own attention dropout, so one stage's (SimCSE's 0.3) never leaks into the next.
-        dropout = next(p for p in (stage.attention_dropout, self.cfg.model.attention_dropout,
-                                   getattr(base.config, "attention_dropout", 0.0), 0.0) if p is not None)
-        set_attention_dropout(base, float(dropout))
+        set_attention_dropout(base, stage_attention_dropout(stage, self.cfg, base.config))
         if stage.lora.enabled:
             encoder.backbone = add_lora(base, stage.lora)
         else:

@@ -6,11 +6,13 @@ megatron's pipeline schedule over micro-batches; pooling and losses run on the l
 - MNTP: logits only at masked rows, vocab-parallel cross-entropy; each micro-batch's token-loss sum
   is divided by its batch's masked-token count, so micro-batching never changes the loss;
 - contrastive: a batch's role groups (queries, positives, negatives / two SimCSE views) travel as one
-  micro-batch, because their loss couples them; negatives are gathered across DP with gradient.
-Gradients are then averaged over DP, clipped by the global norm (TP shards counted once per shard,
-replicated tensors once) and applied by torch AdamW: elementwise, so a sharded update equals the
-unsharded one. Checkpoints are megatron `dist_checkpointing` (model + Adam moments as sharded
-tensors), so they load at another TP / PP / DP layout.
+  micro-batch, because their loss couples them, or as GradCache chunks (two passes, see
+  `_gradcache`); negatives are gathered across DP with gradient.
+Gradients are then summed over TP for replicated tensors under sequence parallelism, averaged over
+DP, clipped by the global norm (TP shards counted once per shard, replicated tensors once) and
+applied by torch AdamW: elementwise, so a sharded update equals the unsharded one. Checkpoints are
+megatron `dist_checkpointing` (weights or LoRA adapters + Adam moments as sharded tensors), so they
+load at another TP / PP / DP layout.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 from toolkit.config import ConfigError, RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
 from toolkit.distributed.parallel_dims import ParallelDims
-from toolkit.engines.base import Engine, StepResult, allreduce_mean, register
+from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from toolkit.engines.megatron.model import Arch, build_backbone, padding_mask, transformer_config
@@ -105,11 +107,11 @@ class MegatronEngine(Engine):
             value = p.grad if grads else p.data
             if value is not None:
                 local[name] = value.detach().cpu()
-        gathered = [None] * self.dims.world_size if dist.is_initialized() else [local]
+        mine = (self.dims.tp_rank, self.dims.pp_rank, self.dims.dp_rank, local)
+        gathered = [mine]
         if dist.is_initialized():
-            dist.all_gather_object(gathered, (self.dims.tp_rank, self.dims.pp_rank, self.dims.dp_rank, local))
-        else:
-            gathered = [(0, 0, 0, local)]
+            gathered = [None] * self.dims.world_size
+            dist.all_gather_object(gathered, mine)
         shards = {(t, p): sd for t, p, d, sd in gathered if d == 0}
         if self.dims.rank != 0:
             return None
@@ -137,10 +139,10 @@ class MegatronEngine(Engine):
 
         where = f"stages[{index}] ({stage.name})"
         self.stage = stage
-        if stage.attention_dropout is not None:
-            for module in self.model.modules():
-                if isinstance(module, DotProductAttention):
-                    module.attention_dropout.p = float(stage.attention_dropout)
+        dropout = stage_attention_dropout(stage, self.cfg, self.hf_config)
+        for module in self.model.modules():
+            if isinstance(module, DotProductAttention):
+                module.attention_dropout.p = dropout
         self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
         if stage.lora.enabled:
             from toolkit.engines.megatron.lora import MegatronLora, check_targets

@@ -122,9 +122,15 @@ class MegatronLora(nn.Module):
                 reduce_scatter_to_sequence_parallel_region,
             )
 
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
             out, bias = output
-            x = self.dropout(inputs[0])
             column = TARGETS[targets[0]][1] == "column"
+            if column:  # replicated input: the same mask on every TP rank (default stream)
+                x = self.dropout(inputs[0])
+            else:  # this rank's slice of the input: its own TP stream, as megatron's attention dropout
+                with get_cuda_rng_tracker().fork():
+                    x = self.dropout(inputs[0])
             if column and self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters
                 x = gather_from_sequence_parallel_region(x)
             deltas = {}
