@@ -107,3 +107,16 @@ def test_export_of_a_megatron_step_checkpoint(tmp_path):
     trained = Encoder.from_pretrained(out).encode(CORPUS[:4])
     st = SentenceTransformer(str(out), device="cpu").encode(CORPUS[:4], normalize_embeddings=True)
     assert np.abs(trained - st).max() <= 1e-4
+
+
+def test_single_process_megatron_run(tmp_path):
+    """`embedforge train ... engine=megatron` without torchrun: a one-rank group is made for megatron."""
+    cfg = recipe(tmp_path)
+    run = tmp_path / "single"
+    r = subprocess.run([EMBEDFORGE, "train", str(cfg), f"output_dir={run}", "stages.mntp.steps=2",
+                        "stages.supervised.steps=2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (run / "01-supervised" / "final" / "embedforge.json").is_file()
+    bad = subprocess.run([EMBEDFORGE, "train", str(cfg), f"output_dir={tmp_path / 'bad'}", "model.dtype=bfloat16"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "full fine-tuning needs fp32 master weights" in bad.stderr, bad.stderr[-2000:]

@@ -152,3 +152,38 @@ def test_lazy_hf_weights(tmp_path):
     arch = Arch.from_hf(tiny_config("llama"))
     with pytest.raises(KeyError, match=r"my.ckpt: tensor 'model.embed_tokens.weight' is missing"):
         hf_to_megatron({}, arch, tp=1, tp_rank=0, pp=1, pp_rank=0, source="my.ckpt")
+
+
+def test_cpu_rng_tracker_nested_forks_continue_one_stream():
+    """Sequence parallelism forks around a block and again inside it: one stream, as on CUDA."""
+    nested = megatron_shims._CpuRngTracker()
+    nested.add("model-parallel-rng", 7)
+    with nested.fork():
+        a = torch.rand(2)
+        with nested.fork():
+            b = torch.rand(2)
+        c = torch.rand(2)
+    flat = megatron_shims._CpuRngTracker()
+    flat.add("model-parallel-rng", 7)
+    with flat.fork():
+        assert torch.equal(torch.cat([a, b, c]), torch.rand(6))
+
+
+def test_commit_drops_steps_of_an_abandoned_trajectory(tmp_path):
+    """After an explicit resume from step-2, a new step-4 must win over the old step-6."""
+    from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, complete_steps, latest_complete
+
+    for step in (2, 6):
+        commit_step_dir(begin_step_dir(tmp_path, step, 0), {"step": step}, 0, keep_last=5)
+    commit_step_dir(begin_step_dir(tmp_path, 4, 0), {"step": 4}, 0, keep_last=5)
+    assert [n for n, _ in complete_steps(tmp_path)] == [2, 4]
+    assert latest_complete(tmp_path).name == "step-4"
+    commit_step_dir(begin_step_dir(tmp_path, 4, 0), {"step": 4}, 0, keep_last=1)  # rewrite in place
+    assert [n for n, _ in complete_steps(tmp_path)] == [4] and not list(tmp_path.glob(".*"))
+
+
+def test_lazy_hf_weights_with_prefix(tmp_path):
+    folder = save_tiny_decoder(tmp_path / "m")
+    weights = HFWeights(folder, prefix="x.")
+    assert all(name.startswith("x.model.") or name.startswith("x.lm_head") for name in weights)
+    assert weights["x.model.norm.weight"].shape == (64,)

@@ -156,7 +156,8 @@ class Trainer:
         manifest = open_dataset(stage.data.path)
         loader = StreamingLoader(manifest, stage.data, seed=stage_seed, tokenizer=engine.tokenizer,
                                  dp_rank=dims.dp_rank, dp_world=dims.dp)
-        generator = torch.Generator().manual_seed(stage_seed)
+        # Masks differ across DP replicas (same within one: its TP / PP ranks must agree); dp 0 keeps stage_seed.
+        generator = torch.Generator().manual_seed(stage_seed + 7919 * dims.dp_rank)
         engine.begin_stage(index, stage, data_kind=manifest.kind, generator=generator)
 
         step = 0

@@ -97,24 +97,18 @@ def _from_megatron_step(cfg: RunConfig, index: int, step_dir: Path, output: Path
     """Load the sharded checkpoint into one process (tp = pp = 1: dist_checkpointing reshards) and
     write the HF encoder folder, as the engine does at the end of a stage."""
     import dataclasses
-    import os
-    import socket
 
     import torch.distributed as dist
 
-    from toolkit.distributed.parallel_dims import ParallelDims
+    from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
     from toolkit.engines.megatron.engine import MegatronEngine
     from toolkit.objectives.steps import NEEDS_KIND
 
     own_group = not dist.is_initialized()
-    if own_group:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_single_process_group()
     try:
-        single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, dp=1))
+        single = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, tp=1, pp=1, dp=1, sequence_parallel=False, recompute="none"))
         engine = MegatronEngine(single, ParallelDims(dp=1, world_size=1, rank=0))
         engine.build(add_mask_token=False)
         if index > 0:

@@ -59,9 +59,17 @@ def commit_step_dir(tmp: Path, meta: dict[str, Any], rank: int, keep_last: int =
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         (tmp / COMPLETE).write_text(f"step {meta.get('step')}\n")
+        aside = tmp.parent / f".{final.name}.old"
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(aside)  # never a moment without a complete step-N
         tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        step = int(meta["step"])
+        # Complete steps beyond this one belong to a trajectory abandoned by an explicit --resume of
+        # an older step: `--resume auto` must never go back to them.
+        for number, old in complete_steps(tmp.parent):
+            if number > step:
+                shutil.rmtree(old, ignore_errors=True)
         if keep_last > 0:
             for _, old in complete_steps(tmp.parent)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -46,6 +46,7 @@ class _CpuRngTracker:
         self._is_initialized = False
         self.states_: dict[str, torch.Tensor] = {}
         self.seeds_: set[int] = set()
+        self._current = "default-rng"
 
     def get_states(self) -> dict[str, torch.Tensor]:
         return dict(self.states_)
@@ -67,13 +68,19 @@ class _CpuRngTracker:
     def fork(self, name: str = "model-parallel-rng"):
         if name not in self.states_:
             raise RuntimeError(f"rng state {name} is not added")
-        outer = torch.get_rng_state()
+        # As upstream: park the live stream under its name first, so a nested fork (sequence
+        # parallelism forks around the whole block, layers fork again) continues it, not a stale copy.
+        outer_name, outer = self._current, torch.get_rng_state()
+        if outer_name != "default-rng":
+            self.states_[outer_name] = outer
         torch.set_rng_state(self.states_[name])
+        self._current = name
         try:
             yield
         finally:
             self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(outer)
+            torch.set_rng_state(self.states_[outer_name] if outer_name != "default-rng" else outer)
+            self._current = outer_name
 
 
 class _CpuTorch(types.ModuleType):

@@ -126,6 +126,9 @@ class ParallelDims:
         megatron_shims.apply()
         from megatron.core import parallel_state
 
+        if self.world_size == 1:
+            init_single_process_group()  # megatron's groups need a process group even for one rank
+
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
@@ -140,10 +143,23 @@ class ParallelDims:
         megatron_shims.seed_model_parallel_rng(seed, self.tp_rank)
 
 
+def init_single_process_group() -> None:
+    """A one-rank gloo group on a free local port (megatron and dist_checkpointing need one)."""
+    if dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed from torchrun/SLURM-style env vars when set.
 
-    gloo without CUDA, nccl with it. A single process without env vars runs without a process group.
+    gloo without CUDA; gloo + nccl with it. A single process runs without a process group (the
+    megatron engine makes a one-rank one itself).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -151,8 +167,9 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     if not dist.is_initialized():
         import torch
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        # With GPUs: NCCL for CUDA tensors and gloo for the CPU ones (loader / stop flags, object gathers).
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()

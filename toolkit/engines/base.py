@@ -104,15 +104,30 @@ def stage_attention_dropout(stage: StageConfig, cfg: RunConfig, hf_config) -> fl
                                   getattr(hf_config, "attention_dropout", 0.0), 0.0) if p is not None))
 
 
-def allreduce_mean(tensors: list[torch.Tensor], group) -> None:
-    """Average tensors in place over `group` with one flat all-reduce (a DDP bucket without overlap)."""
+def allreduce(tensors: list[torch.Tensor], group, *, average: bool, bucket_elements: int = 1 << 26) -> None:
+    """Sum (or average) tensors in place over `group`: flat buckets per dtype (DDP's arithmetic,
+    without its overlap), so no dtype is promoted and no bucket exceeds `bucket_elements`."""
     if group is None or dist.get_world_size(group) == 1 or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        bucket: list[torch.Tensor] = []
+        for i, t in enumerate(same):
+            bucket.append(t)
+            if i == len(same) - 1 or sum(b.numel() for b in bucket) + same[i + 1].numel() > bucket_elements:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=group)
+                if average:
+                    flat /= dist.get_world_size(group)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                bucket = []
+
+
+def allreduce_mean(tensors: list[torch.Tensor], group) -> None:
+    """Average tensors in place over `group` (gradients over the DP group)."""
+    allreduce(tensors, group, average=True)

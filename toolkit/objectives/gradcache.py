@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 
-def _rng_state() -> tuple[Tensor, Tensor | None]:
+def rng_state() -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
+def set_rng_state(state: tuple[Tensor, Tensor | None]) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -58,10 +58,10 @@ def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: 
             states.append([])
             parts = []
             for chunk in chunks:
-                states[-1].append(_rng_state())
+                states[-1].append(rng_state())
                 parts.append(embed_fn(chunk))
             cached.append(torch.cat(parts).detach().requires_grad_())
-    after_first_pass = _rng_state()
+    after_first_pass = rng_state()
 
     loss = loss_fn(*cached)
     (loss * loss_scale).backward()
@@ -71,9 +71,9 @@ def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: 
             continue
         start = 0
         for chunk, state in zip(chunks, chunk_states):
-            _set_rng_state(state)
+            set_rng_state(state)
             emb = embed_fn(chunk)
             emb.backward(reps.grad[start : start + emb.shape[0]].to(emb.dtype))
             start += emb.shape[0]
-    _set_rng_state(after_first_pass)
+    set_rng_state(after_first_pass)
     return loss.detach()

@@ -27,13 +27,15 @@ from torch import Tensor
 from toolkit.config import ConfigError, RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
 from toolkit.distributed.parallel_dims import ParallelDims
-from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
+from toolkit.engines.base import Engine, StepResult, allreduce, allreduce_mean, register, stage_attention_dropout
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from toolkit.engines.megatron.model import Arch, build_backbone, padding_mask, transformer_config
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.loading import DTYPES
+from toolkit.objectives.gradcache import rng_state, set_rng_state
 from toolkit.objectives.mntp import IGNORE_INDEX
+from toolkit.objectives.steps import autocast
 
 
 @register("megatron")
@@ -53,7 +55,7 @@ class MegatronEngine(Engine):
     def build(self, *, add_mask_token: bool) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from toolkit.models.encoder import Encoder, EncoderSpec, prepare_tokenizer
+        from toolkit.models.encoder import Encoder, EncoderSpec
         from toolkit.models.loading import resolve_model_path
         from toolkit.models.pooling import Pooling
 
@@ -67,24 +69,22 @@ class MegatronEngine(Engine):
         self.hf_config = AutoConfig.from_pretrained(path)
         self.arch = Arch.from_hf(self.hf_config)
         self.arch.check_parallel(dims.tp, dims.pp)
+        self.arch.check_sequence_length(self.hf_config, cfg.model.max_length)
         dims.initialize_megatron(cfg.seed)
-        dropout = cfg.model.attention_dropout
-        if dropout is None:
-            dropout = float(getattr(self.hf_config, "attention_dropout", 0.0) or 0.0)
-        self.mconfig = transformer_config(
-            self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype], attention_dropout=dropout,
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.mconfig = transformer_config(  # attention dropout: set per stage in begin_stage
+            self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype],
             sequence_parallel=cfg.parallel.sequence_parallel,
             recompute="full" if cfg.model.gradient_checkpointing and cfg.parallel.recompute == "none" else cfg.parallel.recompute,
         )
         self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
-                                    post_process=dims.is_last_stage)
+                                    post_process=dims.is_last_stage).to(self.device)
         self.load_hf_weights(HFWeights(path), source=str(path))
         with torch.random.fork_rng():  # the same initial head as the hf engine
             torch.manual_seed(cfg.seed)
             pooling = Pooling(cfg.pooling, self.arch.hidden_size)
         spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True)
-        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling, spec)
-        prepare_tokenizer(self.encoder.tokenizer)
+        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling.to(self.device), spec)
 
     def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
         dims = self.dims
@@ -101,20 +101,23 @@ class MegatronEngine(Engine):
         self.model.load_state_dict(state, strict=False)
 
     def hf_state_dict(self, grads: bool = False) -> dict[str, Tensor] | None:
-        """The full HF-layout weights (or gradients) gathered on rank 0 (None elsewhere)."""
+        """The full HF-layout weights (or gradients) gathered on rank 0 (None elsewhere).
+
+        Only DP replica 0 sends its shards (the others hold copies), and only rank 0 receives."""
         local = {}
-        for name, p in self.model.named_parameters():
-            value = p.grad if grads else p.data
-            if value is not None:
-                local[name] = value.detach().cpu()
+        if self.dims.dp_rank == 0:
+            for name, p in self.model.named_parameters():
+                value = p.grad if grads else p.data
+                if value is not None:
+                    local[name] = value.detach().cpu()
         mine = (self.dims.tp_rank, self.dims.pp_rank, self.dims.dp_rank, local)
         gathered = [mine]
-        if dist.is_initialized():
-            gathered = [None] * self.dims.world_size
-            dist.all_gather_object(gathered, mine)
-        shards = {(t, p): sd for t, p, d, sd in gathered if d == 0}
+        if dist.is_initialized() and self.dims.world_size > 1:
+            gathered = [None] * self.dims.world_size if self.dims.rank == 0 else None
+            dist.gather_object(mine, gathered, dst=0)
         if self.dims.rank != 0:
             return None
+        shards = {(t, p): sd for t, p, d, sd in gathered if d == 0}
         return megatron_to_hf(shards, self.arch, tp=self.dims.tp, pp=self.dims.pp)
 
     def load_stage_output(self, final_dir: Path) -> None:
@@ -122,12 +125,10 @@ class MegatronEngine(Engine):
 
         The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
         """
-        from safetensors.torch import load_file
-
         from toolkit.train import load_pooling_weights
 
-        backbone = {f"model.{k}": v for k, v in load_file(str(final_dir / "model.safetensors")).items()}
-        self.load_hf_weights(backbone, include_head=False, source=str(final_dir / "model.safetensors"))
+        backbone = HFWeights(final_dir, prefix="model.")  # lazy: this rank's tensors only, sharded folders too
+        self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
         load_pooling_weights(self.encoder.pooling, final_dir)
 
     # ------------------------------------------------------------------ stage
@@ -138,7 +139,18 @@ class MegatronEngine(Engine):
         from toolkit.train import lr_lambda
 
         where = f"stages[{index}] ({stage.name})"
+        if not stage.lora.enabled and self.cfg.model.dtype == "bfloat16":
+            raise ConfigError(f"{where}.lora.enabled=false with model.dtype=bfloat16: full fine-tuning needs fp32 "
+                              "master weights, which engine=megatron does not keep; use model.dtype=float32 with "
+                              "precision: bf16 (autocast), or LoRA")
         self.stage = stage
+        # Dropout streams per stage (independent of earlier stages in this process) and per pipeline
+        # stage (layer k of stage 0 and of stage 1 must not share masks), as Megatron-LM seeds them.
+        from toolkit.distributed.megatron_shims import seed_model_parallel_rng
+
+        stage_seed = self.cfg.seed + 1000 * (index + 1) + 100 * self.dims.pp_rank
+        torch.manual_seed(stage_seed)
+        seed_model_parallel_rng(stage_seed, self.dims.tp_rank)
         dropout = stage_attention_dropout(stage, self.cfg, self.hf_config)
         for module in self.model.modules():
             if isinstance(module, DotProductAttention):
@@ -151,7 +163,7 @@ class MegatronEngine(Engine):
             self.model.requires_grad_(False)
             self.lora = MegatronLora(self.model, self.arch, stage.lora, tp=self.dims.tp, tp_rank=self.dims.tp_rank,
                                      pp_rank=self.dims.pp_rank, seed=self.cfg.seed + 1000 * (index + 1),
-                                     sequence_parallel=self.cfg.parallel.sequence_parallel)
+                                     sequence_parallel=self.cfg.parallel.sequence_parallel).to(self.device)
             self.params = {f"lora.{n}": p for n, p in self.lora.named_parameters()}
             self.tp_sharded = {f"lora.{n}" for n in self.lora.sharded_names()}
         else:
@@ -196,9 +208,9 @@ class MegatronEngine(Engine):
 
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
-        ids, am = mb["input_ids"], mb["attention_mask"]
-        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with _autocast(self.stage.precision):
+        ids, am = mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device)
+        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand_as(ids)
+        with autocast(self.stage.precision, self.device):
             output = model(ids if self.dims.is_first_stage else None, positions, padding_mask(am))
         return output, functools.partial(self._loss, mb)
 
@@ -211,7 +223,7 @@ class MegatronEngine(Engine):
             output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
         hidden = output.transpose(0, 1)  # [b, s, h]
         if self.kind == "mntp":
-            targets = mb["labels"][:, 1:]
+            targets = mb["labels"][:, 1:].to(self.device)
             selected = targets != IGNORE_INDEX
             rows = hidden[:, :-1][selected]
             if rows.shape[0] == 0:  # nothing masked: a zero that still reaches every parameter
@@ -221,15 +233,16 @@ class MegatronEngine(Engine):
                 logits = self._mask_padded_vocab(logits)
                 loss = vocab_parallel_cross_entropy(logits, targets[selected]).sum() * mb["scale"]
         else:
-            emb = self.encoder.pooling(hidden.float(), mb["attention_mask"], mb["embed_mask"])
+            emb = self.encoder.pooling(hidden.float(), mb["attention_mask"].to(self.device),
+                                       mb["embed_mask"].to(self.device))
             if non_loss_data:  # GradCache pass 1: the embeddings themselves
                 return emb
             if "cached_grad" in mb:  # GradCache pass 2: d loss / d emb is known
                 loss = (emb * mb["cached_grad"]).sum()
-                return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
+                return loss, torch.tensor(1, dtype=torch.int, device=self.device), {"loss": loss.detach()}
             parts = torch.split(emb, mb["sizes"])
             loss = mb["loss_fn"](*parts) * mb["scale"]
-        return loss, torch.tensor(1, dtype=torch.int), {"loss": loss.detach()}
+        return loss, torch.tensor(1, dtype=torch.int, device=self.device), {"loss": loss.detach()}
 
     def _mask_padded_vocab(self, logits: Tensor) -> Tensor:
         per_rank = logits.shape[-1]
@@ -274,15 +287,9 @@ class MegatronEngine(Engine):
         finalize_model_grads does. The pooling head sees the gathered sequence: it is already whole."""
         if not self.cfg.parallel.sequence_parallel or self.dims.tp == 1:
             return
-        grads = [p.grad for n, p in self.params.items()
-                 if p.grad is not None and n not in self.tp_sharded and not n.startswith("pooling.")]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.dims.tp_group)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        allreduce([p.grad for n, p in self.params.items()
+                   if p.grad is not None and n not in self.tp_sharded and not n.startswith("pooling.")],
+                  self.dims.tp_group, average=False)
 
     def _freeze_pad_row(self) -> None:
         """HF embeddings never train the pad token's row (`nn.Embedding(padding_idx=pad_token_id)`);
@@ -344,7 +351,7 @@ class MegatronEngine(Engine):
         return loss.detach(), tokens
 
     def _step_loss(self, losses: list[dict]) -> float:
-        value = torch.zeros(1, dtype=torch.float64)
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if self.dims.is_last_stage:
             value += sum(float(d["loss"]) for d in losses)
         if dist.is_initialized():
@@ -355,16 +362,16 @@ class MegatronEngine(Engine):
     def _dp_sum(self, n: int) -> int:
         if not dist.is_initialized() or self.dims.dp == 1:
             return n
-        t = torch.tensor([n], dtype=torch.long)
+        t = torch.tensor([n], dtype=torch.long, device=self.device)
         dist.all_reduce(t, group=self.dims.dp_group)
         return int(t)
 
     def grad_norm(self) -> Tensor:
         """Global L2 norm over every rank's gradients: TP shards once each, replicated tensors once."""
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=self.device)
         for name, p in self.params.items():
             if p.grad is not None and (name in self.tp_sharded or self.dims.tp_rank == 0):
-                sq += p.grad.double().pow(2).sum()
+                sq += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double() ** 2
         if dist.is_initialized():
             dist.all_reduce(sq, group=self.dims.group("mp"))
         return sq.sqrt()
@@ -416,8 +423,10 @@ class MegatronEngine(Engine):
         from toolkit.models.encoder import Encoder
         from toolkit.models.pooling import Pooling
 
-        backbone = AutoModel.from_config(self.hf_config, dtype=DTYPES[self.cfg.model.dtype])
-        backbone.load_state_dict({k.removeprefix("model."): v for k, v in hf.items() if k.startswith("model.")})
+        with torch.device("meta"):  # no random init of a second full model: the weights are in `hf`
+            backbone = AutoModel.from_config(self.hf_config, dtype=DTYPES[self.cfg.model.dtype])
+        backbone.load_state_dict({k.removeprefix("model."): v for k, v in hf.items() if k.startswith("model.")},
+                                 assign=True)
         make_bidirectional(backbone)
         pooling = Pooling(self.cfg.pooling, self.arch.hidden_size)
         pooling.load_state_dict(pooling_state)
@@ -452,19 +461,17 @@ def _gather_pooling(pooling, dims: ParallelDims) -> dict[str, Tensor]:
 
 
 def _rng_snapshot() -> tuple:
+    """The default streams (CPU, current CUDA device) and megatron's tracked TP streams."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda, get_cuda_rng_tracker().get_states()
+    return rng_state(), get_cuda_rng_tracker().get_states()
 
 
 def _rng_restore(state: tuple) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    cpu, cuda, tracker = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
+    default, tracker = state
+    set_rng_state(default)
     get_cuda_rng_tracker().set_states(dict(tracker))
 
 
@@ -492,12 +499,3 @@ def _concat_groups(groups: list[dict]) -> dict:
         "embed_mask": torch.cat([pad(g["embed_mask"], 0) for g in groups]),
         "sizes": [g["input_ids"].shape[0] for g in groups],
     }
-
-
-def _autocast(precision: str):
-    import contextlib
-
-    if precision == "bf16":
-        return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-

@@ -134,6 +134,7 @@ class MegatronLora(nn.Module):
             if column and self.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters
                 x = gather_from_sequence_parallel_region(x)
             deltas = {}
+            x = x.to(next(self.parameters()).dtype)  # as peft: the adapter's dtype (fp32 on a bf16 base)
             for target in targets:
                 adapter = self.adapters[f"{local}-{target}"]
                 u = x @ adapter.lora_A.t()
@@ -146,7 +147,7 @@ class MegatronLora(nn.Module):
                 else:
                     u = reduce_from_tensor_model_parallel_region(u)
                 deltas[TARGETS[target][2] or target] = u @ adapter.lora_B.t()
-            return out + self.scaling * self._assemble(module_path, deltas, out), bias
+            return out + (self.scaling * self._assemble(module_path, deltas, out)).to(out.dtype), bias
 
         return hook
 

@@ -54,6 +54,11 @@ class Arch:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"engine=megatron: rope_type={rope_type!r} is not supported (default, llama3)")
+        megatron_llama3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        off = {k: rope[k] for k, v in megatron_llama3.items() if rope_type == "llama3" and k in rope and rope[k] != v}
+        if off:
+            raise ValueError(f"engine=megatron: llama3 rope scaling with {off} differs from megatron-core's fixed "
+                             f"{megatron_llama3}; the positions would silently differ from the HF model")
         theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
         if getattr(hf_cfg, "mlp_bias", False) or getattr(hf_cfg, "attention_bias", False) and model_type != "qwen2":
             raise ValueError("engine=megatron: attention/MLP biases other than Qwen2's q/k/v bias are not supported")
@@ -73,6 +78,13 @@ class Arch:
             max_positions=hf_cfg.max_position_embeddings,
             rope_scaling=dict(rope) if rope_type == "llama3" else None,
         )
+
+    def check_sequence_length(self, hf_cfg, max_length: int) -> None:
+        """Mistral-style sliding windows are not built on megatron: refuse texts that would reach them."""
+        window = getattr(hf_cfg, "sliding_window", None)
+        if window and getattr(hf_cfg, "use_sliding_window", True) and window < max_length:
+            raise ValueError(f"engine=megatron: sliding_window={window} < model.max_length={max_length}; "
+                             "lower model.max_length (attention here is full, not windowed)")
 
     def check_parallel(self, tp: int, pp: int) -> None:
         if self.num_kv_heads % tp or self.num_heads % tp:
@@ -146,7 +158,7 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-5, **kwargs):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=getattr(config, "params_dtype", None))
 
 
 def block_spec(arch: Arch, pp: int):

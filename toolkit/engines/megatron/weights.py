@@ -19,7 +19,10 @@ SINGLE = "model.safetensors"
 
 
 class HFWeights(Mapping):
-    def __init__(self, folder: str | Path):
+    """`prefix` is prepended to the stored names (an encoder folder stores `layers.0...`, the
+    conversion reads `model.layers.0...`)."""
+
+    def __init__(self, folder: str | Path, prefix: str = ""):
         self.path = Path(folder)
         index = self.path / INDEX
         if index.is_file():
@@ -27,19 +30,19 @@ class HFWeights(Mapping):
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
                 raise ValueError(f"{index}: not a safetensors index ({exc})") from None
-            self._files = {name: self.path / file for name, file in weight_map.items()}
+            self._files = {prefix + name: (self.path / file, name) for name, file in weight_map.items()}
         elif (self.path / SINGLE).is_file():
             with safe_open(str(self.path / SINGLE), framework="pt") as f:
-                self._files = {name: self.path / SINGLE for name in f.keys()}
+                self._files = {prefix + name: (self.path / SINGLE, name) for name in f.keys()}
         else:
             raise FileNotFoundError(f"{self.path}: no {SINGLE} or {INDEX} (engine=megatron reads safetensors)")
 
     def __getitem__(self, name: str) -> Tensor:
-        file = self._files[name]
+        file, stored = self._files[name]
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: listed in {INDEX} for {name!r} but missing")
+            raise FileNotFoundError(f"{file}: listed in {INDEX} for {stored!r} but missing")
         with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(stored)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
