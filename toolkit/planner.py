@@ -11,8 +11,8 @@ norm, LM head, pooling head and MNTP logits. Assumptions, stated:
   2 + 2 + 12 bytes/param (bf16 weights and grads, fp32 master + m + v), in fp32 4 + 4 + 8; the
   optimizer part is divided by dp only with `distributed_optimizer` (the engine today uses torch
   AdamW, which does not shard it).
-- The LM head is a frozen copy on the last stage (the megatron engine never ties it; the hf engine
-  shares a tied one); vocabularies are padded to a multiple of tp; TP shards linears, not norms.
+- The LM head is a frozen copy on the last stage (neither engine trains it; tied embeddings get their
+  own frozen copy); vocabularies are padded to a multiple of tp; TP shards linears, not norms.
 - Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models"), generalised from GPT-3 to GQA + SwiGLU; for GPT-3 shapes it reduces exactly
   to s*b*h*(34 + 5*a*s/h) bytes per layer (16-bit, dropout on), /t with TP + sequence parallel
@@ -289,7 +289,7 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
     for p in range(pp):
         first, last = p == 0, p == pp - 1
         base = n_layers * per_layer_params + (vocab_rows * arch.hidden if first else 0)
-        lm_head = 0 if arch.tied and not megatron else vocab_rows * arch.hidden
+        lm_head = vocab_rows * arch.hidden  # a frozen copy even when tied (toolkit.models.loading)
         frozen_head = (arch.hidden + lm_head) if last else 0  # final norm + LM head
         adapters = n_layers * lora_params(arch, lay.lora_targets, lora.r, tp) if lora.enabled else 0
         extra = head if last else 0
