@@ -112,10 +112,25 @@ def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, 
             dist.destroy_process_group()
 
 
+def _reference_step(stage, encoder, lm_head, dp: int) -> float:
+    """One HF step with the megatron run's semantics: MNTP over dp ranks = dp accumulated shards,
+    each masked by a fresh generator; a contrastive batch = the whole global batch at once."""
+    from toolkit.objectives.steps import build_step
+
+    kind = "text" if stage.objective.kind == "mntp" else "pair"
+    data = samples(stage.objective.kind)
+    if stage.objective.kind != "mntp":
+        return build_step(stage, encoder, lm_head, torch.Generator().manual_seed(SEED), data_kind=kind).step(data, 1.0).loss
+    per, loss = BATCH // dp, 0.0
+    for r in range(dp):
+        step = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(SEED), data_kind=kind)
+        loss += step.step(data[r * per : (r + 1) * per], 1.0 / dp).loss / dp
+    return loss
+
+
 def reference(model_dir: Path, dp: int, attn: str = "sdpa") -> dict:
     """The single-process HF model: the same steps, batches, masks and loss definitions."""
     from toolkit.models.loading import build_encoder
-    from toolkit.objectives.steps import build_step
 
     cfg = run_config(model_dir, engine="hf", attn=attn)
     encoder, lm_head = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed)
@@ -125,17 +140,8 @@ def reference(model_dir: Path, dp: int, attn: str = "sdpa") -> dict:
         batch = encoder.tokenize([s["text"] for s in samples("mntp")], max_length=40)
         result["hidden"] = encoder.hidden_states(batch)
     for stage in cfg.stages:
-        kind = "text" if stage.objective.kind == "mntp" else "pair"
         encoder.zero_grad(set_to_none=True)
-        data = samples(stage.objective.kind)
-        if stage.objective.kind == "mntp":  # DP ranks = accumulated shards, each with a fresh generator
-            per, loss = BATCH // dp, 0.0
-            for r in range(dp):
-                step = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(SEED), data_kind=kind)
-                loss += step.step(data[r * per : (r + 1) * per], 1.0 / dp).loss / dp
-        else:
-            step = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(SEED), data_kind=kind)
-            loss = step.step(data, 1.0).loss
+        loss = _reference_step(stage, encoder, lm_head, dp)
         params = [p for p in encoder.backbone.parameters() if p.grad is not None]
         norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
         grads = {f"model.{n}": p.grad.clone() for n, p in encoder.backbone.named_parameters() if p.grad is not None}
@@ -296,7 +302,6 @@ def _lora_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: 
 def lora_reference(model_dir: Path, dp: int) -> dict:
     from toolkit.models.loading import build_encoder
     from toolkit.models.lora import add_lora, merge_lora
-    from toolkit.objectives.steps import build_step
 
     cfg = lora_config(model_dir, engine="hf")
     result = {}
@@ -314,16 +319,7 @@ def lora_reference(model_dir: Path, dp: int) -> dict:
                     a, b = full_adapter(layer, target, tuple(base.shape))
                     p.copy_(a if which == "lora_A" else b)
                     lora_params[f"model.layers.{layer}.{module}.{target}.{which}"] = p
-        kind = "text" if stage.objective.kind == "mntp" else "pair"
-        data = samples(stage.objective.kind)
-        if stage.objective.kind == "mntp":
-            per, loss = BATCH // dp, 0.0
-            for r in range(dp):
-                step = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(SEED), data_kind=kind)
-                loss += step.step(data[r * per : (r + 1) * per], 1.0 / dp).loss / dp
-        else:
-            step = build_step(stage, encoder, lm_head, torch.Generator().manual_seed(SEED), data_kind=kind)
-            loss = step.step(data, 1.0).loss
+        loss = _reference_step(stage, encoder, lm_head, dp)
         grads = {k: p.grad.clone() for k, p in lora_params.items()}
         merged = {f"model.{k}": v for k, v in merge_lora(encoder.backbone).state_dict().items()}
         result[stage.name] = {"loss": loss, "grads": grads, "merged": merged}
