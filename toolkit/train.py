@@ -250,16 +250,16 @@ class Trainer:
         self.engine.load(path)
         dims = self.dims
         saved = meta.get("layout", {"dp": 1, "tp": 1, "pp": 1})
+        layout = {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
         own = path / "trainer" / f"dp-{dims.dp_rank}.pt"
         state = torch.load(own if own.is_file() else path / "trainer" / "dp-0.pt", weights_only=False)
         _set_rng_state(state["rng"], generator)
         loader.load_state_dict(state["loader"], where=str(path))
         engine_rng = path / "trainer" / f"rank-{dims.rank}.pt"
-        if saved == {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp} and engine_rng.is_file():
+        if saved != layout:
+            log.warning("%s: saved at %s, resuming at %s (weights and optimizer resharded)", path, saved, layout)
+        elif engine_rng.is_file():
             self.engine.set_rng_state(torch.load(engine_rng, weights_only=False))
-        elif saved != {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}:
-            log.warning("%s: saved at %s, resuming at dp=%d tp=%d pp=%d (weights and optimizer resharded)",
-                        path, saved, dims.dp, dims.tp, dims.pp)
         return int(meta["step"])
 
 

@@ -184,13 +184,13 @@ class MegatronEngine(Engine):
         self.kind = stage.objective.kind
 
     # ------------------------------------------------------------------ one optimizer step
+    @property
+    def _length_multiple(self) -> int:
+        """Sequence parallelism splits the sequence over TP ranks: lengths must divide by tp."""
+        return self.dims.tp if self.cfg.parallel.sequence_parallel else 1
+
     def _micro_batches(self, batches: list[list[dict]]) -> list[dict]:
         accum = len(batches)
-        if self.cfg.parallel.sequence_parallel:  # sequence shards need a length divisible by tp
-            return [_pad_to_multiple(mb, self.dims.tp) for mb in self._micro_batches_unpadded(batches, accum)]
-        return self._micro_batches_unpadded(batches, accum)
-
-    def _micro_batches_unpadded(self, batches: list[list[dict]], accum: int) -> list[dict]:
         out = []
         for samples in batches:
             if self.kind == "mntp":
@@ -204,7 +204,7 @@ class MegatronEngine(Engine):
             else:
                 groups, loss_fn = self.step_obj.prepare(samples)
                 out.append({**_concat_groups(groups), "loss_fn": loss_fn, "scale": 1.0 / accum})
-        return out
+        return [_pad_to_multiple(mb, self._length_multiple) for mb in out]
 
     def _forward_step(self, data_iterator, model):
         mb = next(data_iterator)
@@ -328,10 +328,9 @@ class MegatronEngine(Engine):
         chunks, roles = [], []
         for role, g in enumerate(groups):
             for i in range(0, g["input_ids"].shape[0], size):
-                chunks.append({k: g[k][i : i + size] for k in ("input_ids", "attention_mask", "embed_mask")})
+                chunk = {k: g[k][i : i + size] for k in ("input_ids", "attention_mask", "embed_mask")}
+                chunks.append(_pad_to_multiple(chunk, self._length_multiple))
                 roles.append(role)
-        if self.cfg.parallel.sequence_parallel:
-            chunks = [_pad_to_multiple(c, self.dims.tp) for c in chunks]
         tokens = sum(int(c["attention_mask"].sum()) for c in chunks)
         rng = _rng_snapshot()
         with torch.no_grad():
