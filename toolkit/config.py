@@ -169,6 +169,40 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class ZeroConfig:
+    """DeepSpeed ZeRO (engine: deepspeed): what is partitioned across data-parallel ranks.
+
+    stage 0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters.
+    Offloading moves the partitioned optimizer states (and, at stage 3, the parameters) to host
+    memory. A stage with `precision: bf16` runs DeepSpeed's bf16 mode (bf16 weights, fp32 master
+    copies in the optimizer).
+    """
+
+    stage: int = 2
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"  # stage 3 only
+    cpu_adam: bool = False  # DeepSpeed's compiled CPU Adam for an offloaded optimizer (else torch AdamW)
+    overlap_comm: bool = False  # overlap gradient reduction with backward (stage 2 / 3)
+    reduce_bucket_size: int = 50_000_000  # elements per reduction bucket
+    allgather_bucket_size: int = 50_000_000  # elements per all-gather bucket (stage 1 / 2)
+    prefetch_bucket_size: int = 50_000_000  # stage 3: parameters fetched ahead of use
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero.stage: must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload_params != "none" and self.stage != 3:
+            raise ConfigError(f"zero.offload_params: parameter offload needs zero.stage=3, got stage {self.stage}")
+        if self.offload_optimizer != "none" and self.stage == 0:
+            raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage >= 1")
+        if self.cpu_adam and self.offload_optimizer == "none":
+            raise ConfigError("zero.cpu_adam: DeepSpeed's CPU Adam runs an offloaded optimizer; set "
+                              "zero.offload_optimizer=cpu")
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"zero.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # local task names, see toolkit.eval.local_tasks
     batch_size: int = 32
@@ -181,6 +215,7 @@ class RunConfig:
     seed: int = 0
     engine: Literal["hf", "megatron", "deepspeed"] = "hf"  # see toolkit.engines
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)  # engine: deepspeed
     model: ModelConfig
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     stages: list[StageConfig]
@@ -194,6 +229,9 @@ class RunConfig:
             raise ConfigError("stages: at least one stage is required")
         if len(set(names)) != len(names):
             raise ConfigError(f"stages: stage names must be unique, got {names}")
+        if self.engine == "deepspeed" and self.parallel.tp * self.parallel.pp != 1:
+            raise ConfigError(f"parallel.tp/pp: engine=deepspeed is data-parallel (ZeRO partitions over dp ranks); "
+                              f"tp={self.parallel.tp}, pp={self.parallel.pp} need engine=megatron")
 
 
 # --------------------------------------------------------------------------------------------------

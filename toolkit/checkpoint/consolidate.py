@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from toolkit.atomic import atomic_dir
 from toolkit.checkpoint.manager import COMPLETE, read_meta
 from toolkit.config import RunConfig, load_config
-from toolkit.models.encoder import SPEC_FILE
+from toolkit.models.encoder import SPEC_FILE, Encoder
 
 STAGE_RE = re.compile(r"^(\d+)-(.+)$")
 
@@ -49,10 +49,6 @@ def consolidate(source: Path, output: Path) -> Path:
 
 
 def _from_step(step_dir: Path, output: Path) -> Path:
-    from toolkit.models.loading import build_encoder
-    from toolkit.models.lora import add_lora, merge_lora
-    from toolkit.train import load_encoder_weights
-
     stage_dir, run_dir = step_dir.parent, step_dir.parent.parent
     match = STAGE_RE.match(stage_dir.name)
     if not match or not (run_dir / "config.yaml").is_file():
@@ -61,29 +57,49 @@ def _from_step(step_dir: Path, output: Path) -> Path:
     index = int(match.group(1))
     if index >= len(cfg.stages) or cfg.stages[index].name != match.group(2):
         raise ValueError(f"{step_dir}: stage {stage_dir.name} is not in {run_dir / 'config.yaml'}")
-    stage = cfg.stages[index]
-    meta = read_meta(step_dir)
-    if meta.get("engine", "hf") == "megatron":
+    engine = read_meta(step_dir).get("engine", "hf")
+    if engine == "megatron":
         return _from_megatron_step(cfg, index, step_dir, output)
+    if engine == "deepspeed":
+        from toolkit.engines.deepspeed_zero import read_trainable
+
+        tensors = read_trainable(step_dir)
+    else:
+        trainable = step_dir / "trainable.safetensors"
+        if not trainable.is_file():
+            raise FileNotFoundError(f"{trainable}: missing from a checkpoint marked complete")
+        tensors = load_file(str(trainable))
+    return merged_stage_encoder(cfg, index, run_dir, tensors, source=str(step_dir)).save_pretrained(output)
+
+
+def merged_stage_encoder(cfg: RunConfig, index: int, run_dir: Path, tensors: dict[str, torch.Tensor],
+                         source: str) -> Encoder:
+    """Stage `index`'s starting model rebuilt in one process (base weights, previous stage merged, a
+    fresh adapter), its trainable `tensors` loaded (names as in `encoder.named_parameters()`), the
+    adapter merged: what the stage's training produced, unsharded."""
+    from toolkit.models.loading import build_encoder
+    from toolkit.models.lora import add_lora, merge_lora
+    from toolkit.train import load_encoder_weights
+
+    stage = cfg.stages[index]
     needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)
     encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
     if index > 0:
         load_encoder_weights(encoder, _previous_final(run_dir, cfg, index))
     if stage.lora.enabled:
         encoder.backbone = add_lora(encoder.backbone, stage.lora)
-    trainable = step_dir / "trainable.safetensors"
-    if not trainable.is_file():
-        raise FileNotFoundError(f"{trainable}: missing from a checkpoint marked complete")
-    tensors = load_file(str(trainable))
     params = dict(encoder.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise ValueError(f"{trainable}: tensors {unknown[:3]} do not exist in the rebuilt model")
+        raise ValueError(f"{source}: tensors {unknown[:3]} do not exist in the rebuilt model")
     with torch.no_grad():
         for name, value in tensors.items():
+            if value.shape != params[name].shape:
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}")
             params[name].copy_(value)
     encoder.backbone = merge_lora(encoder.backbone)
-    return encoder.save_pretrained(output)
+    return encoder
 
 
 def _previous_final(run_dir: Path, cfg: RunConfig, index: int) -> Path:

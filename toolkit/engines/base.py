@@ -90,6 +90,8 @@ def build_engine(cfg: RunConfig, dims: ParallelDims) -> Engine:
 
     if cfg.engine == "megatron":
         import toolkit.engines.megatron.engine  # noqa: F401
+    if cfg.engine == "deepspeed":
+        import toolkit.engines.deepspeed_zero  # noqa: F401
     if cfg.engine not in _REGISTRY:
         raise ConfigError(f"engine: {cfg.engine!r} is not available; registered engines: {sorted(_REGISTRY)}")
     return _REGISTRY[cfg.engine](cfg, dims)

@@ -40,8 +40,12 @@ def _chunks(group: dict[str, Tensor], chunk_size: int) -> list[dict[str, Tensor]
 
 
 def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: Sequence[dict[str, Tensor]],
-                       loss_fn: Callable[..., Tensor], chunk_size: int, loss_scale: float = 1.0) -> Tensor:
+                       loss_fn: Callable[..., Tensor], chunk_size: int, loss_scale: float = 1.0,
+                       backward: Callable[[Tensor], None] = Tensor.backward) -> Tensor:
     """Accumulate d(loss * loss_scale)/d params into .grad; returns the (unscaled) loss, detached.
+
+    Every backward is of a scalar through `backward` (an engine may need to see each one): a chunk's
+    pass backpropagates sum(emb * cached_grad), whose gradient w.r.t. emb is exactly cached_grad.
 
     `groups` are tokenised batches, one per role (queries, positives, ...); `loss_fn` receives one
     [n_g, d] embedding matrix per group. `loss_fn` may gather across ranks: its backward runs once,
@@ -64,7 +68,7 @@ def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: 
     after_first_pass = rng_state()
 
     loss = loss_fn(*cached)
-    (loss * loss_scale).backward()
+    (loss * loss_scale).backward()  # only to the cached embeddings (leaves): no parameter sees it
 
     for chunks, chunk_states, reps in zip(chunked, states, cached):
         if reps.grad is None:  # the loss ignored this group
@@ -73,7 +77,7 @@ def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: 
         for chunk, state in zip(chunks, chunk_states):
             set_rng_state(state)
             emb = embed_fn(chunk)
-            emb.backward(reps.grad[start : start + emb.shape[0]].to(emb.dtype))
+            backward((emb * reps.grad[start : start + emb.shape[0]].to(emb.dtype)).sum())
             start += emb.shape[0]
     set_rng_state(after_first_pass)
     return loss.detach()

@@ -1,7 +1,9 @@
 """One micro-step per objective: samples -> tokens -> loss -> backward.
 
 The step owns its backward so that GradCache (which must interleave forward and backward chunk by
-chunk) and plain steps share one interface with the trainer: `step(samples, loss_scale)`.
+chunk) and plain steps share one interface with the trainer: `step(samples, loss_scale)`. Every
+backward goes through `self.backward(scalar)`: plain autograd by default, the engine's own where it
+must see each backward (DeepSpeed ZeRO reduces / partitions gradients in it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from toolkit.models.encoder import Encoder
 from toolkit.objectives.contrastive import GatherFn, simcse_loss, supervised_contrastive_loss
 from toolkit.objectives.gradcache import gradcache_backward
 from toolkit.objectives.mntp import NEW_MASK_TOKEN, MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
+
+
+def autograd_backward(loss: Tensor) -> None:
+    loss.backward()
 
 
 @dataclass
@@ -40,6 +46,7 @@ class MNTPStep:
                  precision: str, generator: torch.Generator):
         self.encoder, self.lm_head, self.spec = encoder, lm_head, spec
         self.max_length, self.precision, self.generator = max_length, precision, generator
+        self.backward: Callable[[Tensor], None] = autograd_backward
 
     def prepare(self, samples: list[dict]) -> dict[str, Tensor]:
         """Tokenise and mask (the engine-independent half): masked input_ids, attention_mask, labels."""
@@ -55,7 +62,7 @@ class MNTPStep:
                 {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
             )
             loss = mntp_loss(hidden, self.lm_head, batch["labels"].to(device))
-        (loss * loss_scale).backward()
+        self.backward(loss * loss_scale)
         return StepStats(float(loss.detach()), int(batch["attention_mask"].sum()))
 
 
@@ -68,6 +75,7 @@ class _ContrastiveStep(ABC):
                  gather: GatherFn | None = None):
         self.encoder, self.cfg, self.max_length = encoder, cfg, max_length
         self.precision, self.gather = precision, gather
+        self.backward: Callable[[Tensor], None] = autograd_backward
 
     def _embed(self, batch: dict) -> Tensor:
         device = self.encoder.device
@@ -82,10 +90,11 @@ class _ContrastiveStep(ABC):
         groups, loss_fn = self.prepare(samples)
         tokens = int(sum(int(g["attention_mask"].sum()) for g in groups))
         if self.cfg.gradcache_chunk_size:
-            loss = gradcache_backward(self._embed, groups, loss_fn, self.cfg.gradcache_chunk_size, loss_scale)
+            loss = gradcache_backward(self._embed, groups, loss_fn, self.cfg.gradcache_chunk_size, loss_scale,
+                                      backward=self.backward)
             return StepStats(float(loss), tokens)
         loss = loss_fn(*[self._embed(g) for g in groups])
-        (loss * loss_scale).backward()
+        self.backward(loss * loss_scale)
         return StepStats(float(loss.detach()), tokens)
 
 

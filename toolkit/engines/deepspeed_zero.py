@@ -1,0 +1,277 @@
+"""The `deepspeed` engine: the hf model, data-parallel under DeepSpeed ZeRO stages 0-3 (+ CPU offload).
+
+The trainer still owns the loop: DeepSpeed runs in its caller-owned accumulation mode
+(`managed_gradient_accumulation: false`), so one `train_step` is any number of backward calls
+(micro-batches, GradCache chunks, query and passage passes) followed by one `engine.step()` that
+reduces, clips and updates. Every backward goes through `engine.backward` (ZeRO reduces or
+partitions gradients inside it), never `tensor.backward`.
+
+Checkpoints are DeepSpeed's own (`step-N/deepspeed/`: per-rank partitions of the fp32 master
+weights and Adam moments, frozen weights excluded) plus a `zero.json` naming the layout they need.
+Trainable weights are always read back as full fp32 tensors (gathered across partitions first: the
+known ZeRO-3 failure is LoRA tensors saved with size 0), so a stage's merged encoder and
+`embedforge export` equal what the unsharded model would give.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
+from toolkit.engines.base import Engine, StepResult, register, stage_attention_dropout
+
+DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
+TAG = "state"  # its one tag (step-N/ already names the step)
+LAYOUT_FILE = "zero.json"
+
+
+def _import_deepspeed():
+    """deepspeed, with its JIT-built CPU ops cached across runs (the shared-memory comm op takes ~30 s once)."""
+    from toolkit.assets import cache_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    import deepspeed
+
+    return deepspeed
+
+
+class _TrainModule(nn.Module):
+    """What DeepSpeed wraps: the encoder and the frozen MNTP head, so ZeRO-3 partitions both.
+
+    The steps call the encoder and the head directly; ZeRO-3's hooks sit on every submodule, so
+    parameters are gathered wherever a submodule runs."""
+
+    def __init__(self, encoder: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.encoder, self.lm_head = encoder, lm_head
+
+    def forward(self, batch: dict) -> Tensor:
+        return self.encoder(batch)
+
+
+def ds_config(cfg: RunConfig, stage: StageConfig, dp: int) -> dict:
+    """The DeepSpeed config of one stage: our recipe fields mapped, nothing left to DeepSpeed's defaults
+    that changes the arithmetic (clipping, accumulation, precision)."""
+    z = cfg.zero
+    zero: dict = {"stage": z.stage, "overlap_comm": z.overlap_comm, "contiguous_gradients": True,
+                  "reduce_bucket_size": z.reduce_bucket_size}
+    if z.stage in (1, 2):
+        zero["allgather_bucket_size"] = z.allgather_bucket_size
+    if z.stage == 3:
+        zero["stage3_prefetch_bucket_size"] = z.prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = 0  # partition every parameter, small ones too
+    pin = torch.cuda.is_available()
+    if z.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if z.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_micro_batch_size_per_gpu": stage.data.batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "train_batch_size": stage.data.batch_size * stage.grad_accum * dp,
+        "managed_gradient_accumulation": False,  # our trainer owns micro-batches: step() is the boundary
+        # ZeRO-0 computes the grad norm only when it clips: an unreachable bound reports it without clipping
+        "gradient_clipping": stage.optimizer.clip_grad or (1e30 if z.stage == 0 else 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": stage.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW may run on offloaded partitions
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+@register("deepspeed")
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg: RunConfig, dims: ParallelDims):
+        super().__init__(cfg, dims)
+        self.ds = None  # the DeepSpeed engine of the current stage
+
+    @property
+    def tokenizer(self):
+        return self.encoder.tokenizer
+
+    def build(self, *, add_mask_token: bool) -> None:
+        if self.dims.tp * self.dims.pp != 1:
+            raise ConfigError(f"engine=deepspeed is data-parallel only; parallel.tp={self.dims.tp} / parallel.pp="
+                              f"{self.dims.pp} need engine=megatron")
+        self.add_mask_token = add_mask_token
+        self._build_encoder()
+
+    def _build_encoder(self) -> None:
+        from toolkit.models.loading import build_encoder
+
+        self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
+                                                   add_mask_token=self.add_mask_token)
+        if self.cfg.model.gradient_checkpointing:  # non-reentrant: ZeRO's gradient hooks fire once per param
+            self.encoder.backbone.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def _release(self) -> None:
+        if self.ds is not None:
+            self.ds.destroy()
+            self.ds = None
+
+    def load_stage_output(self, final_dir: Path) -> None:
+        """A fresh, unpartitioned model with the finished stage's merged weights (ZeRO-3 left the last
+        one partitioned and hooked)."""
+        from toolkit.train import load_encoder_weights
+
+        self._release()
+        self._build_encoder()
+        load_encoder_weights(self.encoder, final_dir)
+
+    def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
+        from toolkit.distributed.gather import make_gather
+        from toolkit.models.loading import set_attention_dropout
+        from toolkit.models.lora import add_lora
+        from toolkit.objectives.steps import build_step
+        from toolkit.train import lr_lambda
+
+        deepspeed = _import_deepspeed()
+        if self.dims.world_size == 1:
+            init_single_process_group()  # DeepSpeed needs a process group, even of one rank
+            os.environ.setdefault("LOCAL_RANK", "0")  # and asserts a launcher set this
+        encoder, base = self.encoder, self.encoder.backbone
+        set_attention_dropout(base, stage_attention_dropout(stage, self.cfg, base.config))
+        if stage.lora.enabled:
+            encoder.backbone = add_lora(base, stage.lora)
+        else:
+            base.requires_grad_(True)
+        encoder.pooling.requires_grad_(True)
+        self.index, self.stage = index, stage
+        self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+        o = stage.optimizer
+        if self.cfg.zero.cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(list(self.params.values()), lr=o.lr, betas=o.betas, eps=o.eps,
+                                         weight_decay=o.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                          weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, stage.steps))
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=_TrainModule(encoder, self.lm_head), optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config(self.cfg, stage, self.dims.dp), dist_init_required=False)
+        gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
+        self.step_fn = build_step(stage, encoder, self.lm_head, generator, gather, data_kind=data_kind)
+        self.step_fn.backward = self._backward
+        self._stage0_norm: float | None = None
+        if self.cfg.zero.stage == 0:  # no ZeRO optimizer records the norm: keep the clip's return value
+            self.ds.clip_fp32_gradients = self._clip_and_record
+        self.ds.train()
+
+    def _clip_and_record(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._stage0_norm = float(clip_grad_norm_(parameters=self.ds.module.parameters(),
+                                                  max_norm=self.ds.gradient_clipping(), mpu=self.ds.mpu))
+
+    def _backward(self, loss: Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the step already scaled by 1 / grad_accum
+
+    def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
+        accum = len(micro_batches)
+        loss, tokens = 0.0, 0
+        for samples in micro_batches:
+            stats = self.step_fn.step(samples, 1.0 / accum)
+            loss += stats.loss / accum
+            tokens += stats.tokens
+        if self.dims.dp > 1:
+            totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+            dist.all_reduce(totals, group=self.dims.dp_group)
+            loss, tokens = float(totals[0]) / self.dims.dp, int(totals[1])
+        self.ds.step()  # reduce (stage 0/1) or finalize partitions (2/3), clip, update, lr schedule
+        norm = self.ds.get_global_grad_norm() if self.cfg.zero.stage > 0 else self._stage0_norm
+        grad_norm = float(norm) if norm is not None else float("nan")
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+
+    # ------------------------------------------------------------------ checkpoints
+    def _layout(self) -> dict:
+        z = self.cfg.zero
+        return {"zero_stage": z.stage, "dp": self.dims.dp, "bf16": self.stage.precision == "bf16",
+                "offload_optimizer": z.offload_optimizer, "offload_params": z.offload_params}
+
+    def save(self, step_dir: Path) -> None:
+        """DeepSpeed's checkpoint (every rank writes its partitions; frozen weights are rebuilt from
+        the recipe, so they are not written) and the layout it can be loaded at."""
+        folder = step_dir / DS_DIR
+        self.ds.save_checkpoint(str(folder), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+        if self.dims.rank == 0:
+            (folder / LAYOUT_FILE).write_text(json.dumps(self._layout(), indent=2, sort_keys=True))
+
+    def load(self, step_dir: Path) -> None:
+        folder = step_dir / DS_DIR
+        layout_file = folder / LAYOUT_FILE
+        if not layout_file.is_file():
+            raise FileNotFoundError(f"{layout_file}: missing (was this checkpoint written by engine=deepspeed?)")
+        saved, now = json.loads(layout_file.read_text()), self._layout()
+        fixed = ("zero_stage", "dp", "bf16") if saved["zero_stage"] > 0 else ("zero_stage", "bf16")
+        differ = {k: (saved.get(k), now[k]) for k in fixed if saved.get(k) != now[k]}
+        if differ:
+            changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())
+            raise ValueError(
+                f"{layout_file}: this DeepSpeed checkpoint holds ZeRO partitions for another layout ({changes}); "
+                f"resume with zero.stage={saved['zero_stage']} on {saved['dp']} data-parallel ranks, or "
+                f"`embedforge export --checkpoint {step_dir}` and start a new stage from the exported folder")
+        load_path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint tagged {TAG!r}")
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Full fp32 values of the trainable tensors (a collective under ZeRO-3: every rank calls).
+
+        Read from the optimizer's fp32 master copies where DeepSpeed keeps them (bf16, ZeRO 1-3),
+        gathered across partitions."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.params.items():
+            full = safe_get_full_fp32_param(p)
+            state[name] = (full if full is not None else p.detach()).float().cpu().clone()
+        return state
+
+    def end_stage(self, final_dir: Path) -> Path:
+        """Gather the trainable tensors, then one rank rebuilds the stage's starting model unsharded,
+        loads them, merges the adapter and writes the encoder folder."""
+        from toolkit.checkpoint.consolidate import merged_stage_encoder
+
+        trainable = self.trainable_state()
+        if self.dims.rank == 0:
+            merged_stage_encoder(self.cfg, self.index, Path(self.cfg.output_dir), trainable,
+                                 source=f"stage {self.stage.name}").save_pretrained(final_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        return final_dir
+
+
+def read_trainable(step_dir: Path) -> dict[str, Tensor]:
+    """The trainable tensors of a `step-N/` DeepSpeed checkpoint as full fp32 tensors, offline, in one
+    process, whatever the number of ranks that wrote it (DeepSpeed's zero_to_fp32 for ZeRO 1-3)."""
+    folder = step_dir / DS_DIR
+    layout_file = folder / LAYOUT_FILE
+    if not layout_file.is_file():
+        raise FileNotFoundError(f"{layout_file}: missing from a checkpoint marked complete")
+    layout = json.loads(layout_file.read_text())
+    _import_deepspeed()
+    if layout["zero_stage"] == 0:
+        states = folder / TAG / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            raise FileNotFoundError(f"{states}: missing from a ZeRO-0 checkpoint")
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        module = {k: v.float() for k, v in module.items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        module = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=True)
+    prefix = "encoder."
+    return {k.removeprefix(prefix): v for k, v in module.items() if k.startswith(prefix)}
