@@ -3,8 +3,9 @@
 The trainer still owns the loop: DeepSpeed runs in its caller-owned accumulation mode
 (`managed_gradient_accumulation: false`), so one `train_step` is any number of backward calls
 (micro-batches, GradCache chunks, query and passage passes) followed by one `engine.step()` that
-reduces, clips and updates. Every backward goes through `engine.backward` (ZeRO reduces or
-partitions gradients inside it), never `tensor.backward`.
+reduces, clips and updates. Every forward runs inside DeepSpeed's engine forward and every backward
+through `engine.backward` (ZeRO reduces or partitions gradients inside it), never `tensor.backward`:
+ZeRO-3 otherwise overwrites, instead of accumulating, the gradients of earlier micro-batches.
 
 Checkpoints are DeepSpeed's own (`step-N/deepspeed/`: per-rank partitions of the fp32 master
 weights and Adam moments, frozen weights excluded) plus a `zero.json` naming the layout they need.
@@ -45,15 +46,16 @@ def _import_deepspeed():
 class _TrainModule(nn.Module):
     """What DeepSpeed wraps: the encoder and the frozen MNTP head, so ZeRO-3 partitions both.
 
-    The steps call the encoder and the head directly; ZeRO-3's hooks sit on every submodule, so
-    parameters are gathered wherever a submodule runs."""
+    Its forward runs whatever a step computes (`fn(*args)`: an embedding, an MNTP loss) inside
+    DeepSpeed's forward, which must see every forward: ZeRO-3 counts them to tell a new
+    micro-batch (accumulate) from another pass of the same backward."""
 
     def __init__(self, encoder: nn.Module, lm_head: nn.Module):
         super().__init__()
         self.encoder, self.lm_head = encoder, lm_head
 
-    def forward(self, batch: dict) -> Tensor:
-        return self.encoder(batch)
+    def forward(self, fn, *args) -> Tensor:
+        return fn(*args)
 
 
 def ds_config(cfg: RunConfig, stage: StageConfig, dp: int) -> dict:
@@ -163,6 +165,7 @@ class DeepSpeedEngine(Engine):
             config=ds_config(self.cfg, stage, self.dims.dp), dist_init_required=False)
         gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
         self.step_fn = build_step(stage, encoder, self.lm_head, generator, gather, data_kind=data_kind)
+        self.step_fn.forward = self.ds
         self.step_fn.backward = self._backward
         self._stage0_norm: float | None = None
         if self.cfg.zero.stage == 0:  # no ZeRO optimizer records the norm: keep the clip's return value

@@ -2,8 +2,9 @@
 
 The step owns its backward so that GradCache (which must interleave forward and backward chunk by
 chunk) and plain steps share one interface with the trainer: `step(samples, loss_scale)`. Every
-backward goes through `self.backward(scalar)`: plain autograd by default, the engine's own where it
-must see each backward (DeepSpeed ZeRO reduces / partitions gradients in it).
+forward runs as `self.forward(fn, *args)` and every backward as `self.backward(scalar)`: plain calls
+by default, the engine's own where it must see each one (DeepSpeed ZeRO counts forwards to know
+when gradients accumulate, and reduces / partitions gradients in its backward).
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def autograd_backward(loss: Tensor) -> None:
     loss.backward()
 
 
+def direct_forward(fn: Callable[..., Tensor], *args) -> Tensor:
+    return fn(*args)
+
+
+class EngineHooks:
+    """How a step runs its forwards and backwards (replaced by engines that must see them)."""
+
+    forward: Callable[..., Tensor] = staticmethod(direct_forward)
+    backward: Callable[[Tensor], None] = staticmethod(autograd_backward)
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -39,14 +51,13 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-class MNTPStep:
+class MNTPStep(EngineHooks):
     """Masked next-token prediction: token i is recovered from the logits at position i-1."""
 
     def __init__(self, encoder: Encoder, lm_head: nn.Module, spec: MaskingSpec, max_length: int,
                  precision: str, generator: torch.Generator):
         self.encoder, self.lm_head, self.spec = encoder, lm_head, spec
         self.max_length, self.precision, self.generator = max_length, precision, generator
-        self.backward: Callable[[Tensor], None] = autograd_backward
 
     def prepare(self, samples: list[dict]) -> dict[str, Tensor]:
         """Tokenise and mask (the engine-independent half): masked input_ids, attention_mask, labels."""
@@ -56,17 +67,20 @@ class MNTPStep:
 
     def step(self, samples: list[dict], loss_scale: float) -> StepStats:
         batch = self.prepare(samples)
+        loss = self.forward(self._loss, batch)
+        self.backward(loss * loss_scale)
+        return StepStats(float(loss.detach()), int(batch["attention_mask"].sum()))
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
         device = self.encoder.device
         with autocast(self.precision, device):
             hidden = self.encoder.hidden_states(
                 {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
             )
-            loss = mntp_loss(hidden, self.lm_head, batch["labels"].to(device))
-        self.backward(loss * loss_scale)
-        return StepStats(float(loss.detach()), int(batch["attention_mask"].sum()))
+            return mntp_loss(hidden, self.lm_head, batch["labels"].to(device))
 
 
-class _ContrastiveStep(ABC):
+class _ContrastiveStep(EngineHooks, ABC):
     """Shared plumbing: tokenise the roles, embed (optionally with GradCache), loss, backward.
 
     `prepare` is the engine-independent half (other engines embed the groups their own way)."""
@@ -75,9 +89,11 @@ class _ContrastiveStep(ABC):
                  gather: GatherFn | None = None):
         self.encoder, self.cfg, self.max_length = encoder, cfg, max_length
         self.precision, self.gather = precision, gather
-        self.backward: Callable[[Tensor], None] = autograd_backward
 
     def _embed(self, batch: dict) -> Tensor:
+        return self.forward(self._embed_here, batch)
+
+    def _embed_here(self, batch: dict) -> Tensor:
         device = self.encoder.device
         with autocast(self.precision, device):
             return self.encoder({k: v.to(device) for k, v in batch.items()}).float()
