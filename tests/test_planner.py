@@ -33,6 +33,7 @@ at these shapes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -301,6 +302,23 @@ def test_pipeline_in_flight_gradcache_and_distributed_optimizer():
     sharded = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80, distributed_optimizer=True)
     assert plain.stages[0].optimizer == 12 * plain.stages[0].trainable == 4 * sharded.stages[0].optimizer
     assert plain.stages[0].weights == plain.stages[0].grads + 2 * V * H  # bf16 weights; the LM head is frozen
+
+
+def test_deepspeed_zero_partitions_over_dp():
+    """ZeRO-1 divides optimizer states by dp, ZeRO-2 gradients too, ZeRO-3 weights too; offload empties them."""
+    arch = Arch.from_hf(tiny_config("llama", **{**SHAPES, "num_hidden_layers": 4}).to_dict())
+    plans = {}
+    for zero in ({"stage": 0}, {"stage": 1}, {"stage": 2}, {"stage": 3},
+                 {"stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}):
+        cfg = recipe(engine="deepspeed", lora=False, precision="bf16")
+        cfg = dataclasses.replace(cfg, zero=dataclasses.replace(cfg.zero, **zero))
+        plans[tuple(zero.values())] = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80).stages[0]
+    z0, z1, z2, z3, off = plans.values()
+    assert z1.optimizer == z0.optimizer / 4 and z1.grads == z0.grads and z1.weights == z0.weights
+    assert z2.grads == z0.grads / 4 and z2.optimizer == z1.optimizer
+    assert z3.weights == z0.weights / 4 and z3.grads == z2.grads
+    assert "zero-3 gathered layer" in z3.activation_terms and "zero-3 gathered layer" not in z2.activation_terms
+    assert off.weights == off.optimizer == 0 and off.grads == z3.grads
 
 
 # ---------------------------------------------------------------------------------------------- validation + CLI

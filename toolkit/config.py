@@ -186,6 +186,8 @@ class ZeroConfig:
     reduce_bucket_size: int = 50_000_000  # elements per reduction bucket
     allgather_bucket_size: int = 50_000_000  # elements per all-gather bucket (stage 1 / 2)
     prefetch_bucket_size: int = 50_000_000  # stage 3: parameters fetched ahead of use
+    max_live_parameters: int = 1_000_000_000  # stage 3: gathered parameters kept before releasing some
+    max_reuse_distance: int = 1_000_000_000  # stage 3: keep a gathered parameter reused within this many
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -197,9 +199,11 @@ class ZeroConfig:
         if self.cpu_adam and self.offload_optimizer == "none":
             raise ConfigError("zero.cpu_adam: DeepSpeed's CPU Adam runs an offloaded optimizer; set "
                               "zero.offload_optimizer=cpu")
-        for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size", "max_live_parameters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"zero.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_reuse_distance < 0:
+            raise ConfigError(f"zero.max_reuse_distance: must be >= 0, got {self.max_reuse_distance}")
 
 
 @dataclass(kw_only=True)

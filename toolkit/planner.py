@@ -306,6 +306,10 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
         terms = {k: v * n_layers * inflight for k, v in per_layer.items()}
         if working:
             terms["recompute working set"] = working
+        if cfg.engine == "deepspeed":
+            weights, grads, optim = zero_partition(cfg, dp, weights, grads, optim, notes)
+            if cfg.zero.stage == 3:  # a layer is gathered while it runs (forward, and again in backward)
+                terms["zero-3 gathered layer"] = per_layer_params * wbytes
         if last:
             terms["final norm"] = lay.act_bytes * tokens * arch.hidden / (tp if lay.sequence_parallel else 1)
             if kind == "mntp":
@@ -318,6 +322,26 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
                 layout=lay, seq=seq, micro_texts=micro, num_micro=num_micro,
                 global_batch=batch * dp * stage.grad_accum, texts_per_sample=texts_per_sample, stages=stages,
                 notes=notes)
+
+
+def zero_partition(cfg: RunConfig, dp: int, weights: float, grads: float, optim: float,
+                   notes: list[str]) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer) per GPU under DeepSpeed ZeRO: stage 1 partitions the optimizer
+    states over the dp ranks, 2 the gradients too, 3 the weights too; offloaded parts leave the GPU."""
+    z = cfg.zero
+    if z.stage >= 1:
+        optim /= dp
+    if z.stage >= 2:
+        grads /= dp
+    if z.stage == 3:
+        weights /= dp
+    if z.offload_optimizer == "cpu":
+        notes.append(f"zero: {optim / GIB:.2f} GiB of optimizer states per rank live in host memory")
+        optim = 0.0
+    if z.offload_params == "cpu":
+        notes.append(f"zero: {weights / GIB:.2f} GiB of weights per rank live in host memory")
+        weights = 0.0
+    return weights, grads, optim
 
 
 def plan_run(cfg: RunConfig, arch: Arch, *, gpus: int, gpu_mem_gib: float, stage: str | None = None,

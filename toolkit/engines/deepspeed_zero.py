@@ -17,6 +17,7 @@ known ZeRO-3 failure is LoRA tensors saved with size 0), so a stage's merged enc
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from toolkit.engines.base import Engine, StepResult, register, stage_attention_d
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
 LAYOUT_FILE = "zero.json"
+log = logging.getLogger(__name__)
 
 
 def _import_deepspeed():
@@ -69,6 +71,8 @@ def ds_config(cfg: RunConfig, stage: StageConfig, dp: int) -> dict:
     if z.stage == 3:
         zero["stage3_prefetch_bucket_size"] = z.prefetch_bucket_size
         zero["stage3_param_persistence_threshold"] = 0  # partition every parameter, small ones too
+        zero["stage3_max_live_parameters"] = z.max_live_parameters
+        zero["stage3_max_reuse_distance"] = z.max_reuse_distance
     pin = torch.cuda.is_available()
     if z.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
@@ -83,6 +87,9 @@ def ds_config(cfg: RunConfig, stage: StageConfig, dp: int) -> dict:
         "gradient_clipping": stage.optimizer.clip_grad or (1e30 if z.stage == 0 else 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": stage.precision == "bf16"},
+        # bf16 weights: ZeRO 2/3 accumulate gradients in fp32 partitions. (At ZeRO-1 that setting swaps in
+        # DeepSpeed's BF16_Optimizer, whose checkpoints its zero_to_fp32 cannot read; ZeRO-0 has no such mode.)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if stage.precision == "bf16" and z.stage >= 2 else {}),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW may run on offloaded partitions
         "steps_per_print": 2**31 - 1,
@@ -138,6 +145,9 @@ class DeepSpeedEngine(Engine):
         from toolkit.train import lr_lambda
 
         deepspeed = _import_deepspeed()
+        if stage.precision == "bf16" and self.cfg.zero.stage == 0 and self.dims.rank == 0:
+            log.warning("stage %s: ZeRO-0 with bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed has "
+                        "no fp32 accumulation without ZeRO); zero.stage >= 1 accumulates in fp32", stage.name)
         if self.dims.world_size == 1:
             init_single_process_group()  # DeepSpeed needs a process group, even of one rank
             os.environ.setdefault("LOCAL_RANK", "0")  # and asserts a launcher set this
@@ -237,10 +247,15 @@ class DeepSpeedEngine(Engine):
         gathered across partitions."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        opt = self.ds.optimizer  # ZeRO-0 with bf16: DeepSpeed's unfused optimizer keeps a master per param
+        masters = {id(low): high for lows, highs in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []))
+                   for low, high in zip(lows, highs)}
         state = {}
         for name, p in self.params.items():
             full = safe_get_full_fp32_param(p)
-            state[name] = (full if full is not None else p.detach()).float().cpu().clone()
+            if full is None:
+                full = masters.get(id(p), p.detach())
+            state[name] = full.float().cpu().clone()
         return state
 
     def end_stage(self, final_dir: Path) -> Path:
@@ -270,8 +285,13 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
         states = folder / TAG / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise FileNotFoundError(f"{states}: missing from a ZeRO-0 checkpoint")
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-        module = {k: v.float() for k, v in module.items()}
+        saved = torch.load(states, map_location="cpu", weights_only=False)
+        module = {k: v.float() for k, v in saved["module"].items()}
+        masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups", []) for t in group]
+        if masters:  # bf16: the fp32 master weights, in the module's (trainable) parameter order
+            if len(masters) != len(module) or any(m.shape != v.shape for m, v in zip(masters, module.values())):
+                raise ValueError(f"{states}: fp32 master weights do not match the saved module's parameters")
+            module = {k: m.float() for k, m in zip(module, masters)}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -229,7 +229,8 @@ class MegatronEngine(Engine):
             if rows.shape[0] == 0:  # nothing masked: a zero that still reaches every parameter
                 loss = hidden.sum() * 0.0
             else:
-                logits = self.model.lm_logits(rows).float()
+                with autocast(self.stage.precision, self.device):  # as the hf engine's MNTP head under bf16
+                    logits = self.model.lm_logits(rows).float()
                 logits = self._mask_padded_vocab(logits)
                 loss = vocab_parallel_cross_entropy(logits, targets[selected]).sum() * mb["scale"]
         else:
