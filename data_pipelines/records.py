@@ -4,7 +4,8 @@ Kinds:
 - `text`: {"id", "text"} (MNTP, SimCSE);
 - `pair`: {"id", "query", "positive", "negatives": [...], "instruction", "task"} (supervised);
 - `scored`: a pair plus "scores": teacher scores for [positive] + negatives, and optionally
-  "features" (D2LLM distillation).
+  "features" and the planned batch it belongs to: "group", "group_index" and "inbatch_scores"
+  (the teacher's score of this query against every group member's positive) (D2LLM distillation).
 
 A bad record raises `BadRecord(kind_of_problem, message)`; callers count it per kind and skip it
 within their budget. Sample ids are stable (`id` field, else `<source name>:<line>`) so anything
@@ -81,6 +82,15 @@ def validate(record: dict, kind: str, *, text_field: str = "text", max_chars: in
         sample["scores"] = [float(x) for x in scores]
         if "features" in record:
             sample["features"] = record["features"]
+        if "group" in record:  # the planned batch the teacher scored in-batch pairs for
+            group, index, inbatch = record["group"], record.get("group_index"), record.get("inbatch_scores")
+            if not isinstance(group, str) or not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                raise BadRecord("wrong_type", "fields 'group' (string) and 'group_index' (integer >= 0) go together")
+            if not isinstance(inbatch, list) or not (0 <= index < len(inbatch)) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in inbatch):
+                raise BadRecord("wrong_type", "field 'inbatch_scores' must list a finite score per group member, "
+                                              "this sample's own positive at 'group_index'")
+            sample.update(group=group, group_index=index, inbatch_scores=[float(x) for x in inbatch])
     return sample
 
 

@@ -1,4 +1,5 @@
-"""`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan.
+"""`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan,
+teacher (score).
 
 Commands only parse arguments and call library entry points; errors in configs, paths and data are
 printed as one clear line (exit code 2), not a traceback.
@@ -14,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from launchers import plan
+from launchers import plan, teacher
 
 EXIT_USAGE = 2
 
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("folder", metavar="DIR", help="folder with manifest.json")
     i.set_defaults(func=_cmd_data_info)
     plan.add_parser(sub)
+    teacher.add_parser(sub)
     return p
 
 
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
         if args.verbose:
             raise
-        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),
+                                         getattr(args, "teacher_command", None)]))
         print(f"embedforge {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,0 +1,61 @@
+"""Teacher scoring on a Ray cluster: a pool of actors, each loading the teacher once, takes the pending
+shards one at a time (a slow or failed shard does not hold the others back).
+
+The job's resume and output layout are `toolkit.teacher.job`'s: an interrupted run re-submitted to
+any cluster scores only the shards without a completion sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from toolkit.teacher.job import ScoreJob, finish, load_teacher, pending_shards, score_shard
+
+log = logging.getLogger(__name__)
+
+
+def _scorer_class(ray):
+    @ray.remote
+    class ShardScorer:
+        def __init__(self, job: ScoreJob):
+            import torch
+
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            self.job = job
+            self.manifest, _ = pending_shards(job)
+            self.teacher = load_teacher(job)
+
+        def score(self, name: str) -> dict:
+            shard = next(s for s in self.manifest.shards if s.name == name)
+            info = score_shard(self.job, self.manifest, shard, self.teacher)
+            return {"name": info.name, "samples": info.samples, "node": ray.get_runtime_context().get_node_id()}
+
+    return ShardScorer
+
+
+def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus_per_worker: float = 1.0) -> dict:
+    """Score every pending shard of `job` with `workers` Ray actors; returns a summary (manifest path
+    once complete). `address=None` starts a local cluster; "auto" or "ray://host:port" joins one."""
+    import ray
+
+    manifest, pending = pending_shards(job)
+    summary = {"pending": len(pending), "scored": [], "manifest": None}
+    if pending:
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}})
+        try:
+            scorer = _scorer_class(ray)
+            actors = [scorer.options(num_cpus=cpus_per_worker).remote(job) for _ in range(min(workers, len(pending)))]
+            pool = ray.util.ActorPool(actors)
+            for result in pool.map_unordered(lambda actor, name: actor.score.remote(name), [s.name for s in pending]):
+                log.info("scored %s (%d samples)", result["name"], result["samples"])
+                summary["scored"].append(result)
+        finally:
+            if started_here:
+                ray.shutdown()
+    path = finish(job, manifest)
+    summary["manifest"] = str(path) if path else None
+    return summary

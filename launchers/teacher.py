@@ -1,0 +1,58 @@
+"""`embedforge teacher score`: a D2LLM teacher scores a pair dataset into a scored dataset.
+
+Runs in this process, as one rank of torchrun (each rank takes every world-th pending shard), or on a
+Ray cluster (`--ray local` starts one here, `--ray auto` / `--ray ray://HOST:PORT` joins one). A
+rerun resumes: shards already scored are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("teacher", help="D2LLM teacher: score (query, passage) pairs with yes/no logits")
+    sub = p.add_subparsers(dest="teacher_command", required=True)
+    s = sub.add_parser("score", help="score a pair dataset (positives, hard negatives, in-batch pairs)",
+                       description="Score every pair D2LLM training reads into a scored dataset, resumably.")
+    s.add_argument("--model", required=True, help="teacher LLM: HF folder, .gguf file or asset:NAME")
+    s.add_argument("--input", required=True, metavar="DIR", help="pair dataset (embedforge data build --kind pair)")
+    s.add_argument("--output", required=True, metavar="DIR", help="scored dataset to write (resumed if present)")
+    s.add_argument("--group-size", type=int, default=8, help="queries per planned batch (in-batch pairs scored)")
+    s.add_argument("--batch-size", type=int, default=16, help="pairs per teacher forward")
+    s.add_argument("--features", action="store_true", help="also store teacher features (feature imitation)")
+    s.add_argument("--symmetric-tasks", default="", help="comma-separated tasks scored with the symmetric template")
+    s.add_argument("--yes", default="yes", help="the positive answer word (one token)")
+    s.add_argument("--no", default="no", help="the negative answer word (one token)")
+    s.add_argument("--no-chat", action="store_true", help="plain prompt, not the tokenizer's chat template")
+    s.add_argument("--max-length", type=int, default=512, help="prompt tokens at most (passage truncated first)")
+    s.add_argument("--ray", default=None, metavar="ADDRESS", help="run on Ray: local, auto or ray://HOST:PORT")
+    s.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the teacher once)")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0)
+    s.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local
+    from toolkit.teacher.scoring import TeacherPrompt
+
+    prompt = TeacherPrompt(yes=args.yes, no=args.no, chat=not args.no_chat, max_length=args.max_length)
+    job = ScoreJob(model=args.model, input=args.input, output=args.output, group_size=args.group_size,
+                   batch_size=args.batch_size, features=args.features, prompt=prompt,
+                   symmetric_tasks=[t for t in args.symmetric_tasks.split(",") if t])
+    if args.ray:
+        from cluster.scoring import run_ray
+
+        summary = run_ray(job, address=None if args.ray == "local" else args.ray, workers=args.workers,
+                          cpus_per_worker=args.cpus_per_worker)
+        print(json.dumps(summary))
+        return 0 if summary["manifest"] else 1
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    done = run_local(job, rank, world)
+    manifest = finish(job, pending_shards(job)[0])
+    print(f"rank {rank}: scored {len(done)} shard(s); "
+          + (f"dataset complete: {manifest}" if manifest else "other shards are still being scored"))
+    return 0
