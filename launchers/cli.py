@@ -147,6 +147,16 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_mine(args: argparse.Namespace) -> int:
+    from data_pipelines.mining import mine
+
+    m = mine(args.input, args.output, method=args.method, k=args.k, corpus_dir=args.corpus,
+             encoder_path=args.encoder, keep_existing=args.keep_existing, batch_size=args.batch_size,
+             overwrite=args.overwrite)
+    print(f"mined {args.k} {args.method} negatives for {m.num_samples} samples into {args.output} ({len(m.shards)} shards)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedforge", description="Train decoder LLMs into text encoders (LLM2Vec, D2LLM).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -216,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     i = dsub.add_parser("info", help="kind, samples, shards and tasks of a dataset")
     i.add_argument("folder", metavar="DIR", help="folder with manifest.json")
     i.set_defaults(func=_cmd_data_info)
+    n = dsub.add_parser("mine", help="hard negatives by BM25 or a dense encoder into a new pair dataset",
+                        description="Top-k passages per query (its positive excluded) as hard negatives.")
+    n.add_argument("--input", required=True, metavar="DIR", help="pair dataset (query, positive[, negatives])")
+    n.add_argument("--output", required=True, metavar="DIR", help="pair dataset to write")
+    n.add_argument("--method", choices=["bm25", "dense"], default="bm25")
+    n.add_argument("--k", type=int, default=7, help="negatives per query")
+    n.add_argument("--corpus", default=None, metavar="DIR", help="text dataset to mine from (default: the input's passages)")
+    n.add_argument("--encoder", default=None, metavar="DIR", help="encoder folder (--method dense)")
+    n.add_argument("--keep-existing", action="store_true", help="keep the input's negatives before the mined ones")
+    n.add_argument("--batch-size", type=int, default=32, help="encoding batch (--method dense)")
+    n.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    n.set_defaults(func=_cmd_data_mine)
     plan.add_parser(sub)
     teacher.add_parser(sub)
     return p
