@@ -1,5 +1,5 @@
 """`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan,
-teacher (score).
+teacher (score), search (index / query).
 
 Commands only parse arguments and call library entry points; errors in configs, paths and data are
 printed as one clear line (exit code 2), not a traceback.
@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from launchers import plan, teacher
+from launchers import plan, search, teacher
 
 EXIT_USAGE = 2
 
@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.set_defaults(func=_cmd_data_mine)
     plan.add_parser(sub)
     teacher.add_parser(sub)
+    search.add_parser(sub)
     return p
 
 
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),
-                                         getattr(args, "teacher_command", None)]))
+                                         getattr(args, "teacher_command", None),
+                                         getattr(args, "search_command", None)]))
         print(f"embedforge {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

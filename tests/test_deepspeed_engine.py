@@ -107,7 +107,8 @@ def test_ds_config_maps_the_recipe():
 
 
 def test_gradcache_routes_every_backward_through_the_engine():
-    """A chunk's backward is a scalar through `backward` and equals autograd's emb.backward(grad)."""
+    """Every backward (the loss's, each chunk's) is a scalar through `backward`, and the result equals
+    autograd's full-batch gradient."""
 
     from toolkit.objectives.gradcache import gradcache_backward
 
@@ -129,7 +130,7 @@ def test_gradcache_routes_every_backward_through_the_engine():
     routed = [p.grad.clone() for p in lin.parameters()]
     lin.zero_grad()
     loss_fn(lin(groups[0]["x"]), lin(groups[1]["x"])).backward()
-    assert len(seen) == 4  # 2 groups x 2 chunks
+    assert len(seen) == 5  # the loss (to the cached embeddings and the loss's own parameters), 2 groups x 2 chunks
     for got, want in zip(routed, (p.grad for p in lin.parameters())):
         assert torch.allclose(got, want, atol=1e-6)
 

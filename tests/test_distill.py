@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from toolkit.models.iem import InteractionEmulation
-from toolkit.objectives.distill import (DistillWeights, contrastive_imitation, d2llm_loss, feature_imitation,
+from toolkit.config import D2LLMConfig
+from toolkit.objectives.distill import (contrastive_imitation, d2llm_loss, feature_imitation,
                                         in_batch_infonce, pairwise_rank_imitation, pearson_rank_imitation)
 
 B, K = 3, 2
@@ -66,6 +67,17 @@ def test_pairwise_rank_imitation(batch):
     assert pairwise_rank_imitation(*batch).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
 
 
+def test_pairwise_rank_imitation_over_known_teacher_pairs_only(batch):
+    """A batch mixing the teacher's planned groups knows s_ij only within a group."""
+    known = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    z, s, zi, si = (x.tolist() for x in batch)
+    terms = [max(0.0, s[i][k] - si[i][j]) * -math.log(1 / (1 + math.exp(-(z[i][k] - zi[i][j]))))
+             for i in range(B) for k in range(1, 1 + K) for j in range(B) if j != i and known[i, j]]
+    assert pairwise_rank_imitation(*batch, known).item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+    nothing = pairwise_rank_imitation(*batch, torch.zeros(B, B, dtype=torch.bool))
+    assert nothing.item() == 0.0
+
+
 def test_feature_imitation():
     g = torch.Generator().manual_seed(1)
     h, t = torch.randn(B, 1 + K, 5, generator=g), torch.randn(B, 1 + K, 7, generator=g)
@@ -83,7 +95,7 @@ def test_feature_imitation():
 def test_total_is_the_weighted_sum_and_missing_inputs_fail(batch):
     z, s, zi, si = batch
     h, t = torch.randn(B, 1 + K, 4), torch.randn(B, 1 + K, 6)
-    w = DistillWeights(in_batch=1.0, contrastive=2.0, rank_pearson=0.5, rank_pairwise=0.1, feature=0.01)
+    w = D2LLMConfig(in_batch=1.0, contrastive=2.0, rank_pearson=0.5, rank_pairwise=0.1, feature=0.01)
     total, parts = d2llm_loss(z, s, zi, si, w, h, t)
     want = (in_batch_infonce(zi) + 2 * contrastive_imitation(z, s) + 0.5 * pearson_rank_imitation(z, s)
             + 0.1 * pairwise_rank_imitation(z, s, zi, si) + 0.01 * feature_imitation(h, t))
@@ -92,8 +104,8 @@ def test_total_is_the_weighted_sum_and_missing_inputs_fail(batch):
     with pytest.raises(ValueError, match="teacher features"):
         d2llm_loss(z, s, zi, si, w)
     with pytest.raises(ValueError, match="in-batch scores"):
-        d2llm_loss(z, s, zi, None, DistillWeights(feature=0.0))
-    total, parts = d2llm_loss(z, s, zi, None, DistillWeights(rank_pairwise=0.0, feature=0.0))
+        d2llm_loss(z, s, zi, None, D2LLMConfig(feature=0.0))
+    total, parts = d2llm_loss(z, s, zi, None, D2LLMConfig(rank_pairwise=0.0, feature=0.0))
     assert set(parts) == {"in_batch", "contrastive", "rank_pearson"}
 
 
@@ -116,7 +128,8 @@ def test_iem_fast_path_equals_plain_form():
         z_fast, h_fast = iem.score_proj(iem.query_proj(yq)[:, None], iem.passage_proj(yp)[None], symmetric)
         for i in range(4):
             for j in range(6):
-                x = torch.relu(iem.w1(torch.cat([yq[i], yp[j]])))
+                w1 = torch.cat([iem.w1_query.weight, iem.w1_passage.weight], dim=1)  # W1 = [W1a | W1b]
+                x = torch.relu(w1 @ torch.cat([yq[i], yp[j]]) + iem.w1_query.bias)
                 h = torch.relu((iem.sym if symmetric else iem.asym)(x))
                 assert torch.allclose(h_fast[i, j], h) and torch.allclose(z_fast[i, j], iem.out(h)[0])
     flags = torch.tensor([[True], [False], [True], [False]])  # per-query branch choice

@@ -65,10 +65,32 @@ class MNTPConfig:
 
 
 @dataclass(kw_only=True)
+class D2LLMConfig:
+    """The D2LLM student's distillation (METHODS.md 2.3): loss weights, the IEM, the symmetric tasks."""
+
+    in_batch: float = 1.0  # InfoNCE over the batch's positives (no teacher)
+    contrastive: float = 1.0  # alpha: contrastive imitation
+    rank_pearson: float = 1.0  # beta: rank imitation, 1 - Pearson
+    rank_pairwise: float = 0.01  # gamma: rank imitation, hard vs in-batch negatives (teacher group scores)
+    feature: float = 0.0  # eta (paper: 0.001): feature imitation; needs teacher features in the shards
+    temperature: float = 1.0  # divides the logits of the two InfoNCE terms
+    iem_hidden: int = 512
+    symmetric_tasks: list[str] = field(default_factory=list)  # tasks scored by the IEM's symmetric branch
+
+    def __post_init__(self) -> None:
+        weights = ("in_batch", "contrastive", "rank_pearson", "rank_pairwise", "feature")
+        if any(getattr(self, w) < 0 for w in weights) or not any(getattr(self, w) for w in weights):
+            raise ConfigError(f"d2llm: the loss weights {weights} must be >= 0 and not all 0")
+        if self.temperature <= 0 or self.iem_hidden < 1:
+            raise ConfigError("d2llm.temperature must be > 0 and d2llm.iem_hidden >= 1")
+
+
+@dataclass(kw_only=True)
 class ObjectiveConfig:
-    kind: Literal["mntp", "simcse", "supervised"]
+    kind: Literal["mntp", "simcse", "supervised", "d2llm"]
     temperature: float = 0.05  # SimCSE 0.05 (scale 20), supervised 0.02 (scale 50)
     mntp: MNTPConfig = field(default_factory=MNTPConfig)
+    d2llm: D2LLMConfig = field(default_factory=D2LLMConfig)
     gradcache_chunk_size: int = 0  # 0 = off; else embed in chunks of this many texts
 
 

@@ -36,7 +36,7 @@ from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_c
 from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.base import build_engine
-from toolkit.models.encoder import SPEC_FILE, Encoder
+from toolkit.models.encoder import SPEC_FILE, Encoder, load_iem_weights, load_spec
 from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,10 @@ def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
     """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
     encoder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")))
     load_pooling_weights(encoder.pooling, folder)
+    spec = load_spec(folder / SPEC_FILE)
+    if spec.iem_hidden:
+        encoder.add_iem(spec.iem_hidden)
+        load_iem_weights(encoder, folder)
 
 
 def load_pooling_weights(pooling, folder: Path) -> None:

@@ -86,6 +86,8 @@ def merged_stage_encoder(cfg: RunConfig, index: int, run_dir: Path, tensors: dic
     encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
     if index > 0:
         load_encoder_weights(encoder, _previous_final(run_dir, cfg, index))
+    if stage.objective.kind == "d2llm":
+        encoder.add_iem(stage.objective.d2llm.iem_hidden)  # its trained weights are among `tensors`
     if stage.lora.enabled:
         encoder.backbone = add_lora(encoder.backbone, stage.lora)
     params = dict(encoder.named_parameters())

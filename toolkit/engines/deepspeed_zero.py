@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
-from toolkit.engines.base import Engine, StepResult, register, stage_attention_dropout
+from toolkit.engines.base import StepResult, register
+from toolkit.engines.hf import HFEngine
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
@@ -98,30 +99,12 @@ def ds_config(cfg: RunConfig, stage: StageConfig, dp: int) -> dict:
 
 
 @register("deepspeed")
-class DeepSpeedEngine(Engine):
+class DeepSpeedEngine(HFEngine):
+    """The hf engine's model and stages; DeepSpeed owns gradient reduction, clipping and the update."""
+
     def __init__(self, cfg: RunConfig, dims: ParallelDims):
         super().__init__(cfg, dims)
         self.ds = None  # the DeepSpeed engine of the current stage
-
-    @property
-    def tokenizer(self):
-        return self.encoder.tokenizer
-
-    def build(self, *, add_mask_token: bool) -> None:
-        if self.dims.tp * self.dims.pp != 1:
-            raise ConfigError(f"engine=deepspeed is data-parallel only; parallel.tp={self.dims.tp} / parallel.pp="
-                              f"{self.dims.pp} need engine=megatron")
-        self.add_mask_token = add_mask_token
-        self._build_encoder()
-
-    def _build_encoder(self) -> None:
-        from toolkit.models.loading import build_encoder
-
-        self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
-                                                   add_mask_token=self.add_mask_token)
-        if self.cfg.model.gradient_checkpointing:  # non-reentrant: ZeRO's gradient hooks fire once per param
-            self.encoder.backbone.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False})
 
     def _release(self) -> None:
         if self.ds is not None:
@@ -131,17 +114,11 @@ class DeepSpeedEngine(Engine):
     def load_stage_output(self, final_dir: Path) -> None:
         """A fresh, unpartitioned model with the finished stage's merged weights (ZeRO-3 left the last
         one partitioned and hooked)."""
-        from toolkit.train import load_encoder_weights
-
         self._release()
         self._build_encoder()
-        load_encoder_weights(self.encoder, final_dir)
+        super().load_stage_output(final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.distributed.gather import make_gather
-        from toolkit.models.loading import set_attention_dropout
-        from toolkit.models.lora import add_lora
-        from toolkit.objectives.steps import build_step
         from toolkit.train import lr_lambda
 
         deepspeed = _import_deepspeed()
@@ -151,15 +128,7 @@ class DeepSpeedEngine(Engine):
         if self.dims.world_size == 1:
             init_single_process_group()  # DeepSpeed needs a process group, even of one rank
             os.environ.setdefault("LOCAL_RANK", "0")  # and asserts a launcher set this
-        encoder, base = self.encoder, self.encoder.backbone
-        set_attention_dropout(base, stage_attention_dropout(stage, self.cfg, base.config))
-        if stage.lora.enabled:
-            encoder.backbone = add_lora(base, stage.lora)
-        else:
-            base.requires_grad_(True)
-        encoder.pooling.requires_grad_(True)
-        self.index, self.stage = index, stage
-        self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
+        self._prepare_trainable(index, stage)
         o = stage.optimizer
         if self.cfg.zero.cpu_adam:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -171,10 +140,9 @@ class DeepSpeedEngine(Engine):
                                           weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, stage.steps))
         self.ds, _, _, self.scheduler = deepspeed.initialize(
-            model=_TrainModule(encoder, self.lm_head), optimizer=optimizer, lr_scheduler=scheduler,
+            model=_TrainModule(self.encoder, self.lm_head), optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config(self.cfg, stage, self.dims.dp), dist_init_required=False)
-        gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
-        self.step_fn = build_step(stage, encoder, self.lm_head, generator, gather, data_kind=data_kind)
+        self._build_step(stage, data_kind, generator)
         self.step_fn.forward = self.ds
         self.step_fn.backward = self._backward
         self._stage0_norm: float | None = None
@@ -192,16 +160,7 @@ class DeepSpeedEngine(Engine):
         self.ds.backward(loss, scale_wrt_gas=False)  # the step already scaled by 1 / grad_accum
 
     def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
-        accum = len(micro_batches)
-        loss, tokens = 0.0, 0
-        for samples in micro_batches:
-            stats = self.step_fn.step(samples, 1.0 / accum)
-            loss += stats.loss / accum
-            tokens += stats.tokens
-        if self.dims.dp > 1:
-            totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
-            dist.all_reduce(totals, group=self.dims.dp_group)
-            loss, tokens = float(totals[0]) / self.dims.dp, int(totals[1])
+        loss, tokens = self._forward_backward(micro_batches)
         self.ds.step()  # reduce (stage 0/1) or finalize partitions (2/3), clip, update, lr schedule
         norm = self.ds.get_global_grad_norm() if self.cfg.zero.stage > 0 else self._stage0_norm
         grad_norm = float(norm) if norm is not None else float("nan")

@@ -29,14 +29,18 @@ class HFEngine(Engine):
         return self.encoder.tokenizer
 
     def build(self, *, add_mask_token: bool) -> None:
+        if self.dims.tp * self.dims.pp != 1:
+            raise ConfigError(f"engine={self.name} is data-parallel only; parallel.tp={self.dims.tp} / parallel.pp="
+                              f"{self.dims.pp} need engine=megatron")
+        self.add_mask_token = add_mask_token
+        self._build_encoder()
+
+    def _build_encoder(self) -> None:
         from toolkit.models.loading import build_encoder
 
-        if self.dims.tp * self.dims.pp != 1:
-            raise ConfigError(f"engine=hf is data-parallel only; parallel.tp={self.dims.tp} / parallel.pp="
-                              f"{self.dims.pp} need engine=megatron")
         self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
-                                                   add_mask_token=add_mask_token)
-        if self.cfg.model.gradient_checkpointing:
+                                                   add_mask_token=self.add_mask_token)
+        if self.cfg.model.gradient_checkpointing:  # non-reentrant: gradient hooks fire once per parameter
             self.encoder.backbone.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
 
@@ -46,11 +50,20 @@ class HFEngine(Engine):
         load_encoder_weights(self.encoder, final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.distributed.gather import make_gather
+        from toolkit.train import lr_lambda
+
+        self._prepare_trainable(index, stage)
+        o = stage.optimizer
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
+        self._build_step(stage, data_kind, generator)
+        self.encoder.train()
+
+    def _prepare_trainable(self, index: int, stage: StageConfig) -> None:
+        """The stage's dropout, a fresh adapter (or the whole backbone) and the pooling head trainable."""
         from toolkit.models.loading import set_attention_dropout
         from toolkit.models.lora import add_lora
-        from toolkit.objectives.steps import build_step
-        from toolkit.train import lr_lambda
 
         encoder, base = self.encoder, self.encoder.backbone
         set_attention_dropout(base, stage_attention_dropout(stage, self.cfg, base.config))
@@ -59,17 +72,35 @@ class HFEngine(Engine):
         else:
             base.requires_grad_(True)
         encoder.pooling.requires_grad_(True)
-        self.stage = stage
+        if stage.objective.kind == "d2llm":  # the student's pair scorer, trained with the pooling head
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed + 17 * (index + 1))
+                encoder.add_iem(stage.objective.d2llm.iem_hidden).requires_grad_(True)
+        elif encoder.iem is not None:  # an earlier D2LLM stage's scorer rides along, frozen
+            encoder.iem.requires_grad_(False)
+        self.index, self.stage = index, stage
         self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
-        o = stage.optimizer
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
+
+    def _build_step(self, stage: StageConfig, data_kind: str, generator: torch.Generator) -> None:
+        from toolkit.distributed.gather import make_gather
+        from toolkit.objectives.steps import build_step
+
         gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
-        self.step_fn = build_step(stage, encoder, self.lm_head, generator, gather, data_kind=data_kind)
-        encoder.train()
+        self.step_fn = build_step(stage, self.encoder, self.lm_head, generator, gather, data_kind=data_kind)
 
     def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
+        loss, tokens = self._forward_backward(micro_batches)
+        if self.dims.dp > 1:
+            allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
+        grad_norm = self._clip(self.stage.optimizer.clip_grad)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+
+    def _forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
+        """Every micro-batch's forward and backward (gradients accumulate, each scaled by 1 / count);
+        the step's mean loss and its tokens over the DP group."""
         accum = len(micro_batches)
         loss, tokens = 0.0, 0
         for samples in micro_batches:
@@ -77,15 +108,10 @@ class HFEngine(Engine):
             loss += stats.loss / accum
             tokens += stats.tokens
         if self.dims.dp > 1:
-            allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
             totals = torch.tensor([loss, float(tokens)], dtype=torch.float64)
             dist.all_reduce(totals, group=self.dims.dp_group)
             loss, tokens = float(totals[0]) / self.dims.dp, int(totals[1])
-        grad_norm = self._clip(self.stage.optimizer.clip_grad)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        return loss, tokens
 
     def _clip(self, max_norm: float) -> float:
         grads = [p for p in self.params.values() if p.grad is not None]

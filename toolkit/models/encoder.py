@@ -32,6 +32,7 @@ class EncoderSpec:
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     max_length: int = 512
     bidirectional: bool = True
+    iem_hidden: int = 0  # > 0: a D2LLM student, with its Interaction Emulation Module (iem.safetensors)
     format_version: int = FORMAT_VERSION
 
 
@@ -52,7 +53,21 @@ class Encoder(nn.Module):
         self.pooling = pooling
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.spec = spec
+        self.iem: nn.Module | None = None
+        if spec.iem_hidden:
+            self.add_iem(spec.iem_hidden)
         self._prompt_lengths: dict[str, int] = {}
+
+    def add_iem(self, hidden: int) -> nn.Module:
+        """Attach a D2LLM Interaction Emulation Module over the pooled embeddings (kept if present)."""
+        from toolkit.models.iem import InteractionEmulation
+
+        if self.iem is None:
+            self.iem = InteractionEmulation(self.pooling.output_dim, hidden)
+            self.spec.iem_hidden = hidden
+        elif self.iem.hidden != hidden:
+            raise ValueError(f"d2llm.iem_hidden={hidden}, but this encoder's IEM has {self.iem.hidden}")
+        return self.iem
 
     # ------------------------------------------------------------------ tokenisation
     def format_instruction(self, instruction: str | None) -> str:
@@ -177,7 +192,21 @@ class Encoder(nn.Module):
 
             state = {k.removeprefix("pooling."): v for k, v in load_file(weights).items()}
             pooling.load_state_dict(state)
-        return cls(backbone, tokenizer, pooling, spec).to(device).eval()
+        encoder = cls(backbone, tokenizer, pooling, spec)
+        if encoder.iem is not None:
+            load_iem_weights(encoder, path)
+        return encoder.to(device).eval()
+
+
+def load_iem_weights(encoder: "Encoder", folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    from toolkit.models.export import IEM_FILE
+
+    weights = Path(folder) / IEM_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: {SPEC_FILE} declares a D2LLM IEM (iem_hidden) but its weights are missing")
+    encoder.iem.load_state_dict(load_file(weights))
 
 
 def load_spec(spec_file: Path) -> EncoderSpec:

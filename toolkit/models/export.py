@@ -8,7 +8,8 @@ Mean and last-token pooling are written as sentence-transformers' own `Pooling` 
 `include_prompt=False`), which loads anywhere. Weighted-mean (LLM2Vec's weights count pooled tokens
 only), BOS (first real token, even with a prompt) and the trained heads have no exact
 sentence-transformers equivalent: they use `EmbedforgePooling`, which needs
-`SentenceTransformer(dir, trust_remote_code=True)` and `embedforge` installed.
+`SentenceTransformer(dir, trust_remote_code=True)` and `embedforge` installed. A D2LLM student also
+writes its Interaction Emulation Module (`iem.safetensors`; `embedforge.json` names its size).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from toolkit.models.encoder import Encoder
 
 NATIVE_MODES = {"mean": "mean", "last": "lasttoken"}
+IEM_FILE = "iem.safetensors"
 
 
 def modules_json(pooling_type: str) -> list[dict]:
@@ -66,5 +68,10 @@ def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
         pool_dir = tmp / "1_Pooling"
         pool_dir.mkdir()
         pool.save(str(pool_dir))
+        if encoder.iem is not None:  # D2LLM student: the pair scorer beside the embedding model
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous().cpu() for k, v in encoder.iem.state_dict().items()},
+                      str(tmp / IEM_FILE))
         (tmp / SPEC_FILE).write_text(spec_to_json(encoder.spec))
     return path

@@ -3,9 +3,10 @@ pooled embeddings, emulating the teacher's cross-attention.
 
     x = relu(W1 [y_q ; y_p] + b1);  h = relu(W_sym x + b_sym)  or  relu(W_asym x + b_asym);  z = w2 . h + b2
 
-The symmetric branch serves NLI / STS-like tasks, the asymmetric one retrieval. W1 splits into
-[W1a | W1b], so a passage's u_p = W1b y_p is computed once offline and a query's u_q = W1a y_q + b1
-once per query: a pair then costs relu(u_q + u_p), one hidden x hidden matvec and a dot.
+The symmetric branch serves NLI / STS-like tasks, the asymmetric one retrieval. W1 is kept as its
+two halves [W1a | W1b] (two linear modules: every use is a module call, which ZeRO-3 needs to gather
+them), so a passage's u_p = W1b y_p is computed once offline and a query's u_q = W1a y_q + b1 once
+per query: a pair then costs relu(u_q + u_p), one hidden x hidden matvec and a dot.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ class InteractionEmulation(nn.Module):
     def __init__(self, embed_dim: int, hidden: int = 512):
         super().__init__()
         self.embed_dim, self.hidden = embed_dim, hidden
-        self.w1 = nn.Linear(2 * embed_dim, hidden)
+        self.w1_query = nn.Linear(embed_dim, hidden)  # W1a, b1
+        self.w1_passage = nn.Linear(embed_dim, hidden, bias=False)  # W1b
         self.sym = nn.Linear(hidden, hidden)
         self.asym = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, 1)
@@ -27,11 +29,11 @@ class InteractionEmulation(nn.Module):
     # ---------------------------------------------------------------- decomposed (fast) form
     def query_proj(self, y_q: Tensor) -> Tensor:
         """u_q = W1a y_q + b1 ([..., embed_dim] -> [..., hidden])."""
-        return F.linear(y_q, self.w1.weight[:, : self.embed_dim], self.w1.bias)
+        return self.w1_query(y_q)
 
     def passage_proj(self, y_p: Tensor) -> Tensor:
         """u_p = W1b y_p: precomputed per passage, offline."""
-        return F.linear(y_p, self.w1.weight[:, self.embed_dim :])
+        return self.w1_passage(y_p)
 
     def score_proj(self, u_q: Tensor, u_p: Tensor, symmetric: bool | Tensor) -> tuple[Tensor, Tensor]:
         """(logit z, branch features h) of pairs from projections that broadcast against each other.

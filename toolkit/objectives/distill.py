@@ -8,26 +8,16 @@ Notation (one batch of B queries, each with its positive and K hard negatives):
   candidates (feature imitation).
 
 Every softmax is a log-sum-exp (the reference's hand-written softmax overflows); each loss is the
-mean over queries. METHODS.md section 2.3 has the formulas; the weights are `DistillWeights`.
+mean over queries. METHODS.md section 2.3 has the formulas; the weights are `D2LLMConfig`'s.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-
-@dataclass(frozen=True)
-class DistillWeights:
-    in_batch: float = 1.0  # InfoNCE over in-batch positives (no teacher)
-    contrastive: float = 1.0  # alpha: contrastive imitation (CI)
-    rank_pearson: float = 1.0  # beta: rank imitation, 1 - Pearson
-    rank_pairwise: float = 0.01  # gamma: rank imitation, hard vs in-batch negatives
-    feature: float = 0.001  # eta: feature imitation (FI)
-    temperature: float = 1.0  # divides the logits of the two InfoNCE terms
+from toolkit.config import D2LLMConfig
 
 
 def in_batch_infonce(z_inb: Tensor, temperature: float = 1.0) -> Tensor:
@@ -54,18 +44,24 @@ def pearson_rank_imitation(z_cand: Tensor, s_cand: Tensor, eps: float = 1e-8) ->
     return (1.0 - corr).mean()
 
 
-def pairwise_rank_imitation(z_cand: Tensor, s_cand: Tensor, z_inb: Tensor, s_inb: Tensor) -> Tensor:
+def pairwise_rank_imitation(z_cand: Tensor, s_cand: Tensor, z_inb: Tensor, s_inb: Tensor,
+                            known: Tensor | None = None) -> Tensor:
     """For hard negative k of query i and in-batch negative j != i:
-    max(0, s_ik - s_ij) * -log sigmoid(z_ik - z_ij), averaged over (i, k, j)."""
+    max(0, s_ik - s_ij) * -log sigmoid(z_ik - z_ij), averaged over (i, k, j).
+
+    `known` [B, B] marks the (i, j) whose teacher score s_ij exists (the teacher scores in-batch pairs
+    of its planned groups; a batch that mixes groups knows only some); the rest are left out."""
     b, c = z_cand.shape
     if c < 2 or b < 2:
         raise ValueError("pairwise rank imitation needs hard negatives and at least 2 queries per batch")
     off = ~torch.eye(b, dtype=torch.bool, device=z_inb.device)
+    mask = off if known is None else off & known.to(off.device)
     z_hard, s_hard = z_cand[:, 1:, None].float(), s_cand[:, 1:, None].float()  # [B, K, 1]
-    z_neg = z_inb.float()[off].view(b, 1, b - 1)  # [B, 1, B-1]
-    s_neg = s_inb.float()[off].view(b, 1, b - 1)
-    weight = (s_hard - s_neg).clamp_min(0.0)
-    return (weight * F.softplus(-(z_hard - z_neg))).mean()  # softplus(-x) = -log sigmoid(x), stably
+    z_neg, s_neg = z_inb.float()[:, None, :], s_inb.float()[:, None, :]  # [B, 1, B]
+    weight = (s_hard - s_neg).clamp_min(0.0) * mask[:, None, :]
+    terms = weight * F.softplus(-(z_hard - z_neg))  # softplus(-x) = -log sigmoid(x), stably
+    count = mask.sum() * (c - 1)
+    return terms.sum() / count.clamp_min(1)
 
 
 def feature_imitation(h_cand: Tensor, t_cand: Tensor) -> Tensor:
@@ -78,8 +74,9 @@ def feature_imitation(h_cand: Tensor, t_cand: Tensor) -> Tensor:
     return (cos(h_cand) - cos(t_cand)).pow(2).sum(dim=(1, 2)).mean()
 
 
-def d2llm_loss(z_cand: Tensor, s_cand: Tensor, z_inb: Tensor, s_inb: Tensor | None, weights: DistillWeights,
-               h_cand: Tensor | None = None, t_cand: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+def d2llm_loss(z_cand: Tensor, s_cand: Tensor, z_inb: Tensor, s_inb: Tensor | None, weights: D2LLMConfig,
+               h_cand: Tensor | None = None, t_cand: Tensor | None = None,
+               known: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """The weighted sum and its parts; a term whose weight is 0 is not computed, one whose inputs are
     missing (no in-batch teacher scores, no teacher features) fails unless its weight is 0."""
     parts: dict[str, Tensor] = {}
@@ -92,7 +89,7 @@ def d2llm_loss(z_cand: Tensor, s_cand: Tensor, z_inb: Tensor, s_inb: Tensor | No
     if weights.rank_pairwise:
         if s_inb is None:
             raise ValueError("rank_pairwise needs the teacher's in-batch scores (score the planned batches)")
-        parts["rank_pairwise"] = pairwise_rank_imitation(z_cand, s_cand, z_inb, s_inb)
+        parts["rank_pairwise"] = pairwise_rank_imitation(z_cand, s_cand, z_inb, s_inb, known)
     if weights.feature:
         if h_cand is None or t_cand is None:
             raise ValueError("feature imitation needs teacher features in the scored shards (or weight 0)")

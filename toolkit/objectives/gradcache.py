@@ -68,7 +68,7 @@ def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: 
     after_first_pass = rng_state()
 
     loss = loss_fn(*cached)
-    (loss * loss_scale).backward()  # only to the cached embeddings (leaves): no parameter sees it
+    backward(loss * loss_scale)  # to the cached embeddings, and to the loss's own parameters (a D2LLM IEM)
 
     for chunks, chunk_states, reps in zip(chunked, states, cached):
         if reps.grad is None:  # the loss ignored this group

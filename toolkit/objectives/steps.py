@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from toolkit.config import ObjectiveConfig, StageConfig
 from toolkit.models.encoder import Encoder
 from toolkit.objectives.contrastive import GatherFn, simcse_loss, supervised_contrastive_loss
+from toolkit.objectives.distill import d2llm_loss
 from toolkit.objectives.gradcache import gradcache_backward
 from toolkit.objectives.mntp import NEW_MASK_TOKEN, MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
 
@@ -152,6 +153,54 @@ class SupervisedStep(_ContrastiveStep):
         return groups, loss_fn
 
 
+class D2LLMStep(_ContrastiveStep):
+    """D2LLM student: queries and candidates (positive + K hard negatives) pooled, the encoder's IEM
+    scores every (query, own candidate) and (query, other positive) pair, and the distillation losses
+    compare those logits with the teacher's scores from the `scored` shards.
+
+    In-batch teacher scores exist for pairs of one planned group (`group`, `group_index`): a batch
+    that is a whole group knows them all, a mixed batch only those within a group. The batch's
+    in-batch pairs stay on this rank (the teacher scored no cross-rank pairs)."""
+
+    def prepare(self, samples: list[dict]) -> tuple[list[dict], Callable[..., Tensor]]:
+        d2 = self.cfg.d2llm
+        k = len(samples[0]["negatives"])
+        if k < 1 or any(len(s["negatives"]) != k for s in samples):
+            raise ValueError("d2llm batch: every sample needs the same number (>= 1) of hard negatives")
+        instruction = samples[0]["instruction"]
+        if any(s["instruction"] != instruction for s in samples):
+            raise ValueError("d2llm batch: all queries of a batch must share one instruction (one task per batch)")
+        b = len(samples)
+        groups = [self.encoder.tokenize([s["query"] for s in samples], instruction, self.max_length),
+                  self.encoder.tokenize([c for s in samples for c in (s["positive"], *s["negatives"])],
+                                        max_length=self.max_length)]
+        s_cand = torch.tensor([s["scores"] for s in samples])
+        s_inb, known = torch.zeros(b, b), torch.zeros(b, b, dtype=torch.bool)
+        for i, a in enumerate(samples):
+            for j, o in enumerate(samples):
+                if "group" in a and a["group"] == o.get("group") and o["group_index"] < len(a["inbatch_scores"]):
+                    s_inb[i, j], known[i, j] = a["inbatch_scores"][o["group_index"]], True
+        t_cand = None
+        if d2.feature:
+            if any("features" not in s for s in samples):
+                raise ValueError("d2llm.feature > 0 needs teacher features in the scored shards "
+                                 "(`embedforge teacher score --features`), or set d2llm.feature=0")
+            t_cand = torch.tensor([s["features"] for s in samples], dtype=torch.float32)
+        symmetric = samples[0]["task"] in d2.symmetric_tasks
+        iem = self.encoder.iem
+
+        def loss_fn(q: Tensor, cand: Tensor) -> Tensor:
+            cand = cand.view(b, k + 1, -1)
+            u_q = iem.query_proj(q)[:, None]  # [B, 1, H]
+            z_cand, h_cand = iem.score_proj(u_q, iem.passage_proj(cand), symmetric)  # [B, 1+K]
+            z_inb, _ = iem.score_proj(u_q, iem.passage_proj(cand[:, 0])[None], symmetric)  # [B, B]
+            loss, _ = d2llm_loss(z_cand, s_cand.to(z_cand.device), z_inb, s_inb.to(z_cand.device), d2,
+                                 h_cand, None if t_cand is None else t_cand.to(z_cand.device), known.to(z_cand.device))
+            return loss
+
+        return groups, loss_fn
+
+
 def mask_token_id(tokenizer, choice: str) -> int:
     """The MNTP mask id; `new` must already have been added (and embeddings resized) at model build."""
     if choice == "new":
@@ -161,7 +210,7 @@ def mask_token_id(tokenizer, choice: str) -> int:
     return resolve_mask_token(tokenizer, choice)[0]
 
 
-NEEDS_KIND = {"mntp": ("text",), "simcse": ("text",), "supervised": ("pair", "scored")}
+NEEDS_KIND = {"mntp": ("text",), "simcse": ("text",), "supervised": ("pair", "scored"), "d2llm": ("scored",)}
 
 
 def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, generator: torch.Generator,
@@ -183,4 +232,8 @@ def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, 
         return MNTPStep(encoder, lm_head, spec, stage.data.max_length, stage.precision, generator)
     if obj.kind == "simcse":
         return SimCSEStep(encoder, obj, stage.data.max_length, stage.precision, gather)
+    if obj.kind == "d2llm":
+        if encoder.iem is None:
+            raise ValueError(f"stages.{stage.name}: objective d2llm needs the encoder's IEM (added by the engine)")
+        return D2LLMStep(encoder, obj, stage.data.max_length, stage.precision)
     return SupervisedStep(encoder, obj, stage.data.max_length, stage.precision, gather)

@@ -139,6 +139,9 @@ class MegatronEngine(Engine):
         from toolkit.train import lr_lambda
 
         where = f"stages[{index}] ({stage.name})"
+        if stage.objective.kind == "d2llm":
+            raise ConfigError(f"{where}: objective d2llm (the D2LLM student) runs on engine=hf or engine=deepspeed; "
+                              "its megatron path is not built yet")
         if not stage.lora.enabled and self.cfg.model.dtype == "bfloat16":
             raise ConfigError(f"{where}.lora.enabled=false with model.dtype=bfloat16: full fine-tuning needs fp32 "
                               "master weights, which engine=megatron does not keep; use model.dtype=float32 with "

@@ -1,0 +1,101 @@
+"""The D2LLM student stage (`objective.kind: d2llm`): a tiny student (LoRA + PMA + IEM) learns from a
+tiny teacher's scored shards on the hf engine (one process, resumable, exported with its IEM), and
+on DeepSpeed ZeRO-3 with 2 ranks equals the hf engine with 2 ranks (losses, merged weights, IEM)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import CORPUS, save_tiny_decoder
+from tests.test_megatron_train import EMBEDFORGE, losses, torchrun
+from tests.test_teacher import NO, YES
+from tests.test_teacher_job import pairs, teacher_dir  # noqa: F401  (fixtures)
+
+
+@pytest.fixture(scope="module")
+def scored(teacher_dir, pairs, tmp_path_factory) -> Path:  # noqa: F811
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local
+    from toolkit.teacher.scoring import TeacherPrompt
+
+    out = tmp_path_factory.mktemp("scored") / "data"
+    job = ScoreJob(model=str(teacher_dir), input=str(pairs), output=str(out), group_size=3,
+                   prompt=TeacherPrompt(yes=YES, no=NO), features=True)
+    run_local(job)
+    assert finish(job, pending_shards(job)[0]) is not None
+    return out
+
+
+def recipe(tmp_path: Path, scored: Path, **d2llm) -> Path:
+    model = save_tiny_decoder(tmp_path / "student", "llama", num_hidden_layers=2)
+    cfg = {
+        "output_dir": "unset", "seed": 3, "model": {"path": str(model), "max_length": 48},
+        "pooling": {"mode": "pma", "heads": 2},
+        "stages": [{"name": "distill", "steps": 4, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                    "data": {"path": str(scored), "batch_size": 3, "max_length": 48, "mode": "resampled"},
+                    "objective": {"kind": "d2llm", "d2llm": {"iem_hidden": 16, "feature": 0.001, **d2llm}},
+                    "optimizer": {"lr": 5e-3}}],
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
+    }
+    path = tmp_path / "d2llm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([EMBEDFORGE, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_student_trains_resumes_and_exports_with_its_iem(scored, tmp_path):
+    cfg = recipe(tmp_path, scored)
+    full, sliced = tmp_path / "full", tmp_path / "sliced"
+    a = run("train", str(cfg), f"output_dir={full}")
+    assert a.returncode == 0, a.stderr[-3000:]
+    b = run("train", str(cfg), f"output_dir={sliced}", "--stop-after-steps", "2")
+    assert b.returncode == 3 and (sliced / "00-distill" / "step-2" / "COMPLETE").is_file(), b.stderr[-3000:]
+    c = run("train", str(cfg), f"output_dir={sliced}")
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert losses(full) == losses(sliced)  # exact resume, IEM and its Adam state included
+
+    from toolkit.models.encoder import Encoder
+
+    final = full / "00-distill" / "final"
+    assert (final / "iem.safetensors").is_file()
+    student = Encoder.from_pretrained(final)
+    assert student.iem is not None and student.spec.iem_hidden == 16
+    exported = tmp_path / "exported"
+    x = run("export", "--checkpoint", str(full / "00-distill" / "step-2"), "--output", str(exported))
+    assert x.returncode == 0, x.stderr[-3000:]
+    mid = Encoder.from_pretrained(exported)
+    q, p = student.encode(CORPUS[:2]), student.encode(CORPUS[2:5])
+    with torch.no_grad():
+        z_final, _ = student.iem(torch.tensor(q)[:, None], torch.tensor(p)[None])
+        z_mid, _ = mid.iem(torch.tensor(q)[:, None], torch.tensor(p)[None])
+    assert z_final.shape == (2, 3) and not torch.allclose(z_final, z_mid)  # steps 3-4 moved the IEM
+
+    bad = run("train", str(cfg), f"output_dir={tmp_path / 'meg'}", "engine=megatron")
+    assert bad.returncode == 2 and "objective d2llm" in bad.stderr
+
+
+@pytest.mark.slow
+def test_zero3_student_equals_hf_engine(scored, tmp_path):
+    cfg = recipe(tmp_path, scored)
+    runs = {}
+    for name, overrides in {"hf": ["engine=hf"], "zero3": ["engine=deepspeed", "zero.stage=3"]}.items():
+        runs[name] = tmp_path / name
+        r = torchrun("train", str(cfg), f"output_dir={runs[name]}", *overrides)
+        assert r.returncode == 0, r.stderr[-4000:]
+    want, got = losses(runs["hf"]), losses(runs["zero3"])
+    assert want.keys() == got.keys() and len(want) == 4
+    for key, value in want.items():
+        assert abs(got[key] - value) <= 1e-5 * max(1.0, abs(value)), (key, got[key], value)
+    for name in ("model.safetensors", "iem.safetensors"):
+        a = load_file(str(runs["hf"] / "00-distill" / "final" / name))
+        b = load_file(str(runs["zero3"] / "00-distill" / "final" / name))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2e-5, name
