@@ -1,5 +1,5 @@
 """`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan,
-teacher (score), search (index / query).
+teacher (score), search (index / query), d2llm (quickstart).
 
 Commands only parse arguments and call library entry points; errors in configs, paths and data are
 printed as one clear line (exit code 2), not a traceback.
@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from launchers import plan, search, teacher
+from launchers import d2llm, plan, search, teacher
 
 EXIT_USAGE = 2
 
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     teacher.add_parser(sub)
     search.add_parser(sub)
+    d2llm.add_parser(sub)
     return p
 
 
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),
                                          getattr(args, "teacher_command", None),
-                                         getattr(args, "search_command", None)]))
+                                         getattr(args, "search_command", None),
+                                         getattr(args, "d2llm_command", None)]))
         print(f"embedforge {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

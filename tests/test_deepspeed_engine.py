@@ -126,11 +126,11 @@ def test_gradcache_routes_every_backward_through_the_engine():
         seen.append(t)
         t.backward()
 
-    gradcache_backward(lambda g: lin(g["x"]), groups, loss_fn, 4, backward=backward)
+    gradcache_backward(lambda g: lin(g["x"]), groups, loss_fn, 4, backward=backward, loss_backward=backward)
     routed = [p.grad.clone() for p in lin.parameters()]
     lin.zero_grad()
     loss_fn(lin(groups[0]["x"]), lin(groups[1]["x"])).backward()
-    assert len(seen) == 5  # the loss (to the cached embeddings and the loss's own parameters), 2 groups x 2 chunks
+    assert len(seen) == 5  # the loss (as for a loss with parameters of its own), 2 groups x 2 chunks
     for got, want in zip(routed, (p.grad for p in lin.parameters())):
         assert torch.allclose(got, want, atol=1e-6)
 

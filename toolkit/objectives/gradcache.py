@@ -41,11 +41,15 @@ def _chunks(group: dict[str, Tensor], chunk_size: int) -> list[dict[str, Tensor]
 
 def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: Sequence[dict[str, Tensor]],
                        loss_fn: Callable[..., Tensor], chunk_size: int, loss_scale: float = 1.0,
-                       backward: Callable[[Tensor], None] = Tensor.backward) -> Tensor:
+                       backward: Callable[[Tensor], None] = Tensor.backward,
+                       loss_backward: Callable[[Tensor], None] = Tensor.backward) -> Tensor:
     """Accumulate d(loss * loss_scale)/d params into .grad; returns the (unscaled) loss, detached.
 
-    Every backward is of a scalar through `backward` (an engine may need to see each one): a chunk's
-    pass backpropagates sum(emb * cached_grad), whose gradient w.r.t. emb is exactly cached_grad.
+    Every chunk's backward is of a scalar through `backward` (an engine may need to see each one): it
+    backpropagates sum(emb * cached_grad), whose gradient w.r.t. emb is exactly cached_grad. The loss
+    itself goes through `loss_backward`: plain autograd when it only reaches the cached embeddings (a
+    ZeRO engine's backward expects parameters to reduce), the engine's when the loss has parameters
+    of its own (a D2LLM IEM).
 
     `groups` are tokenised batches, one per role (queries, positives, ...); `loss_fn` receives one
     [n_g, d] embedding matrix per group. `loss_fn` may gather across ranks: its backward runs once,
@@ -68,7 +72,7 @@ def gradcache_backward(embed_fn: Callable[[dict[str, Tensor]], Tensor], groups: 
     after_first_pass = rng_state()
 
     loss = loss_fn(*cached)
-    backward(loss * loss_scale)  # to the cached embeddings, and to the loss's own parameters (a D2LLM IEM)
+    loss_backward(loss * loss_scale)
 
     for chunks, chunk_states, reps in zip(chunked, states, cached):
         if reps.grad is None:  # the loss ignored this group

@@ -86,6 +86,8 @@ class _ContrastiveStep(EngineHooks, ABC):
 
     `prepare` is the engine-independent half (other engines embed the groups their own way)."""
 
+    loss_has_parameters = False  # does the loss over the embeddings train parameters of its own?
+
     def __init__(self, encoder: Encoder, cfg: ObjectiveConfig, max_length: int, precision: str,
                  gather: GatherFn | None = None):
         self.encoder, self.cfg, self.max_length = encoder, cfg, max_length
@@ -108,7 +110,8 @@ class _ContrastiveStep(EngineHooks, ABC):
         tokens = int(sum(int(g["attention_mask"].sum()) for g in groups))
         if self.cfg.gradcache_chunk_size:
             loss = gradcache_backward(self._embed, groups, loss_fn, self.cfg.gradcache_chunk_size, loss_scale,
-                                      backward=self.backward)
+                                      backward=self.backward,
+                                      loss_backward=self.backward if self.loss_has_parameters else autograd_backward)
             return StepStats(float(loss), tokens)
         loss = loss_fn(*[self._embed(g) for g in groups])
         self.backward(loss * loss_scale)
@@ -161,6 +164,8 @@ class D2LLMStep(_ContrastiveStep):
     In-batch teacher scores exist for pairs of one planned group (`group`, `group_index`): a batch
     that is a whole group knows them all, a mixed batch only those within a group. The batch's
     in-batch pairs stay on this rank (the teacher scored no cross-rank pairs)."""
+
+    loss_has_parameters = True  # the IEM
 
     def prepare(self, samples: list[dict]) -> tuple[list[dict], Callable[..., Tensor]]:
         d2 = self.cfg.d2llm

@@ -1,0 +1,28 @@
+"""`embedforge d2llm quickstart`: the D2LLM demonstration on real weights (launchers/d2llm_quickstart.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("d2llm", help="D2LLM: the CPU quickstart (teacher -> student -> comparison)")
+    sub = p.add_subparsers(dest="d2llm_command", required=True)
+    q = sub.add_parser("quickstart", help="score, distil and compare on real SmolLM2 weights and WordNet")
+    q.add_argument("--config", default="configs/d2llm/quickstart.yaml")
+    q.add_argument("overrides", nargs="*", help="key.sub=value overrides of the student recipe")
+    q.add_argument("--train-queries", type=int, default=192)
+    q.add_argument("--eval-queries", type=int, default=64)
+    q.add_argument("--candidates", type=int, default=8, help="candidates reranked per held-out query")
+    q.add_argument("--resume", default="auto")
+    q.set_defaults(func=_quickstart)
+    return p
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from launchers.d2llm_quickstart import run_d2llm_quickstart
+
+    run_d2llm_quickstart(Path(args.config), args.overrides, n_train=args.train_queries, n_eval=args.eval_queries,
+                         n_candidates=args.candidates, resume=args.resume)
+    return 0
