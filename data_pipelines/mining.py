@@ -2,7 +2,7 @@
 by BM25 or by a dense encoder, the positive itself excluded, written as a new pair dataset.
 
 The corpus is a text dataset, or (by default) every positive and negative of the input. Mined
-negatives replace (or, with `keep_existing`, follow) the input's; a query whose corpus holds fewer
+negatives replace (or, with `keep_existing`, follow, never repeating) the input's; a query whose corpus holds fewer
 than k other passages keeps what there is, so its sample has fewer negatives (the writer groups
 samples by task only, so supervised / D2LLM batches must then share a count: mine with k below the
 corpus size).
@@ -68,22 +68,21 @@ class BM25:
         return np.asarray((query @ self.matrix.T).todense())
 
 
-def top_k_excluding(scores: np.ndarray, corpus: Sequence[str], positives: Sequence[str], k: int) -> list[list[int]]:
-    """Per row, the indices of the k best-scoring passages that are not the row's positive text."""
+def top_k_excluding(scores: np.ndarray, corpus: Sequence[str], positives: Sequence[str], k: int,
+                    exclude: Sequence[Sequence[str]] | None = None) -> list[list[int]]:
+    """Per row, the indices of the k best-scoring passages that are neither the row's positive text nor
+    one of its `exclude` texts (negatives it already has)."""
     out = []
-    for row, positive in zip(scores, positives):
-        order = np.argsort(-row, kind="stable")
-        picked = [int(i) for i in order if corpus[i].strip() != positive.strip()][:k]
+    for r, (row, positive) in enumerate(zip(scores, positives)):
+        banned = {positive.strip(), *(t.strip() for t in (exclude[r] if exclude else ()))}
+        picked = []
+        for i in np.argsort(-row, kind="stable"):
+            if corpus[i].strip() not in banned:
+                picked.append(int(i))
+                if len(picked) == k:
+                    break
         out.append(picked)
     return out
-
-
-def dense_scores(encoder, queries: Sequence[str], corpus: Sequence[str], instruction: str | None,
-                 batch_size: int = 32) -> np.ndarray:
-    """Cosine similarities [queries, corpus] from an Encoder (queries instructed, passages not)."""
-    q = encoder.encode(list(queries), instruction=instruction, batch_size=batch_size)
-    p = encoder.encode(list(corpus), batch_size=batch_size)
-    return q @ p.T
 
 
 def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: str | None = None,
@@ -115,13 +114,18 @@ def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: st
         from toolkit.models.encoder import Encoder
 
         encoder = Encoder.from_pretrained(encoder_path)
+        passages = encoder.encode(corpus, batch_size=batch_size)  # once, for every task
     for (task, instruction), rows in by_task.items():
         for start in range(0, len(rows), 1024):  # bounded [queries, corpus] score blocks
             chunk = rows[start : start + 1024]
             queries = [samples[i]["query"] for i in chunk]
-            scores = index.scores(queries) if method == "bm25" else dense_scores(
-                encoder, queries, corpus, instruction or None, batch_size)
-            for i, picked in zip(chunk, top_k_excluding(scores, corpus, [samples[i]["positive"] for i in chunk], k)):
+            if method == "bm25":
+                scores = index.scores(queries)
+            else:
+                scores = encoder.encode(queries, instruction=instruction or None, batch_size=batch_size) @ passages.T
+            existing = [samples[i]["negatives"] for i in chunk] if keep_existing else None
+            picks = top_k_excluding(scores, corpus, [samples[i]["positive"] for i in chunk], k, existing)
+            for i, picked in zip(chunk, picks):
                 mined[i] = picked
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "mined.jsonl"

@@ -63,10 +63,13 @@ def _heldout(n_queries: int, n_candidates: int) -> list[dict]:
 
 
 def _ranking(scores: np.ndarray) -> dict[str, float]:
-    """MRR and nDCG over candidate lists whose relevant item is column 0."""
-    rank = (scores >= scores[:, :1]).sum(axis=1)  # ties count against the relevant item
-    return {"mrr": float(np.mean(1.0 / rank)), "ndcg": float(np.mean(1.0 / np.log2(rank + 1))),
-            "top1": float(np.mean(rank == 1))}
+    """MRR, nDCG and top-1 over candidate lists whose relevant item is column 0 (ties count against it)."""
+    from toolkit.eval.local_tasks import retrieval_metrics
+
+    n, relevant = scores.shape[1], np.zeros(len(scores), dtype=int)
+    full = retrieval_metrics(scores, relevant, k=n)
+    return {"mrr": full[f"mrr@{n}"], "ndcg": full[f"ndcg@{n}"],
+            "top1": retrieval_metrics(scores, relevant, k=1)["recall@1"]}
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -5,6 +5,7 @@ on DeepSpeed ZeRO-3 (and ZeRO-2 with GradCache) with 2 ranks equals the hf engin
 
 from __future__ import annotations
 
+import math
 import subprocess
 from pathlib import Path
 
@@ -106,3 +107,16 @@ def test_zero_students_equal_hf_engine(scored, tmp_path):
             a = load_file(str(runs["hf"] / "00-distill" / "final" / name))
             b = load_file(str(runs[variant] / "00-distill" / "final" / name))
             assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 2e-5, (variant, name)
+
+
+@pytest.mark.slow
+def test_zero3_bf16_student_trains(scored, tmp_path):
+    """DeepSpeed's bf16 mode casts the IEM to bf16 too: the loss runs it under the stage's autocast."""
+    cfg = recipe(tmp_path, scored)
+    run = tmp_path / "bf16"
+    r = torchrun("train", str(cfg), f"output_dir={run}", "engine=deepspeed", "zero.stage=3",
+                 "stages.distill.precision=bf16")
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = losses(run)
+    assert len(got) == 4 and all(math.isfinite(v) for v in got.values())
+    assert load_file(str(run / "00-distill" / "final" / "iem.safetensors"))["out.weight"].dtype == torch.float32

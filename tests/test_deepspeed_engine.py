@@ -82,7 +82,8 @@ def test_zero_config_validation():
     assert config_from_dict(base).zero.stage == 2
     for zero, field in [({"stage": 4}, "zero.stage"), ({"stage": 2, "offload_params": "cpu"}, "zero.offload_params"),
                         ({"stage": 0, "offload_optimizer": "cpu"}, "zero.offload_optimizer"),
-                        ({"cpu_adam": True}, "zero.cpu_adam"), ({"reduce_bucket_size": 0}, "zero.reduce_bucket_size")]:
+                        ({"cpu_adam": True}, "zero.cpu_adam"), ({"reduce_bucket_size": 0}, "zero.reduce_bucket_size"),
+                        ({"stage": 1, "overlap_comm": True}, "zero.overlap_comm")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             config_from_dict({**base, "zero": zero})
     with pytest.raises(ConfigError, match="engine=deepspeed is data-parallel"):

@@ -49,6 +49,7 @@ def test_positive_is_excluded_and_order_kept():
     scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
     assert top_k_excluding(scores, DOCS, [DOCS[0]], 3) == [[1, 2, 3]]
     assert top_k_excluding(scores, DOCS, [" " + DOCS[1] + " "], 2) == [[0, 2]]
+    assert top_k_excluding(scores, DOCS, [DOCS[0]], 2, exclude=[[DOCS[1]]]) == [[2, 3]]  # kept negatives not repeated
 
 
 @pytest.fixture

@@ -218,6 +218,8 @@ class ZeroConfig:
             raise ConfigError(f"zero.offload_params: parameter offload needs zero.stage=3, got stage {self.stage}")
         if self.offload_optimizer != "none" and self.stage == 0:
             raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage >= 1")
+        if self.overlap_comm and self.stage < 2:
+            raise ConfigError(f"zero.overlap_comm: overlaps the gradient reduction of zero.stage 2 or 3, got stage {self.stage}")
         if self.cpu_adam and self.offload_optimizer == "none":
             raise ConfigError("zero.cpu_adam: DeepSpeed's CPU Adam runs an offloaded optimizer; set "
                               "zero.offload_optimizer=cpu")

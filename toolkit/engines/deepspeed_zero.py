@@ -124,7 +124,7 @@ class DeepSpeedEngine(HFEngine):
         deepspeed = _import_deepspeed()
         if stage.precision == "bf16" and self.cfg.zero.stage == 0 and self.dims.rank == 0:
             log.warning("stage %s: ZeRO-0 with bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed has "
-                        "no fp32 accumulation without ZeRO); zero.stage >= 1 accumulates in fp32", stage.name)
+                        "no fp32 accumulation without ZeRO); zero.stage >= 2 accumulates in fp32", stage.name)
         if self.dims.world_size == 1:
             init_single_process_group()  # DeepSpeed needs a process group, even of one rank
             os.environ.setdefault("LOCAL_RANK", "0")  # and asserts a launcher set this
@@ -162,7 +162,8 @@ class DeepSpeedEngine(HFEngine):
     def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
         loss, tokens = self._forward_backward(micro_batches)
         self.ds.step()  # reduce (stage 0/1) or finalize partitions (2/3), clip, update, lr schedule
-        norm = self.ds.get_global_grad_norm() if self.cfg.zero.stage > 0 else self._stage0_norm
+        norm = self.ds.get_global_grad_norm()  # ZeRO and bf16 optimizers record it; plain ZeRO-0 does not
+        norm = self._stage0_norm if norm is None else norm
         grad_norm = float(norm) if norm is not None else float("nan")
         return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
 
@@ -170,7 +171,8 @@ class DeepSpeedEngine(HFEngine):
     def _layout(self) -> dict:
         z = self.cfg.zero
         return {"zero_stage": z.stage, "dp": self.dims.dp, "bf16": self.stage.precision == "bf16",
-                "offload_optimizer": z.offload_optimizer, "offload_params": z.offload_params}
+                "offload_optimizer": z.offload_optimizer, "offload_params": z.offload_params,
+                "trainable": list(self.params)}  # names in optimizer order (read_trainable keeps only these)
 
     def save(self, step_dir: Path) -> None:
         """DeepSpeed's checkpoint (every rank writes its partitions; frozen weights are rebuilt from
@@ -223,6 +225,7 @@ class DeepSpeedEngine(HFEngine):
         from toolkit.checkpoint.consolidate import merged_stage_encoder
 
         trainable = self.trainable_state()
+        self._release()  # partitions, masters and moments go before rank 0 rebuilds the model unsharded
         if self.dims.rank == 0:
             merged_stage_encoder(self.cfg, self.index, Path(self.cfg.output_dir), trainable,
                                  source=f"stage {self.stage.name}").save_pretrained(final_dir)
@@ -239,21 +242,26 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
     if not layout_file.is_file():
         raise FileNotFoundError(f"{layout_file}: missing from a checkpoint marked complete")
     layout = json.loads(layout_file.read_text())
+    names = layout["trainable"]
     _import_deepspeed()
+    prefix = "encoder."
     if layout["zero_stage"] == 0:
         states = folder / TAG / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise FileNotFoundError(f"{states}: missing from a ZeRO-0 checkpoint")
         saved = torch.load(states, map_location="cpu", weights_only=False)
-        module = {k: v.float() for k, v in saved["module"].items()}
         masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups", []) for t in group]
-        if masters:  # bf16: the fp32 master weights, in the module's (trainable) parameter order
-            if len(masters) != len(module) or any(m.shape != v.shape for m, v in zip(masters, module.values())):
-                raise ValueError(f"{states}: fp32 master weights do not match the saved module's parameters")
-            module = {k: m.float() for k, m in zip(module, masters)}
+        if masters:  # bf16: the fp32 master weights, in the optimizer's (= `trainable`'s) order
+            if len(masters) != len(names):
+                raise ValueError(f"{states}: {len(masters)} fp32 master weights for {len(names)} trainable tensors "
+                                 f"({layout_file})")
+            return {name: m.float() for name, m in zip(names, masters)}
+        module = saved["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         module = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=True)
-    prefix = "encoder."
-    return {k.removeprefix(prefix): v for k, v in module.items() if k.startswith(prefix)}
+    missing = [n for n in names if prefix + n not in module]
+    if missing:
+        raise ValueError(f"{folder}: trainable tensors {missing[:3]} are missing from the DeepSpeed checkpoint")
+    return {n: module[prefix + n].float() for n in names}  # buffers and other entries left out

@@ -196,11 +196,13 @@ class D2LLMStep(_ContrastiveStep):
 
         def loss_fn(q: Tensor, cand: Tensor) -> Tensor:
             cand = cand.view(b, k + 1, -1)
-            u_q = iem.query_proj(q)[:, None]  # [B, 1, H]
-            z_cand, h_cand = iem.score_proj(u_q, iem.passage_proj(cand), symmetric)  # [B, 1+K]
-            z_inb, _ = iem.score_proj(u_q, iem.passage_proj(cand[:, 0])[None], symmetric)  # [B, B]
-            loss, _ = d2llm_loss(z_cand, s_cand.to(z_cand.device), z_inb, s_inb.to(z_cand.device), d2,
-                                 h_cand, None if t_cand is None else t_cand.to(z_cand.device), known.to(z_cand.device))
+            with autocast(self.precision, q.device):  # the IEM's weights may be bf16 (DeepSpeed's bf16 mode)
+                u_q = iem.query_proj(q)[:, None]  # [B, 1, H]
+                z_cand, h_cand = iem.score_proj(u_q, iem.passage_proj(cand), symmetric)  # [B, 1+K]
+                z_inb, _ = iem.score_proj(u_q, iem.passage_proj(cand[:, 0])[None], symmetric)  # [B, B]
+            dev = q.device
+            loss, _ = d2llm_loss(z_cand.float(), s_cand.to(dev), z_inb.float(), s_inb.to(dev), d2, h_cand.float(),
+                                 None if t_cand is None else t_cand.to(dev), known.to(dev))
             return loss
 
         return groups, loss_fn

@@ -6,15 +6,14 @@ every sample the teacher scores exactly what D2LLM training reads: its positive,
 negatives, and its query against every other group member's positive (the in-batch pairs), keyed by
 sample id and group, so the scores follow the samples through any re-sharding or topology.
 
-Resume: an output shard counts once its sidecar `.scored/<shard>.json` (samples, sha256) exists; a
-rerun scores only the shards without one, and refuses an output scored with other settings
+Resume: an output shard counts once its sidecar `.scored/<shard>.json` (samples, size, sha256) exists
+and the shard file has that size; a rerun scores only the shards without one, and refuses an output scored with other settings
 (`job.json`). The manifest is written when every shard is done. Nothing is written in place: a
 shard is built under a temporary name and renamed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from data_pipelines.manifest import Manifest, ShardInfo, load_manifest
 from data_pipelines.stream import ReadStats, read_shard
+from data_pipelines.writer import TAR_MTIME, _sha256
 from toolkit.atomic import atomic_write_text
 from toolkit.teacher.scoring import TeacherPrompt
 
@@ -108,14 +108,12 @@ def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) ->
     samples = list(read_shard(manifest.shard_url(shard), shard, "pair", stats))
     symmetric = shard.task in job.symmetric_tasks
     tmp = out / f".{shard.name}.partial-{os.getpid()}"
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as sink:
+    with wds.TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:
         for g in range(0, len(samples), job.group_size):
             group = samples[g : g + job.group_size]
             for record in _score_group(teacher, group, f"{shard.name}/{g // job.group_size}", symmetric, job):
                 sink.write({"__key__": sample_key(record["id"]), "json": json.dumps(record).encode("utf-8")})
-    with tmp.open("rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    info = ShardInfo(shard.name, len(samples), bytes=tmp.stat().st_size, sha256=digest, task=shard.task)
+    info = ShardInfo(shard.name, len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp), task=shard.task)
     os.replace(tmp, out / shard.name)
     atomic_write_text(out / DONE_DIR / f"{shard.name}.json", json.dumps(asdict(info)) + "\n")
     if stats.num_bad:
@@ -174,7 +172,8 @@ def finish(job: ScoreJob, manifest: Manifest) -> Path | None:
 def run_local(job: ScoreJob, rank: int = 0, world: int = 1) -> list[ShardInfo]:
     """Score this rank's share (every world-th pending shard) in this process."""
     manifest, pending = pending_shards(job)
-    mine = pending[rank::world]
+    names = {s.name for s in pending}  # a rank's share is fixed by manifest position, whatever is done already
+    mine = [s for i, s in enumerate(manifest.shards) if i % world == rank and s.name in names]
     done = []
     if mine:
         teacher = load_teacher(job)
