@@ -106,14 +106,14 @@ class SearchIndex:
         if mode == "rerank":
             candidates = self._first_stage(y_q, max(k, first_stage))
             for qi, cand in enumerate(candidates):
-                u_p = torch.from_numpy(np.asarray(self.projections[np.sort(cand)], dtype=np.float32))
+                u_p = torch.from_numpy(np.array(self.projections[np.sort(cand)], dtype=np.float32))  # a copy: writable
                 z, _ = iem.score_proj(u_q[qi][None], u_p, symmetric)
                 results.append(self._hits(np.sort(cand), z.numpy(), k))
         else:
             n = self.projections.shape[0]
             scores = np.empty((len(queries), n), dtype=np.float32)
             for start in range(0, n, block):
-                u_p = torch.from_numpy(np.asarray(self.projections[start : start + block], dtype=np.float32))
+                u_p = torch.from_numpy(np.array(self.projections[start : start + block], dtype=np.float32))
                 z, _ = iem.score_proj(u_q[:, None], u_p[None], symmetric)
                 scores[:, start : start + u_p.shape[0]] = z.numpy()
             for qi in range(len(queries)):
