@@ -137,3 +137,15 @@ def test_iem_fast_path_equals_plain_form():
     assert torch.allclose(z_mixed[0], iem(yq[:1, None], yp[None], True)[0][0])
     assert torch.allclose(z_mixed[1], iem(yq[1:2, None], yp[None], False)[0][0])
     assert InteractionEmulation(4096, 512).flops_per_pair() == pytest.approx(0.5e6, rel=0.06)  # METHODS 2.2
+
+
+def test_d2llm_config_needs_two_queries_for_in_batch_terms():
+    from toolkit.config import ConfigError, config_from_dict
+
+    stage = {"name": "distill", "steps": 1, "objective": {"kind": "d2llm"}, "data": {"path": "d", "batch_size": 1}}
+    with pytest.raises(ConfigError, match=r"stages\.distill\.data\.batch_size"):
+        config_from_dict({"output_dir": "x", "model": {"path": "m"}, "stages": [stage]})
+    stage["objective"]["d2llm"] = {"in_batch": 0.0, "rank_pairwise": 0.0}
+    assert config_from_dict({"output_dir": "x", "model": {"path": "m"}, "stages": [stage]}).stages[0].data.batch_size == 1
+    with pytest.raises(ConfigError, match="must be >= 0 and not all 0"):
+        D2LLMConfig(in_batch=0, contrastive=0, rank_pearson=0, rank_pairwise=0, feature=0)

@@ -257,6 +257,11 @@ class RunConfig:
             raise ConfigError("stages: at least one stage is required")
         if len(set(names)) != len(names):
             raise ConfigError(f"stages: stage names must be unique, got {names}")
+        for s in self.stages:
+            if s.objective.kind == "d2llm" and (s.objective.d2llm.in_batch or s.objective.d2llm.rank_pairwise) \
+                    and s.data.batch_size < 2:
+                raise ConfigError(f"stages.{s.name}.data.batch_size: d2llm's in-batch terms (d2llm.in_batch, "
+                                  f"d2llm.rank_pairwise) need >= 2 queries per batch, got {s.data.batch_size}")
         if self.engine == "deepspeed" and self.parallel.tp * self.parallel.pp != 1:
             raise ConfigError(f"parallel.tp/pp: engine=deepspeed is data-parallel (ZeRO partitions over dp ranks); "
                               f"tp={self.parallel.tp}, pp={self.parallel.pp} need engine=megatron")
