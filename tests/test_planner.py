@@ -319,6 +319,11 @@ def test_deepspeed_zero_partitions_over_dp():
     assert z3.weights == z0.weights / 4 and z3.grads == z2.grads
     assert "zero-3 gathered layer" in z3.activation_terms and "zero-3 gathered layer" not in z2.activation_terms
     assert off.weights == off.optimizer == 0 and off.grads == z3.grads
+    # fp32 model, bf16 stage: DeepSpeed holds bf16 weights + fp32 masters (12 bytes with the moments)
+    assert z0.weights == 2 * z0.params
+    lora_cfg = recipe(engine="deepspeed", lora=True, precision="bf16")
+    lora = plan_stage(lora_cfg, lora_cfg.stages[0], arch, gpus=4, gpu_mem_gib=80).stages[0]
+    assert lora.optimizer == pytest.approx(12 * lora.trainable / 4)  # zero.stage 2 (default): / dp
 
 
 # ---------------------------------------------------------------------------------------------- validation + CLI

@@ -278,8 +278,11 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
         notes.append(f"{kind}: all {step_texts} texts of a step are one micro-batch (their loss couples them)")
     tokens = micro * seq
 
-    wbytes = 2 if cfg.model.dtype == "bfloat16" else 4
+    # DeepSpeed's bf16 mode keeps bf16 weights (trainable ones too) and fp32 masters in the optimizer
+    ds_bf16 = cfg.engine == "deepspeed" and stage.precision == "bf16"
+    wbytes = 2 if cfg.model.dtype == "bfloat16" or ds_bf16 else 4
     opt_bytes = (12 if wbytes == 2 else 8) / (dp if distributed_optimizer else 1)
+    twbytes, tobytes = (2, 12.0) if ds_bf16 else (4, 8.0)  # a LoRA adapter's weight / optimizer bytes
     per_layer_params = layer_params(arch, tp)
     vocab_rows = arch.padded_vocab(tp) // tp
     head = pooling_params(cfg.pooling.mode, arch.hidden, cfg.pooling.num_seeds, cfg.pooling.num_latents)
@@ -295,8 +298,8 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
         extra = head if last else 0
         if lora.enabled:
             trainable = adapters + extra
-            weights = (base + frozen_head) * wbytes + trainable * 4
-            grads, optim = trainable * 4.0, trainable * 8.0
+            weights = (base + frozen_head) * wbytes + trainable * twbytes
+            grads, optim = trainable * 4.0, trainable * tobytes
         else:
             full = base + (arch.hidden if last else 0)  # the final norm trains, the LM head stays frozen
             trainable = full + extra
