@@ -129,15 +129,7 @@ class DeepSpeedEngine(HFEngine):
             init_single_process_group()  # DeepSpeed needs a process group, even of one rank
             os.environ.setdefault("LOCAL_RANK", "0")  # and asserts a launcher set this
         self._prepare_trainable(index, stage)
-        o = stage.optimizer
-        if self.cfg.zero.cpu_adam:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(list(self.params.values()), lr=o.lr, betas=o.betas, eps=o.eps,
-                                         weight_decay=o.weight_decay, adamw_mode=True)
-        else:
-            optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                          weight_decay=o.weight_decay)
+        optimizer = self._make_optimizer(stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, stage.steps))
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=_TrainModule(self.encoder, self.lm_head), optimizer=optimizer, lr_scheduler=scheduler,
@@ -149,6 +141,15 @@ class DeepSpeedEngine(HFEngine):
         if self.cfg.zero.stage == 0:  # no ZeRO optimizer records the norm: keep the clip's return value
             self.ds.clip_fp32_gradients = self._clip_and_record
         self.ds.train()
+
+    def _make_optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
+        if not self.cfg.zero.cpu_adam:
+            return super()._make_optimizer(stage)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        o = stage.optimizer
+        return DeepSpeedCPUAdam(list(self.params.values()), lr=o.lr, betas=o.betas, eps=o.eps,
+                                weight_decay=o.weight_decay, adamw_mode=True)
 
     def _clip_and_record(self) -> None:
         from deepspeed.runtime.utils import clip_grad_norm_

@@ -53,12 +53,14 @@ class HFEngine(Engine):
         from toolkit.train import lr_lambda
 
         self._prepare_trainable(index, stage)
-        o = stage.optimizer
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
+        self.optimizer = self._make_optimizer(stage)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
         self._build_step(stage, data_kind, generator)
         self.encoder.train()
+
+    def _make_optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
+        o = stage.optimizer
+        return torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
     def _prepare_trainable(self, index: int, stage: StageConfig) -> None:
         """The stage's dropout, a fresh adapter (or the whole backbone) and the pooling head trainable."""
