@@ -278,6 +278,11 @@ def _set_rng_state(rng: dict, generator: torch.Generator) -> None:
 def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
     """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
     encoder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")))
+    load_head_weights(encoder, folder)
+
+
+def load_head_weights(encoder: Encoder, folder: Path) -> None:
+    """The heads beside the backbone: the pooling head and, for a D2LLM student, its IEM."""
     load_pooling_weights(encoder.pooling, folder)
     spec = load_spec(folder / SPEC_FILE)
     if spec.iem_hidden:

@@ -3,8 +3,8 @@
 Model weights come from `GPTModel.sharded_state_dict()` (global layer numbers, TP sharding incl.
 the fused QKV and SwiGLU layouts). Adam's moments have their parameter's shape, so each is saved as
 a sharded tensor with its parameter's sharding (`make_sharded_optimizer_tensor`): resharding the
-optimizer is resharding the model. The pooling head (last stage, replicated) and the step counters
-and LR schedule are saved alongside. Loading builds the same structure for the *current* layout and
+optimizer is resharding the model. The heads (pooling, a D2LLM stage's IEM: last stage, replicated),
+Adam's per-parameter step counts and the LR schedule are saved alongside. Loading builds the same structure for the *current* layout and
 lets dist_checkpointing read the right slices.
 """
 
@@ -17,7 +17,8 @@ import torch
 MODEL_DIR = "megatron"
 
 
-def _sharded_state(engine) -> dict:
+def _sharded_state(engine) -> tuple[dict, dict]:
+    """The sharded checkpoint structure, and each trainable parameter's sharded model tensor (by id)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
@@ -34,29 +35,57 @@ def _sharded_state(engine) -> dict:
         if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and isinstance(value.data, torch.nn.Parameter):
             by_param[id(value.data)] = value
     state: dict = {part: model_sd}
-    if dims.is_last_stage:
+    if dims.is_last_stage:  # the heads: the pooling head, and a D2LLM stage's IEM (replicated, trained)
         replica = (0, dims.tp_rank, dims.dp_rank)
-        for name, p in engine.encoder.pooling.named_parameters():
-            key = f"pooling.{name}"
-            sharded = ShardedTensor.from_rank_offsets(key, p, replica_id=replica)
-            state.setdefault("pooling", {})[name] = sharded
-            by_param[id(p)] = sharded
+        heads = {"pooling": engine.encoder.pooling}
+        if any(n.startswith("iem.") for n in engine.params):
+            heads["iem"] = engine.encoder.iem
+        for part_name, module in heads.items():
+            for name, p in module.named_parameters():
+                sharded = ShardedTensor.from_rank_offsets(f"{part_name}.{name}", p, replica_id=replica)
+                state.setdefault(part_name, {})[name] = sharded
+                by_param[id(p)] = sharded
+    # Adam state of every trainable parameter; one that never had a gradient (the IEM branch of the
+    # other task type) is saved as zeros with step 0, and gets no state back on load.
     moments: dict = {}
     opt_state = engine.optimizer.state
     for name, p in engine.params.items():
-        if p not in opt_state:
-            continue
         if id(p) not in by_param:
             raise RuntimeError(f"checkpoint: trainable parameter {name} has no sharded model tensor")
+        st = opt_state.get(p) or {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         for moment in ("exp_avg", "exp_avg_sq"):
-            moments[f"{moment}.{name}"] = make_sharded_optimizer_tensor(by_param[id(p)], opt_state[p][moment],
+            moments[f"{moment}.{name}"] = make_sharded_optimizer_tensor(by_param[id(p)], st[moment],
                                                                         f"optimizer.{moment}")
     state["optimizer"] = moments
-    steps = {float(opt_state[p]["step"]) for p in engine.params.values() if p in opt_state}
-    state["common"] = {"adam_step": steps.pop() if steps else 0.0, "scheduler": engine.scheduler.state_dict(),
+    state["common"] = {"adam_steps": _adam_steps(engine, by_param), "scheduler": engine.scheduler.state_dict(),
                        "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                         for g in engine.optimizer.param_groups]}
-    return state
+    return state, by_param
+
+
+def _layout_free_id(sharded) -> str:
+    """A parameter's name that no layout changes: its sharded key and global layer offsets."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(sharded, ShardedTensorFactory):  # SwiGLU's fc1: its built halves carry the offsets
+        built = sharded.build()
+        sharded = next(iter(built.values() if isinstance(built, dict) else built))
+    return f"{sharded.key}@{tuple(sharded.global_offset[:sharded.prepend_axis_num])}"
+
+
+def _adam_steps(engine, by_param: dict) -> dict[str, float]:
+    """Adam's step count per parameter (it is per parameter: a branch without gradients does not
+    step), from every rank, keyed layout-free; 0 = no state yet."""
+    import torch.distributed as dist
+
+    opt_state = engine.optimizer.state
+    mine = {_layout_free_id(by_param[id(p)]): float(opt_state[p]["step"]) if p in opt_state else 0.0
+            for p in engine.params.values()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {k: v for part in everyone for k, v in part.items()}
 
 
 def save(engine, step_dir: Path) -> None:
@@ -67,22 +96,22 @@ def save(engine, step_dir: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(engine), str(target))
+    dist_checkpointing.save(_sharded_state(engine)[0], str(target))
 
 
 def load(engine, step_dir: Path) -> None:
-    """Restore weights, pooling head, Adam moments, step counter and LR schedule (any layout)."""
+    """Restore weights, heads, Adam moments and step counts and the LR schedule (any layout)."""
     from megatron.core import dist_checkpointing
 
     source = step_dir / MODEL_DIR
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: missing; this checkpoint was not written by engine=megatron")
-    # Materialise Adam state so the template has tensors to load into.
+    # Materialise Adam state so the template has tensors to load into (steps come from the checkpoint).
     for p in engine.params.values():
         if p not in engine.optimizer.state:
             engine.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                          "exp_avg_sq": torch.zeros_like(p)}
-    template = _sharded_state(engine)
+    template, by_param = _sharded_state(engine)
     try:
         loaded = dist_checkpointing.load(template, str(source))
     except Exception as exc:  # name the checkpoint and the layouts, not just a key error deep inside
@@ -98,15 +127,22 @@ def load(engine, step_dir: Path) -> None:
     else:
         engine.model.load_state_dict({k.removeprefix("backbone."): v for k, v in loaded["model"].items()},
                                      strict=False)
-    if "pooling" in loaded:
-        engine.encoder.pooling.load_state_dict(loaded["pooling"])
+    for part_name in ("pooling", "iem"):
+        if part_name in loaded:
+            getattr(engine.encoder, part_name).load_state_dict(loaded[part_name])
     common = loaded["common"]
     with torch.no_grad():
         for name, p in engine.params.items():
+            step = common["adam_steps"].get(_layout_free_id(by_param[id(p)]))
+            if step is None:
+                raise RuntimeError(f"{source}: no Adam step count for {name} (a checkpoint of another model?)")
+            if step == 0:  # never updated before the save: no Adam state, as then
+                del engine.optimizer.state[p]
+                continue
             st = engine.optimizer.state[p]
             st["exp_avg"].copy_(loaded["optimizer"][f"exp_avg.{name}"])
             st["exp_avg_sq"].copy_(loaded["optimizer"][f"exp_avg_sq.{name}"])
-            st["step"] = torch.tensor(float(common["adam_step"]))
+            st["step"] = torch.tensor(step)
     for group, saved in zip(engine.optimizer.param_groups, common["param_groups"]):
         group.update(saved)
     engine.scheduler.load_state_dict(common["scheduler"])

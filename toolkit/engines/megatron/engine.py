@@ -121,15 +121,16 @@ class MegatronEngine(Engine):
         return megatron_to_hf(shards, self.arch, tp=self.dims.tp, pp=self.dims.pp)
 
     def load_stage_output(self, final_dir: Path) -> None:
-        """A finished stage's encoder folder (HF backbone + pooling head) into this rank's shards.
+        """A finished stage's encoder folder (HF backbone + heads) into this rank's shards.
 
         The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
         """
-        from toolkit.train import load_pooling_weights
+        from toolkit.train import load_head_weights
 
         backbone = HFWeights(final_dir, prefix="model.")  # lazy: this rank's tensors only, sharded folders too
         self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
-        load_pooling_weights(self.encoder.pooling, final_dir)
+        load_head_weights(self.encoder, final_dir)
+        self.encoder.to(self.device)
 
     # ------------------------------------------------------------------ stage
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
@@ -139,9 +140,6 @@ class MegatronEngine(Engine):
         from toolkit.train import lr_lambda
 
         where = f"stages[{index}] ({stage.name})"
-        if stage.objective.kind == "d2llm":
-            raise ConfigError(f"{where}: objective d2llm (the D2LLM student) runs on engine=hf or engine=deepspeed; "
-                              "its megatron path is not built yet")
         if not stage.lora.enabled and self.cfg.model.dtype == "bfloat16":
             raise ConfigError(f"{where}.lora.enabled=false with model.dtype=bfloat16: full fine-tuning needs fp32 "
                               "master weights, which engine=megatron does not keep; use model.dtype=float32 with "
@@ -176,8 +174,11 @@ class MegatronEngine(Engine):
                 self.model.output_layer.weight.requires_grad_(False)
             self.params = {f"backbone.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
             self.tp_sharded = {f"backbone.{n}" for n in tp_sharded_parameters(self.model)}
+        self._prepare_iem(index, stage)
         if self.dims.is_last_stage:
             self.params.update({f"pooling.{n}": p for n, p in self.encoder.pooling.named_parameters()})
+            if stage.objective.kind == "d2llm":
+                self.params.update({f"iem.{n}": p for n, p in self.encoder.iem.named_parameters()})
         o = stage.optimizer
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
@@ -185,6 +186,19 @@ class MegatronEngine(Engine):
         self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
                                    data_kind=data_kind)
         self.kind = stage.objective.kind
+
+    def _prepare_iem(self, index: int, stage: StageConfig) -> None:
+        """A D2LLM stage's pair scorer: replicated on every rank (it is small), seeded as the hf engine
+        seeds it, trained on the last pipeline stage only (where pooling and the loss run). A later
+        stage keeps an earlier stage's IEM frozen."""
+        encoder = self.encoder
+        if stage.objective.kind == "d2llm":
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed + 17 * (index + 1))
+                encoder.add_iem(stage.objective.d2llm.iem_hidden)
+            encoder.iem.to(self.device).requires_grad_(self.dims.is_last_stage)
+        elif encoder.iem is not None:
+            encoder.iem.requires_grad_(False)
 
     # ------------------------------------------------------------------ one optimizer step
     @property
@@ -288,11 +302,11 @@ class MegatronEngine(Engine):
     def _sync_sequence_parallel_grads(self) -> None:
         """Under sequence parallelism a TP-replicated tensor inside the layers (norms, replicated LoRA
         halves) sees only this rank's sequence slice: sum its gradient over TP, as megatron's
-        finalize_model_grads does. The pooling head sees the gathered sequence: it is already whole."""
+        finalize_model_grads does. The heads (pooling, IEM) see the gathered sequence: already whole."""
         if not self.cfg.parallel.sequence_parallel or self.dims.tp == 1:
             return
         allreduce([p.grad for n, p in self.params.items()
-                   if p.grad is not None and n not in self.tp_sharded and not n.startswith("pooling.")],
+                   if p.grad is not None and n not in self.tp_sharded and not n.startswith(HEADS)],
                   self.dims.tp_group, average=False)
 
     def _freeze_pad_row(self) -> None:
@@ -412,14 +426,16 @@ class MegatronEngine(Engine):
             self.lora.merge_into(self.model)
             self.lora = None
         hf = self.hf_state_dict()
-        pooling = _gather_pooling(self.encoder.pooling, self.dims)
+        pooling = _gather_from_last_stage(self.encoder.pooling, self.dims)
+        iem = None if self.encoder.iem is None else _gather_from_last_stage(self.encoder.iem, self.dims)
         if self.dims.rank == 0:
-            self._write_encoder(hf, pooling, final_dir)
+            self._write_encoder(hf, pooling, iem, final_dir)
         if dist.is_initialized():
             dist.barrier()
         return final_dir
 
-    def _write_encoder(self, hf: dict[str, Tensor], pooling_state: dict[str, Tensor], final_dir: Path) -> None:
+    def _write_encoder(self, hf: dict[str, Tensor], pooling_state: dict[str, Tensor],
+                       iem_state: dict[str, Tensor] | None, final_dir: Path) -> None:
         from transformers import AutoModel
 
         from toolkit.models.bidirectional import make_bidirectional
@@ -433,7 +449,10 @@ class MegatronEngine(Engine):
         make_bidirectional(backbone)
         pooling = Pooling(self.cfg.pooling, self.arch.hidden_size)
         pooling.load_state_dict(pooling_state)
-        Encoder(backbone, self.encoder.tokenizer, pooling, self.encoder.spec).save_pretrained(final_dir)
+        encoder = Encoder(backbone, self.encoder.tokenizer, pooling, self.encoder.spec)  # the spec names the IEM
+        if iem_state is not None:
+            encoder.iem.load_state_dict(iem_state)
+        encoder.save_pretrained(final_dir)
 
 
 def tp_sharded_parameters(model) -> set[str]:
@@ -453,9 +472,12 @@ def tp_sharded_parameters(model) -> set[str]:
     return names
 
 
-def _gather_pooling(pooling, dims: ParallelDims) -> dict[str, Tensor]:
-    """The trained pooling head lives on the last stage; rank 0 (first stage) needs it to export."""
-    state = {k: v.detach().cpu() for k, v in pooling.state_dict().items()}
+HEADS = ("pooling.", "iem.")  # trainable modules outside the backbone, on the last pipeline stage
+
+
+def _gather_from_last_stage(module: torch.nn.Module, dims: ParallelDims) -> dict[str, Tensor]:
+    """A head trained on the last stage (pooling, IEM); rank 0 (first stage) needs it to export."""
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     if dims.pp == 1 or not dist.is_initialized():
         return state
     objs = [None] * dims.world_size
