@@ -15,16 +15,22 @@ import re
 import sys
 from pathlib import Path
 
-from launchers import d2llm, plan, search, teacher
+from launchers import d2llm, plan, search, submit, teacher
 
 EXIT_USAGE = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from toolkit.checkpoint.manager import STOPPED
     from toolkit.config import load_config
     from toolkit.train import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    marker = Path(cfg.output_dir) / STOPPED
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(args, marker)
+    if os.environ.get("RANK", "0") == "0":
+        marker.unlink(missing_ok=True)  # from an earlier stop; a crash must not look like one
     trainer = Trainer(cfg, resume=args.resume)
     if args.stop_after_steps:
         trainer.stop_after_steps = args.stop_after_steps
@@ -32,7 +38,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for o in outcomes if trainer.dims.is_logging_rank else ():
         state = f"final model: {o.final_dir}" if o.final_dir else f"stopped at step {o.steps_done} (checkpoint saved)"
         print(f"stage {o.name}: {state}")
-    return 0 if all(o.final_dir for o in outcomes) and len(outcomes) == len(cfg.stages) else 3
+    finished = all(o.final_dir for o in outcomes) and len(outcomes) == len(cfg.stages)
+    if not finished and trainer.dims.is_logging_rank:
+        last = outcomes[-1]
+        marker.write_text(json.dumps({"stage": last.name, "step": last.steps_done}) + "\n")
+    return 0 if finished else 3
+
+
+def _relaunch_with_torchrun(args: argparse.Namespace, marker: Path) -> int:
+    """`embedforge train CONFIG --nproc N`: the same command under torchrun, N ranks on this node."""
+    import subprocess
+
+    train = ["train", args.config, *args.overrides, "--resume", args.resume]
+    if args.stop_after_steps:
+        train += ["--stop-after-steps", str(args.stop_after_steps)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "launchers.cli", *(["-v"] if args.verbose else []), *train]
+    code = subprocess.run(cmd).returncode
+    return 3 if code and marker.is_file() else code  # torchrun reports a rank's exit 3 (stopped, saved) as 1
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -167,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.mntp.steps=10")
     t.add_argument("--resume", default="auto", help="auto (newest complete step-N), never, or a step-N path")
     t.add_argument("--stop-after-steps", type=int, default=0, help="save a checkpoint and stop after N steps (time slicing)")
+    t.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun underneath); for several "
+                   "nodes use `embedforge submit slurm|ray`")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("encode", help="embed texts with a trained encoder")
@@ -242,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_parser(sub)
     search.add_parser(sub)
     d2llm.add_parser(sub)
+    submit.add_parser(sub)
     return p
 
 
@@ -260,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),
                                          getattr(args, "teacher_command", None),
                                          getattr(args, "search_command", None),
-                                         getattr(args, "d2llm_command", None)]))
+                                         getattr(args, "d2llm_command", None),
+                                         getattr(args, "submit_command", None)]))
         print(f"embedforge {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -148,11 +148,24 @@ class StageConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     attention_dropout: float | None = None  # this stage's attention dropout (SimCSE: 0.3); None = model's
 
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.grad_accum < 1:
+            raise ConfigError(f"stages.{self.name}: steps and grad_accum must be >= 1, got steps={self.steps}, "
+                              f"grad_accum={self.grad_accum}")
+
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every_steps: int = 0  # 0 = only at the end of each stage
     keep_last: int = 2
+    # Wall-time backstop: with EMBEDFORGE_DEADLINE (unix seconds, set by `embedforge submit slurm`
+    # from the job's end time) the run saves and stops once the deadline is nearer than this margin
+    # plus two of its slowest steps, so a time limit never loses the steps since the last checkpoint.
+    deadline_margin_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1 or self.deadline_margin_s < 0:
+            raise ConfigError("checkpoint: every_steps and deadline_margin_s must be >= 0, keep_last >= 1")
 
 
 @dataclass(kw_only=True)

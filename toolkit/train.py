@@ -8,7 +8,8 @@ checkpoints (engine state + per-DP-replica data order and RNG) with exact resume
 bit-identical on CPU with the same layout; resharded by the megatron engine at another layout).
 
 This module knows no launcher: no Ray, no SLURM. A SIGTERM/SIGUSR2 only sets a flag; the loop
-saves at the next step boundary and returns.
+saves at the next step boundary and returns. So does a near wall-time limit, given as a deadline in
+EMBEDFORGE_DEADLINE by whichever launcher knows it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import threading
@@ -40,6 +42,7 @@ from toolkit.models.encoder import SPEC_FILE, Encoder, load_iem_weights, load_sp
 from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
+DEADLINE_ENV = "EMBEDFORGE_DEADLINE"
 
 
 @dataclass
@@ -109,6 +112,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.stop = StopFlag()
         self.stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps in this process
+        self.deadline = float(os.environ.get(DEADLINE_ENV) or 0) or None  # the job's end (unix seconds)
+        self.slowest_step = 0.0
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[StageOutcome]:
@@ -194,6 +199,7 @@ class Trainer:
                 result = engine.train_step([next(batches) for _ in range(stage.grad_accum)])
                 step += 1
                 steps_this_run += 1
+                self.slowest_step = max(self.slowest_step, time.perf_counter() - t0)
                 last_loss = result.loss
                 tlog.step(step, result.loss, result.lr, result.tokens, time.perf_counter() - t0, result.grad_norm)
                 if not math.isfinite(result.loss):
@@ -221,12 +227,22 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _agreed_stop(self, steps_this_run: int) -> bool:
         """A preemption signal may reach only some ranks: all stop together (or none does)."""
-        wanted = self.stop.requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps)
+        wanted = (self.stop.requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps)
+                  or self._near_deadline())
         if self.dims.world_size == 1:
             return wanted
         flag = torch.tensor([int(wanted)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def _near_deadline(self) -> bool:
+        if self.deadline is None:
+            return False
+        left = self.deadline - time.time()
+        if left > self.cfg.checkpoint.deadline_margin_s + 2 * self.slowest_step:
+            return False
+        log.warning("%.0f s left before the job's time limit (%s): saving a checkpoint and stopping", left, DEADLINE_ENV)
+        return True
 
     def _resume_point(self, stage_dir: Path) -> Path | None:
         if self.resume == "never":

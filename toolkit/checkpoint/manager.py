@@ -17,6 +17,7 @@ from typing import Any
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+STOPPED = "STOPPED"  # <output_dir>/STOPPED: the run stopped early with a checkpoint (launchers requeue)
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 

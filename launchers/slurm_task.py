@@ -1,0 +1,39 @@
+"""One SLURM task of an `embedforge submit slurm` job: SLURM's task identity as torch.distributed's
+env (RANK, WORLD_SIZE, LOCAL_RANK, ...), then `embedforge ARGS` in this process.
+
+Kept out of the training code (it never reads SLURM_*). Under torchrun (launch mode `torchrun`)
+torchrun has set RANK already and nothing is mapped. Exit code 3 ("stopped with a checkpoint") is
+reported as 0: srun's --kill-on-bad-exit must not kill the other ranks while rank 0 still writes
+the run's STOPPED marker; the batch script reads the marker, not the exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def slurm_rank_env(environ: dict[str, str]) -> dict[str, str]:
+    """torch.distributed's variables from a task's SLURM variables (MASTER_ADDR / PORT come from the
+    batch script: the first node of the allocation and a port derived from the job id)."""
+    if "RANK" in environ:
+        return {}
+    missing = [k for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT")
+               if k not in environ]
+    if missing:
+        raise RuntimeError(f"not inside an `embedforge submit slurm` task: {', '.join(missing)} unset")
+    local_world = environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or environ.get("SLURM_TASKS_PER_NODE", "1").split("(")[0]
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+            "LOCAL_RANK": environ["SLURM_LOCALID"], "LOCAL_WORLD_SIZE": local_world}
+
+
+def main(argv: list[str]) -> int:
+    os.environ.update(slurm_rank_env(dict(os.environ)))
+    from launchers.cli import main as cli_main
+
+    code = cli_main(argv)
+    return 0 if code == 3 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

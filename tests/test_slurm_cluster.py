@@ -1,0 +1,135 @@
+"""`embedforge submit slurm` on a real single-node SLURM cluster (cluster/slurm/local_cluster.sh:
+slurmctld + slurmd + munge on this machine, started here; CI runs these tests as root).
+
+- A 2-task training job (hf engine, DP 2, one rank per SLURM task) is requeued mid-run with
+  `scontrol requeue`: its ranks save on the SIGTERM, the job runs again, resumes from the newest
+  complete checkpoint, and its per-step losses and final weights equal an uninterrupted
+  `embedforge train --nproc 2` run's exactly (same layout: bit-identical on CPU).
+- Bad submissions (unknown partition, invalid recipe) fail before anything is queued.
+- A shell-injection attempt in an override does not run, and no secret from the submitting
+  environment is written into the script or the job's log.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tests.test_megatron_train import EMBEDFORGE, losses, recipe
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster starts slurmctld / slurmd / munged as root")
+    r = subprocess.run(["bash", str(ROOT / "cluster/slurm/local_cluster.sh"), "start"], capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield
+    subprocess.run(["scancel", "--name=ef-test"], capture_output=True)
+
+
+def dp_recipe(tmp_path: Path, mntp_steps: int = 40) -> Path:
+    cfg_path = recipe(tmp_path)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["engine"] = "hf"
+    cfg["stages"][0]["steps"] = mntp_steps  # long enough to be requeued mid-run
+    for stage in cfg["stages"]:
+        stage["data"]["mode"] = "resampled"  # one shard per dataset, two ranks
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    return cfg_path
+
+
+def embedforge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([EMBEDFORGE, *args], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+def job_state(job: str) -> str:
+    r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    fields = dict(f.split("=", 1) for f in r.stdout.split() if "=" in f)
+    return fields.get("JobState", "GONE")
+
+
+def wait_for(predicate, what: str, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_requeued_job_resumes_to_the_uninterrupted_result(slurm_cluster, tmp_path):
+    cfg = dp_recipe(tmp_path)
+    whole, requeued = tmp_path / "whole", tmp_path / "requeued"
+    a = embedforge("train", str(cfg), f"output_dir={whole}", "--nproc", "2")
+    assert a.returncode == 0, a.stderr[-4000:]
+
+    s = embedforge("submit", "slurm", str(cfg), f"output_dir={requeued}", "--tasks-per-node", "2",
+                   "--job-name", "ef-test", "--time", "00:20:00")
+    assert s.returncode == 0, s.stderr[-3000:]
+    job = s.stdout.split()[-1]
+    checkpoints = requeued / "00-mntp"
+    wait_for(lambda: any(checkpoints.glob("step-*/COMPLETE")) or job_state(job) not in ("PENDING", "RUNNING"),
+             "the first checkpoint")
+    assert job_state(job) == "RUNNING", (job_state(job), log_of(requeued))
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # the local controller holds a requeued job ~2 min (BeginTime) before it may start again: release it
+    wait_for(lambda: job_state(job) == "PENDING", "the requeued job to be pending")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"), "the job to end")
+    out = log_of(requeued)
+    assert job_state(job) == "COMPLETED", out[-4000:]
+    assert "restart 1" in out and "resumed from" in out, out[-4000:]
+    assert "saving a checkpoint at the next step boundary" in out  # the ranks caught the SIGTERM
+    assert not (requeued / "STOPPED").exists()  # the finished run leaves no stop marker
+
+    want, got = losses(whole), losses(requeued)
+    assert got == want and len(want) == 43  # 40 MNTP + 3 supervised steps, bit-identical
+    for name in ("model.safetensors",):
+        x = load_file(str(whole / "01-supervised" / "final" / name))
+        y = load_file(str(requeued / "01-supervised" / "final" / name))
+        assert all(bool((x[k] == y[k]).all()) for k in x)
+
+
+def log_of(run: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run / "slurm").glob("*.out")))
+
+
+def test_bad_submissions_fail_before_queueing(slurm_cluster, tmp_path):
+    cfg = dp_recipe(tmp_path, mntp_steps=2)
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    r = embedforge("submit", "slurm", str(cfg), f"output_dir={tmp_path / 'x'}", "--partition", "no-such-partition")
+    assert r.returncode == 2 and "SLURM refused the job" in r.stderr and "partition" in r.stderr.lower(), r.stderr
+    r = embedforge("submit", "slurm", str(cfg), "stages.mntp.steps=-3", f"output_dir={tmp_path / 'x'}")
+    assert r.returncode == 2 and "steps" in r.stderr, r.stderr
+    r = embedforge("submit", "slurm", str(cfg), f"output_dir={tmp_path / 'x'}", "--job-name", "a;b")
+    assert r.returncode == 2 and "--job-name" in r.stderr, r.stderr
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert after == before and not (tmp_path / "x").exists()
+
+
+def test_injection_does_not_run_and_secrets_stay_out(slurm_cluster, tmp_path):
+    cfg = dp_recipe(tmp_path, mntp_steps=2)
+    pwned = tmp_path / "pwned"
+    run = tmp_path / "inject"
+    secret = "s3cr3t-token-value"
+    evil = f"model.path=/nonexistent; touch {pwned}; echo $(touch {pwned})"
+    s = embedforge("submit", "slurm", str(cfg), evil, f"output_dir={run}", "--tasks-per-node", "2",
+                   "--job-name", "ef-test", env={"HF_TOKEN": secret, "WANDB_API_KEY": secret})
+    assert s.returncode == 0, s.stderr
+    job = s.stdout.split()[-1]
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the job to end")
+    out = log_of(run)
+    assert job_state(job) == "FAILED" and "/nonexistent; touch" in out, out[-3000:]  # the path, verbatim
+    assert not pwned.exists()
+    scripts = list((run / "slurm").glob("*.sbatch"))
+    assert len(scripts) == 1 and secret not in scripts[0].read_text() and secret not in out
