@@ -23,25 +23,15 @@ EXIT_USAGE = 2
 def _cmd_train(args: argparse.Namespace) -> int:
     from toolkit.checkpoint.manager import STOPPED
     from toolkit.config import load_config
-    from toolkit.train import Trainer
+    from toolkit.train import run_recipe
 
     cfg = load_config(args.config, args.overrides)
-    marker = Path(cfg.output_dir) / STOPPED
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(args, marker)
-    if os.environ.get("RANK", "0") == "0":
-        marker.unlink(missing_ok=True)  # from an earlier stop; a crash must not look like one
-    trainer = Trainer(cfg, resume=args.resume)
-    if args.stop_after_steps:
-        trainer.stop_after_steps = args.stop_after_steps
-    outcomes = trainer.run()
+        return _relaunch_with_torchrun(args, Path(cfg.output_dir) / STOPPED)
+    outcomes, finished, trainer = run_recipe(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps or None)
     for o in outcomes if trainer.dims.is_logging_rank else ():
         state = f"final model: {o.final_dir}" if o.final_dir else f"stopped at step {o.steps_done} (checkpoint saved)"
         print(f"stage {o.name}: {state}")
-    finished = all(o.final_dir for o in outcomes) and len(outcomes) == len(cfg.stages)
-    if not finished and trainer.dims.is_logging_rank:
-        last = outcomes[-1]
-        marker.write_text(json.dumps({"stage": last.name, "step": last.steps_done}) + "\n")
     return 0 if finished else 3
 
 

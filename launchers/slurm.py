@@ -92,7 +92,7 @@ class SlurmJob:
 
 def render(job: SlurmJob) -> str:
     """The sbatch script for `job` (validated first)."""
-    from toolkit.checkpoint.manager import STOPPED
+    from toolkit.checkpoint.manager import STOP_REQUEST, STOPPED
 
     job.validate()
     q = shlex.quote
@@ -109,7 +109,10 @@ def render(job: SlurmJob) -> str:
     for opt, value in (("partition", job.partition), ("time", job.time), ("account", job.account)):
         if value:
             lines.append(f"#SBATCH --{opt}={value}")
-    lines += [f"#SBATCH --signal={job.signal}@{job.signal_seconds}", f"#SBATCH --output={job.log_dir}/%x-%j.out",
+    # Ray mode: the notice goes to the batch shell only (the Ray processes must live on while the
+    # actors save), which relays it to the run as <output_dir>/STOP_REQUESTED.
+    batch_only = "B:" if job.launch == "ray" else ""
+    lines += [f"#SBATCH --signal={batch_only}{job.signal}@{job.signal_seconds}", f"#SBATCH --output={job.log_dir}/%x-%j.out",
               "#SBATCH --open-mode=append"]
     lines.append("#SBATCH --requeue" if job.requeue else "#SBATCH --no-requeue")
     if job.chain > 1:
@@ -137,7 +140,7 @@ def render(job: SlurmJob) -> str:
                      f"--nproc-per-node={per_node} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT "
                      f"--rdzv-id=$SLURM_JOB_ID --max-restarts=0 -m launchers.slurm_task {train}")
     else:
-        lines += _ray_body(job, python)
+        lines += _ray_body(job, python, q(str(job.output_dir / STOP_REQUEST)))
     marker = q(str(job.output_dir / STOPPED))
     lines += [
         "rc=$?",
@@ -150,8 +153,9 @@ def render(job: SlurmJob) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ray_body(job: SlurmJob, python: str) -> list[str]:
-    """Ray on SLURM: head on the first node, one worker per other node, the driver in the batch step."""
+def _ray_body(job: SlurmJob, python: str, stop_request: str) -> list[str]:
+    """Ray on SLURM: head on the first node, one worker per other node, the driver in the batch step;
+    a preemption notice to the batch shell becomes the run's STOP_REQUESTED file."""
     q = shlex.quote
     ray = q(str(Path(job.python).parent / "ray"))
     cpus, gpus = job.cpus_per_task * job.ranks_per_node, job.gpus_per_node
@@ -170,9 +174,13 @@ def _ray_body(job: SlurmJob, python: str) -> list[str]:
         "fi",
         f'RAY_ADDRESS="$head_ip:$ray_port" {python} -m cluster.ray_train {driver} '
         f"--workers={job.nodes * job.ranks_per_node} --cpus-per-worker={job.cpus_per_task} "
-        f"--gpus-per-worker={1 if gpus else 0} --max-failures={job.max_failures}",
-        "rc=$?",
-        f'{ray} stop --force >/dev/null 2>&1; kill $(jobs -p) 2>/dev/null',
+        f"--gpus-per-worker={1 if gpus else 0} --max-failures={job.max_failures} &",
+        "driver=$!",
+        f"stop_request={stop_request}",
+        "trap 'echo \"[embedforge] preemption notice: asking the run to save and stop\"; touch \"$stop_request\"' "
+        f"{job.signal}",
+        'while kill -0 "$driver" 2>/dev/null; do wait "$driver"; rc=$?; done',
+        "kill $(jobs -p) 2>/dev/null  # the ray start --block steps: their Ray processes go with them",
         "(exit $rc)",
     ]
 

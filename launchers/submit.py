@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from launchers import slurm
+from launchers import ray_submit, slurm
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("submit", help="submit a recipe to a SLURM or Ray cluster")
     sub = p.add_subparsers(dest="submit_command", required=True)
     slurm.add_parser(sub)
+    ray_submit.add_parser(sub)
     return p

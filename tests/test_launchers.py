@@ -30,7 +30,8 @@ def test_every_launch_mode_renders_valid_bash(tmp_path, launch):
     script = render(job(tmp_path, launch=launch, nodes=2, gpus_per_node=4, partition="gpu", time="1-00:00:00",
                         account="proj.a", overrides=["stages.mntp.steps=5", "model.path=/x; rm -rf ~"]))
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    assert "#SBATCH --signal=TERM@120" in script and "#SBATCH --requeue" in script and "USR1" not in script
+    signal = "B:TERM@120" if launch == "ray" else "TERM@120"  # ray: the batch shell relays it (STOP_REQUESTED)
+    assert f"#SBATCH --signal={signal}\n" in script and "#SBATCH --requeue" in script and "USR1" not in script
     assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --partition=gpu" in script
     assert "'model.path=/x; rm -rf ~'" in script  # one quoted word, never code
     assert f"if [ -f {tmp_path}/run/STOPPED ]" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
@@ -41,6 +42,7 @@ def test_every_launch_mode_renders_valid_bash(tmp_path, launch):
         assert "--nproc-per-node=4" in script
     else:
         assert "start --head" in script and "-m cluster.ray_train" in script and "--workers=8" in script
+        assert f"stop_request={tmp_path}/run/STOP_REQUESTED" in script and "' TERM" in script
 
 
 def test_options_and_their_checks(tmp_path, monkeypatch):

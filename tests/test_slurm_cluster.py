@@ -5,6 +5,9 @@ slurmctld + slurmd + munge on this machine, started here; CI runs these tests as
   `scontrol requeue`: its ranks save on the SIGTERM, the job runs again, resumes from the newest
   complete checkpoint, and its per-step losses and final weights equal an uninterrupted
   `embedforge train --nproc 2` run's exactly (same layout: bit-identical on CPU).
+- The same recipe on Ray inside the allocation (`--launch ray`): a preemption notice to the batch
+  shell is relayed to the actors, they save and stop, the script requeues the job itself, and the
+  requeued job finishes with the same bit-identical result.
 - Bad submissions (unknown partition, invalid recipe) fail before anything is queued.
 - A shell-injection attempt in an override does not run, and no secret from the submitting
   environment is written into the script or the job's log.
@@ -67,37 +70,66 @@ def wait_for(predicate, what: str, timeout: float = 600.0) -> None:
         time.sleep(0.5)
 
 
-def test_requeued_job_resumes_to_the_uninterrupted_result(slurm_cluster, tmp_path):
-    cfg = dp_recipe(tmp_path)
-    whole, requeued = tmp_path / "whole", tmp_path / "requeued"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """The recipe and its uninterrupted run (`embedforge train --nproc 2`: the same DP layout)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = dp_recipe(tmp)
+    whole = tmp / "whole"
     a = embedforge("train", str(cfg), f"output_dir={whole}", "--nproc", "2")
     assert a.returncode == 0, a.stderr[-4000:]
+    return cfg, whole
 
-    s = embedforge("submit", "slurm", str(cfg), f"output_dir={requeued}", "--tasks-per-node", "2",
-                   "--job-name", "ef-test", "--time", "00:20:00")
+
+def submit_and_interrupt(cfg: Path, run: Path, interrupt: list[str], *extra: str) -> str:
+    """Submit a 2-rank job, interrupt it once its first checkpoint exists, let the requeued job run."""
+    s = embedforge("submit", "slurm", str(cfg), f"output_dir={run}", "--tasks-per-node", "2",
+                   "--job-name", "ef-test", "--time", "00:20:00", *extra)
     assert s.returncode == 0, s.stderr[-3000:]
     job = s.stdout.split()[-1]
-    checkpoints = requeued / "00-mntp"
+    checkpoints = run / "00-mntp"
     wait_for(lambda: any(checkpoints.glob("step-*/COMPLETE")) or job_state(job) not in ("PENDING", "RUNNING"),
              "the first checkpoint")
-    assert job_state(job) == "RUNNING", (job_state(job), log_of(requeued))
-    subprocess.run(["scontrol", "requeue", job], check=True)
+    assert job_state(job) == "RUNNING", (job_state(job), log_of(run))
+    subprocess.run([*interrupt, job], check=True)
     # the local controller holds a requeued job ~2 min (BeginTime) before it may start again: release it
+    # once its previous run has left the node (earlier, its start fails with "Job credential revoked")
     wait_for(lambda: job_state(job) == "PENDING", "the requeued job to be pending")
+    wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
+             == "idle", "the node to be idle")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"), "the job to end")
-    out = log_of(requeued)
-    assert job_state(job) == "COMPLETED", out[-4000:]
+    assert job_state(job) == "COMPLETED", log_of(run)[-4000:]
+    return log_of(run)
+
+
+def assert_same_as_uninterrupted(whole: Path, run: Path) -> None:
+    want, got = losses(whole), losses(run)
+    assert got == want and len(want) == 43  # 40 MNTP + 3 supervised steps, bit-identical
+    x = load_file(str(whole / "01-supervised" / "final" / "model.safetensors"))
+    y = load_file(str(run / "01-supervised" / "final" / "model.safetensors"))
+    assert all(bool((x[k] == y[k]).all()) for k in x)
+    assert not (run / "STOPPED").exists()  # the finished run leaves no stop marker
+
+
+def test_requeued_job_resumes_to_the_uninterrupted_result(slurm_cluster, reference, tmp_path):
+    cfg, whole = reference
+    run = tmp_path / "requeued"
+    out = submit_and_interrupt(cfg, run, ["scontrol", "requeue"])
     assert "restart 1" in out and "resumed from" in out, out[-4000:]
     assert "saving a checkpoint at the next step boundary" in out  # the ranks caught the SIGTERM
-    assert not (requeued / "STOPPED").exists()  # the finished run leaves no stop marker
+    assert_same_as_uninterrupted(whole, run)
 
-    want, got = losses(whole), losses(requeued)
-    assert got == want and len(want) == 43  # 40 MNTP + 3 supervised steps, bit-identical
-    for name in ("model.safetensors",):
-        x = load_file(str(whole / "01-supervised" / "final" / name))
-        y = load_file(str(requeued / "01-supervised" / "final" / name))
-        assert all(bool((x[k] == y[k]).all()) for k in x)
+
+def test_ray_on_slurm_preemption_notice_is_relayed_and_requeued(slurm_cluster, reference, tmp_path):
+    """--launch ray: the notice (here sent by hand, as --signal=B:TERM would) reaches the batch shell,
+    which relays it as STOP_REQUESTED; the actors save and stop, the script sees STOPPED and requeues."""
+    cfg, whole = reference
+    run = tmp_path / "ray"
+    out = submit_and_interrupt(cfg, run, ["scancel", "--batch", "--signal=TERM"], "--launch", "ray")
+    assert "preemption notice: asking the run to save and stop" in out, out[-4000:]
+    assert "stage mntp: stopped at step" in out and "requeueing job" in out and "restart 1" in out, out[-4000:]
+    assert_same_as_uninterrupted(whole, run)
 
 
 def log_of(run: Path) -> str:

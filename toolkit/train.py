@@ -34,7 +34,14 @@ import yaml
 from safetensors.torch import load_file
 
 from data_pipelines.loader import StreamingLoader, open_dataset
-from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_complete, read_meta
+from toolkit.checkpoint.manager import (
+    STOP_REQUEST,
+    STOPPED,
+    begin_step_dir,
+    commit_step_dir,
+    latest_complete,
+    read_meta,
+)
 from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.base import build_engine
@@ -228,12 +235,20 @@ class Trainer:
     def _agreed_stop(self, steps_this_run: int) -> bool:
         """A preemption signal may reach only some ranks: all stop together (or none does)."""
         wanted = (self.stop.requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps)
-                  or self._near_deadline())
+                  or self._near_deadline() or self._stop_requested_by_file())
         if self.dims.world_size == 1:
             return wanted
         flag = torch.tensor([int(wanted)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def _stop_requested_by_file(self) -> bool:
+        """`touch <output_dir>/STOP_REQUESTED`: a graceful stop any launcher (or person) can ask for,
+        e.g. a Ray driver relaying a preemption notice its actors never receive."""
+        if not (self.out / STOP_REQUEST).exists():
+            return False
+        log.warning("%s found: saving a checkpoint and stopping", self.out / STOP_REQUEST)
+        return True
 
     def _near_deadline(self) -> bool:
         if self.deadline is None:
@@ -316,3 +331,25 @@ def load_pooling_weights(pooling, folder: Path) -> None:
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto") -> list[StageOutcome]:
     return Trainer(cfg, resume).run()
+
+
+def run_recipe(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",
+               stop_after_steps: int | None = None) -> tuple[list[StageOutcome], bool, Trainer]:
+    """This rank's part of a whole run, as every launcher runs it: (outcomes, finished, trainer).
+
+    Rank 0 keeps two run-level files in step with how the run ends: a stale STOP_REQUESTED and
+    STOPPED are removed at the start (a crash must not look like a stop, a resumed run must not stop
+    at once), and STOPPED is written when the run stopped early with a checkpoint, so a batch script
+    or a driver knows to requeue rather than to give up."""
+    out = Path(cfg.output_dir)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if rank0:
+        for name in (STOPPED, STOP_REQUEST):
+            (out / name).unlink(missing_ok=True)
+    trainer = Trainer(cfg, resume=resume)
+    trainer.stop_after_steps = stop_after_steps
+    outcomes = trainer.run()
+    finished = len(outcomes) == len(cfg.stages) and all(o.final_dir for o in outcomes)
+    if rank0 and not finished and outcomes:
+        (out / STOPPED).write_text(json.dumps({"stage": outcomes[-1].name, "step": outcomes[-1].steps_done}) + "\n")
+    return outcomes, finished, trainer

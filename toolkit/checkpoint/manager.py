@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 STOPPED = "STOPPED"  # <output_dir>/STOPPED: the run stopped early with a checkpoint (launchers requeue)
+STOP_REQUEST = "STOP_REQUESTED"  # touch <output_dir>/STOP_REQUESTED: every rank saves and stops at the next step
 STEP_RE = re.compile(r"^step-(\d+)$")
 
 
