@@ -44,7 +44,7 @@ def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus
     if pending:
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}})
         try:
             scorer = _scorer_class(ray)

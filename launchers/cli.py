@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from launchers import d2llm, plan, search, submit, teacher
+from launchers import d2llm, evaluate, plan, search, submit, teacher
 
 EXIT_USAGE = 2
 
@@ -89,17 +89,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
     consolidate(Path(args.checkpoint), out)
     print(f"exported {args.checkpoint} -> {out} (load with Encoder.from_pretrained or SentenceTransformer)")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from toolkit.eval.report import evaluate_models, format_table
-
-    tasks = [t for t in args.tasks.split(",") if t]
-    results = evaluate_models({m: m for m in args.models}, tasks, batch_size=args.batch_size)
-    print(format_table(results, tasks))
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2))
     return 0
 
 
@@ -200,13 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=_cmd_export)
 
-    v = sub.add_parser("eval", help="evaluate encoders on the local held-out tasks")
-    v.add_argument("--models", nargs="+", required=True, help="encoder folders, or 'minilm' for all-MiniLM-L6-v2")
-    v.add_argument("--tasks", default="rt-sentiment,wordnet-retrieval", help="comma-separated local task names")
-    v.add_argument("--batch-size", type=int, default=32)
-    v.add_argument("--output", default=None, help="write results JSON here")
-    v.set_defaults(func=_cmd_eval)
-
     q = sub.add_parser("quickstart", help="MNTP + SimCSE on real SmolLM2 weights, then the evaluation table")
     q.add_argument("--config", default="configs/quickstart.yaml")
     q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -258,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_parser(sub)
     d2llm.add_parser(sub)
     submit.add_parser(sub)
+    evaluate.add_parser(sub)
     return p
 
 
@@ -277,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                                          getattr(args, "teacher_command", None),
                                          getattr(args, "search_command", None),
                                          getattr(args, "d2llm_command", None),
-                                         getattr(args, "submit_command", None)]))
+                                         getattr(args, "submit_command", None),
+                                         getattr(args, "eval_command", None)]))
         print(f"embedforge {command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -185,7 +185,7 @@ def _ray_body(job: SlurmJob, python: str, stop_request: str) -> list[str]:
     ]
 
 
-def check(job: SlurmJob, script: str) -> None:
+def check(name: str, script: str) -> None:
     """Ask the controller whether the job could run (`sbatch --test-only`): an unknown partition or
     account, or resources no node has, fail here instead of after queueing."""
     try:
@@ -193,23 +193,58 @@ def check(job: SlurmJob, script: str) -> None:
     except FileNotFoundError:
         raise SubmitError("sbatch not found: run on a SLURM login node (or start cluster/slurm/local_cluster.sh)") from None
     if r.returncode != 0:
-        raise SubmitError(f"SLURM refused the job ({job.job_name}): {r.stderr.strip() or r.stdout.strip()}")
+        raise SubmitError(f"SLURM refused the job ({name}): {r.stderr.strip() or r.stdout.strip()}")
 
 
 def submit(job: SlurmJob) -> list[str]:
     """Render, check, keep the script beside the logs, queue it (`chain` times); returns job ids."""
     script = render(job)
-    check(job, script)
+    check(job.job_name, script)
     job.log_dir.mkdir(parents=True, exist_ok=True)
     path = job.log_dir / f"{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.write_text(script)
-    ids = []
-    for _ in range(job.chain):
-        r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
-        if r.returncode != 0:
-            raise SubmitError(f"sbatch {path}: {r.stderr.strip()}")
-        ids.append(r.stdout.strip().split(";")[0])
-    return ids
+    return [_sbatch(path) for _ in range(job.chain)]
+
+
+def submit_array(*, name: str, n_tasks: int, task_command: list[str], report_command: list[str], log_dir: Path,
+                 cpus: int = 1, partition: str | None = None, time: str | None = None, account: str | None = None,
+                 max_parallel: int = 0) -> tuple[str, str]:
+    """A job array whose task i runs `task_command i`, and a report job after all of them ended
+    (`afterany`: a failed task leaves a gap in the report, not a report that never comes)."""
+    for label, value in (("job name", name), ("partition", partition), ("account", account), ("log folder", str(log_dir))):
+        if value is not None and not SAFE.match(value):
+            raise SubmitError(f"{label} {value!r}: only letters, digits and ._,:+=@/- are allowed")
+    if time is not None and not TIME.match(time):
+        raise SubmitError(f"--time={time!r}: use MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    if n_tasks < 1:
+        raise SubmitError("the sweep has no jobs")
+
+    def script(array: str | None, command: str) -> str:
+        lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={cpus}",
+                 f"#SBATCH --output={log_dir}/%x-%A_%a.out" if array else f"#SBATCH --output={log_dir}/%x-report-%j.out"]
+        lines += [f"#SBATCH --{opt}={v}" for opt, v in (("partition", partition), ("time", time), ("account", account)) if v]
+        if array:
+            lines.append(f"#SBATCH --array={array}")
+        lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
+                  f"export OMP_NUM_THREADS={cpus} TOKENIZERS_PARALLELISM=false", command]
+        return "\n".join(lines) + "\n"
+
+    array = f"0-{n_tasks - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    tasks = script(array, " ".join(shlex.quote(a) for a in task_command) + ' "$SLURM_ARRAY_TASK_ID"')
+    report = script(None, " ".join(shlex.quote(a) for a in report_command))
+    check(name, tasks)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{name}-array.sbatch").write_text(tasks)
+    (log_dir / f"{name}-report.sbatch").write_text(report)
+    array_id = _sbatch(log_dir / f"{name}-array.sbatch")
+    return array_id, _sbatch(log_dir / f"{name}-report.sbatch", f"--dependency=afterany:{array_id}")
+
+
+def _sbatch(path: Path, *options: str) -> str:
+    r = subprocess.run(["sbatch", "--parsable", *options, str(path)], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise SubmitError(f"sbatch {path}: {r.stderr.strip()}")
+    return r.stdout.strip().split(";")[0]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

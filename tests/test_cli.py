@@ -54,10 +54,12 @@ def test_train_encode_export_eval(tiny_llama_dir, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "exp")]) == 2
     assert "already exists" in capsys.readouterr().err
 
-    assert main(["eval", "--models", str(tmp_path / "exp"), "--tasks", "wordnet-retrieval",
-                 "--output", str(tmp_path / "r.json")]) == 0
-    scores = json.loads((tmp_path / "r.json").read_text())
-    assert 0.0 <= scores[str(tmp_path / "exp")]["wordnet-retrieval"]["ndcg@10"] <= 1.0
+    assert main(["eval", "run", "--models", str(tmp_path / "exp"), "--tasks", "wordnet-retrieval",
+                 "--cache", str(tmp_path / "cache"), "--output", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["model"], r["task"], r["metric"]) for r in rows] == [
+        (str(tmp_path / "exp"), "EmbedforgeWordNetRetrieval", "ndcg_at_10")]
+    assert 0.0 <= rows[0]["score"] <= 100.0
 
 
 def test_errors_are_one_clear_line(tiny_llama_dir, tmp_path, capsys):

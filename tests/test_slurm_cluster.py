@@ -15,6 +15,7 @@ slurmctld + slurmd + munge on this machine, started here; CI runs these tests as
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -165,3 +166,26 @@ def test_injection_does_not_run_and_secrets_stay_out(slurm_cluster, tmp_path):
     assert not pwned.exists()
     scripts = list((run / "slurm").glob("*.sbatch"))
     assert len(scripts) == 1 and secret not in scripts[0].read_text() and secret not in out
+
+
+def test_eval_sweep_as_a_slurm_array(slurm_cluster, reference, tmp_path):
+    """`eval sweep --slurm`: one array task per (checkpoint, task), then a report job after them;
+    the report has every cell, and rerunning the sweep here computes nothing."""
+    _, whole = reference
+    out = tmp_path / "sweep"
+    no_instructions = tmp_path / "instructions.json"  # the tiny model's max_length (48) is shorter than them
+    no_instructions.write_text(json.dumps({"tasks": {"EmbedforgeRTSentiment": "", "EmbedforgeWordNetRetrieval": "",
+                                                     "EmbedforgeWordNetSameSense": ""}}))
+    r = embedforge("eval", "sweep", "--models", str(whole / "01-supervised" / "final"), "--checkpoints",
+                   f"{whole}/00-mntp/step-*", "--output", str(out), "--instructions", str(no_instructions), "--slurm")
+    assert r.returncode == 0 and "submitted array" in r.stdout, r.stderr[-3000:]
+    array, report = r.stdout.split("submitted array ")[1].split()[0], r.stdout.split("report job ")[1].split(";")[0]
+    wait_for(lambda: job_state(report) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the report job")
+    logs = "\n".join(p.read_text() for p in sorted((out / "slurm").glob("*.out")))
+    assert job_state(report) == "COMPLETED", logs[-4000:]
+    assert len(list((out / "slurm").glob(f"ef-eval-sweep-{array}_*.out"))) == 9  # 3 models x 3 local tasks
+    rows = (out / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 9 and (out / "heatmap.png").is_file() and (out / "score_vs_step.png").is_file()
+    again = embedforge("eval", "sweep", "--models", str(whole / "01-supervised" / "final"), "--checkpoints",
+                       f"{whole}/00-mntp/step-*", "--output", str(out), "--instructions", str(no_instructions))
+    assert again.returncode == 0 and again.stderr.count("all cached") == 9, again.stderr[-3000:]

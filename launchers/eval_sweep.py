@@ -1,0 +1,118 @@
+"""`embedforge eval sweep` and `embedforge eval compare`.
+
+    embedforge eval sweep --models minilm --checkpoints 'runs/qs/*/step-*' --tasks rt-sentiment \
+        wordnet-retrieval --output sweeps/qs [--ray local | --ray HOST:PORT | --slurm --partition cpu]
+
+A sweep is one job per (model or checkpoint, task group); jobs run in this process, as Ray tasks on
+a local or remote cluster, or as a SLURM array (plus a dependent job that writes the report). Every
+job writes through mteb's result cache (`--cache`, default `<output>/cache`), so an interrupted sweep
+rerun computes only what is missing, and the report (results.csv / .md / .json, score_vs_step.png,
+heatmap.png) is rebuilt from the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shlex
+import sys
+from pathlib import Path
+
+from launchers.eval_run import _split
+
+
+def add_parsers(subparsers) -> None:
+    s = subparsers.add_parser("sweep", help="evaluate models and checkpoints x tasks in parallel; table + plots",
+                              description="Fan out (model/checkpoint, task group) jobs locally, on Ray or as a "
+                                          "SLURM array; gather a table (CSV + Markdown) and plots (PNG).")
+    s.add_argument("--models", nargs="*", default=[], help="encoder folders, step-N/ checkpoints or 'minilm'")
+    s.add_argument("--checkpoints", nargs="*", default=[], metavar="PATH_OR_GLOB",
+                   help="checkpoints of runs, e.g. 'runs/qs/*/step-*' (quote globs): placed on the training-step axis")
+    s.add_argument("--tasks", nargs="*", default=None, help="task names (local or mteb); default: the local tasks")
+    s.add_argument("--task-types", nargs="*", default=None)
+    s.add_argument("--languages", nargs="*", default=None)
+    s.add_argument("--benchmark", default=None)
+    s.add_argument("--tasks-per-job", type=int, default=1, help="tasks evaluated by one job")
+    s.add_argument("--output", required=True, metavar="DIR", help="report folder (jobs.json, results.*, *.png)")
+    s.add_argument("--cache", default=None, metavar="DIR", help="mteb result cache (default: <output>/cache)")
+    s.add_argument("--instructions", default=None, metavar="FILE", help="JSON task -> instruction overrides")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--ray", default=None, metavar="ADDRESS", help="run jobs as Ray tasks: local, auto or HOST:PORT")
+    s.add_argument("--cpus-per-job", type=float, default=1.0)
+    s.add_argument("--slurm", action="store_true", help="submit the jobs as a SLURM array (+ a report job)")
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None)
+    s.add_argument("--account", default=None)
+    s.add_argument("--max-parallel", type=int, default=0, help="SLURM: array tasks running at once (0: no limit)")
+    s.add_argument("--jobs-file", default=None, help=argparse.SUPPRESS)  # a planned sweep (SLURM array tasks)
+    s.add_argument("--job-index", type=int, default=None, help=argparse.SUPPRESS)
+    s.set_defaults(func=run_sweep)
+
+    c = subparsers.add_parser("compare", help="per-task deltas of two results files; exit 1 on a regression",
+                              description="Compare NEW against BASELINE (files of `eval run --output` or `eval "
+                                          "sweep`); exit 1 when a task drops more than --threshold points.")
+    c.add_argument("baseline", help="results JSON")
+    c.add_argument("new", help="results JSON")
+    c.add_argument("--threshold", type=float, default=1.0, help="allowed drop, in score points (x100 scale)")
+    c.set_defaults(func=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from toolkit.eval.compare import compare_files
+
+    text, ok = compare_files(Path(args.baseline), Path(args.new), args.threshold)
+    print(text, end="")
+    return 0 if ok else 1
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from toolkit.eval.sweep import expand_models, plan_jobs, read_jobs, run_job, write_jobs
+    from toolkit.eval.sweep_report import write_report
+
+    output = Path(args.output).resolve()
+    cache = Path(args.cache).resolve() if args.cache else output / "cache"
+    if args.jobs_file:
+        jobs = read_jobs(Path(args.jobs_file))
+    else:
+        from toolkit.eval.mteb_run import select_tasks
+
+        models = expand_models(args.models, args.checkpoints)
+        if not models:
+            raise ValueError("nothing to evaluate: give --models and/or --checkpoints")
+        tasks = select_tasks(_split(args.tasks), _split(args.task_types), _split(args.languages), args.benchmark)
+        jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
+        write_jobs(jobs, output / "jobs.json")
+    runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size)
+    if args.job_index is not None:  # one SLURM array task
+        if not 0 <= args.job_index < len(jobs):
+            raise ValueError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
+        runner(jobs[args.job_index])
+        return 0
+    if args.slurm:
+        return _submit_array(args, len(jobs), output, cache)
+    print(f"sweep: {len(jobs)} job(s) over {len({j.model.label for j in jobs})} model(s); cache {cache}", flush=True)
+    if args.ray:
+        from cluster.eval_sweep import run_ray
+
+        rows = run_ray(jobs, runner, address=None if args.ray == "local" else args.ray, cpus_per_job=args.cpus_per_job)
+    else:
+        rows = [row for job in jobs for row in runner(job)]
+    files = write_report(rows, output)
+    print(files["markdown"].read_text())
+    print("\n".join(f"{kind}: {path}" for kind, path in files.items()))
+    return 0
+
+
+def _submit_array(args: argparse.Namespace, n_jobs: int, output: Path, cache: Path) -> int:
+    """The planned jobs as a SLURM array, then a report job once they all ended (it recomputes nothing)."""
+    from launchers.slurm import submit_array
+
+    common = ["--jobs-file", str(output / "jobs.json"), "--output", str(output), "--cache", str(cache),
+              "--batch-size", str(args.batch_size)] + (["--instructions", args.instructions] if args.instructions else [])
+    base = [sys.executable, "-m", "launchers.cli", "eval", "sweep", *common]
+    ids = submit_array(name="ef-eval-sweep", n_tasks=n_jobs, task_command=[*base, "--job-index"],
+                       report_command=base, log_dir=output / "slurm", cpus=max(1, int(args.cpus_per_job)),
+                       partition=args.partition, time=args.time, account=args.account, max_parallel=args.max_parallel)
+    print(f"submitted array {ids[0]} ({n_jobs} jobs) and report job {ids[1]}; report in {output} "
+          f"(rerun: {shlex.join(base)})")
+    return 0

@@ -1,0 +1,202 @@
+"""Task selection and cached evaluation through `mteb.evaluate`: the one path for local and real MTEB tasks.
+
+Results go through mteb's ResultCache (`<cache>/results/<name>/<revision>/<Task>.json`) with
+`only-missing`, so an interrupted sweep continues where it stopped and a finished one computes nothing
+(the model is not even loaded). Model specs: an encoder folder (a stage's `final/`, an export), a
+`step-N/` checkpoint (consolidated once into `<work_dir>/<hash of its path>`), or `minilm`.
+
+Real MTEB tasks (`STSBenchmark`, `--benchmark "MTEB(eng, v2)"`) resolve from mteb's registry without
+downloading anything; running them needs the Hugging Face hub (set HF_HUB_OFFLINE=0 where it is
+reachable) or a pre-filled HF datasets cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import mteb
+from mteb.abstasks import AbsTask
+from mteb.cache import ResultCache
+from mteb.models.model_meta import ScoringFunction
+
+from toolkit.eval.mteb_model import (
+    EmbedforgeModel,
+    Instructions,
+    encoder_backend,
+    make_meta,
+    sentence_transformer_backend,
+)
+from toolkit.eval.mteb_tasks import ALIASES, LOCAL_MTEB_TASKS, local_task
+
+MINILM = "minilm"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+SCORE_DIGITS = 6  # mteb's TaskResult.to_disk rounding
+
+
+# ----------------------------------------------------------------------------- tasks
+def select_tasks(names: Sequence[str] | None = None, task_types: Sequence[str] | None = None,
+                 languages: Sequence[str] | None = None, benchmark: str | None = None,
+                 local: bool = True) -> list[AbsTask]:
+    """Task objects (no data loaded) in a stable order, duplicates dropped.
+
+    `names` (local names/aliases first, then mteb's registry) and `benchmark` select explicitly; with
+    neither, the candidates are our local tasks (`local=True`) or mteb's whole registry. `task_types`
+    and `languages` (ISO 639-3, e.g. "eng") then filter the candidates.
+    """
+    chosen: list[AbsTask] = []
+    for name in names or ():
+        if local and (name in LOCAL_MTEB_TASKS or name in ALIASES):
+            chosen.append(local_task(name))
+            continue
+        try:
+            chosen.append(mteb.get_task(name))
+        except KeyError:
+            known = ", ".join([*LOCAL_MTEB_TASKS, *ALIASES])
+            raise ValueError(f"unknown task {name!r}: not a local task ({known}) nor in mteb's registry") from None
+    if benchmark:
+        try:
+            chosen.extend(mteb.get_benchmark(benchmark).tasks)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"unknown benchmark {benchmark!r} ({exc})") from None
+    if not names and not benchmark:
+        chosen = [local_task(n) for n in LOCAL_MTEB_TASKS] if local else list(mteb.get_tasks())
+    if task_types or languages:
+        chosen = list(mteb.filter_tasks(chosen, task_types=task_types or None, languages=languages or None))
+    seen: set[str] = set()
+    unique = [t for t in chosen if not (t.metadata.name in seen or seen.add(t.metadata.name))]
+    if not unique:
+        raise ValueError(f"no task matches names={names} types={task_types} languages={languages} benchmark={benchmark}")
+    return unique
+
+
+# ----------------------------------------------------------------------------- models
+def folder_revision(folder: Path, sample: int = 16 * 2**20) -> str:
+    """Content hash of a folder (names, sizes and bytes; files over 2*sample hashed by head and tail)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        h.update(f"{path.relative_to(folder)}:{size}\n".encode())
+        with path.open("rb") as fh:
+            if size <= 2 * sample:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(sample))
+                fh.seek(size - sample)
+                h.update(fh.read(sample))
+    return "sha-" + h.hexdigest()[:12]
+
+
+def checkpoint_identity(path: Path) -> tuple[str, str]:
+    """(name, revision) for the cache: `<run>/<NN-stage>` and `step-N` / `final`; other folders by content."""
+    from toolkit.checkpoint.consolidate import STAGE_RE
+
+    path = path.resolve()
+    stage, run = path.parent, path.parent.parent
+    if STAGE_RE.match(stage.name) and (run / "config.yaml").is_file() and (path.name == "final" or path.name.startswith("step-")):
+        return f"{run.name}/{stage.name}", path.name
+    return f"embedforge/{path.name}", folder_revision(path)
+
+
+def default_work_dir() -> Path:
+    from toolkit.assets import cache_dir
+
+    return cache_dir() / "eval-checkpoints"
+
+
+def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
+    """A `step-N/` checkpoint as an encoder folder, built once (keyed by the checkpoint's absolute path)."""
+    import torch.distributed as dist
+
+    from toolkit.checkpoint.consolidate import consolidate
+    from toolkit.models.encoder import SPEC_FILE
+
+    step_dir = step_dir.resolve()
+    key = hashlib.sha1(str(step_dir).encode()).hexdigest()[:16]
+    out = (work_dir or default_work_dir()) / f"{step_dir.parent.name}-{step_dir.name}-{key}"
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not (out / SPEC_FILE).is_file() and (not multi or dist.get_rank() == 0):
+        import fcntl
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "w") as lock:  # sweep workers sharing a machine build it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / SPEC_FILE).is_file():
+                consolidate(step_dir, out)
+    if multi:
+        dist.barrier()
+    return out
+
+
+def load_model(spec: str, *, instructions: Instructions | str | Path | None = None, batch_size: int = 32,
+               work_dir: Path | None = None, device: str = "cpu") -> EmbedforgeModel:
+    """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily."""
+    from toolkit.checkpoint.manager import COMPLETE
+    from toolkit.models.encoder import SPEC_FILE
+
+    table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)
+    if spec == MINILM:
+        def load_minilm():
+            from sentence_transformers import SentenceTransformer
+
+            from toolkit.assets import minilm_dir
+
+            return sentence_transformer_backend(SentenceTransformer(str(minilm_dir()), device=device))
+
+        base = mteb.get_model_meta(MINILM_NAME)  # mteb's own name + revision: comparable with the leaderboard
+        meta = make_meta(MINILM_NAME, base.revision, base=base, loader=mteb_loader, loader_kwargs={"spec": MINILM})
+        return EmbedforgeModel(load_minilm, meta, table, batch_size)
+    path = Path(spec)
+    if (path / SPEC_FILE).is_file():
+        folder = path
+    elif (path / COMPLETE).is_file():
+        folder = None
+    else:
+        raise FileNotFoundError(f"{spec}: not 'minilm', an encoder folder ({SPEC_FILE}) or a complete step-N checkpoint")
+    name, revision = checkpoint_identity(path)
+    student = folder is not None and json.loads((folder / SPEC_FILE).read_text()).get("iem_hidden", 0) > 0
+
+    def load_encoder():
+        from toolkit.models.encoder import Encoder
+
+        return encoder_backend(Encoder.from_pretrained(folder or consolidated_folder(path, work_dir), device=device))
+
+    meta = make_meta(name, revision, instructions=table, similarity=None if student else ScoringFunction.COSINE,
+                     loader=mteb_loader, loader_kwargs={"spec": str(path.resolve())})
+    return EmbedforgeModel(load_encoder, meta, table, batch_size)
+
+
+def mteb_loader(model_name: str, revision: str | None = None, *, spec: str, **kwargs: Any) -> EmbedforgeModel:
+    """ModelMeta.loader: `meta.load_model()` (and mteb's own CLI paths) rebuild the model from its spec."""
+    return load_model(spec, **{k: v for k, v in kwargs.items() if k in ("instructions", "batch_size", "device")})
+
+
+# ----------------------------------------------------------------------------- evaluation
+class RankZeroCache(ResultCache):
+    """Every rank reads the cache (so all skip the same tasks); only rank 0 writes it."""
+
+    def save_to_cache(self, *args: Any, **kwargs: Any) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            super().save_to_cache(*args, **kwargs)
+
+
+def evaluate(model_spec: str | EmbedforgeModel, tasks: Iterable[AbsTask], cache_dir: str | Path,
+             overwrite: str = "only-missing", *, instructions: Instructions | str | Path | None = None,
+             batch_size: int | None = None, work_dir: Path | None = None, raise_error: bool = True) -> dict[str, float]:
+    """{task name: main score} through `mteb.evaluate` with a ResultCache at `cache_dir`; rounded to
+    SCORE_DIGITS like the cache stores them, so a fresh score equals the one read back later.
+    `model_spec` is a spec for `load_model` or an already built model (then `instructions` is its own)."""
+    model = model_spec if isinstance(model_spec, EmbedforgeModel) else load_model(
+        model_spec, instructions=instructions, batch_size=batch_size or 32, work_dir=work_dir)
+    result = mteb.evaluate(model, list(tasks), cache=RankZeroCache(cache_dir), overwrite_strategy=overwrite,
+                           encode_kwargs={"batch_size": batch_size or model.batch_size, "show_progress_bar": False},
+                           co2_tracker=False, raise_error=raise_error, show_progress_bar=False)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 has written the cache before anyone moves on
+    return {r.task_name: round(float(r.get_score()), SCORE_DIGITS) for r in result.task_results}

@@ -1,0 +1,142 @@
+"""An evaluation sweep: which (model or checkpoint, task group) jobs to run, and where each model sits
+in training (stage, global step) so results can be plotted against it.
+
+Planning and gathering only: the jobs run wherever a launcher puts them (in this process, Ray tasks,
+a SLURM array); each job writes through mteb's result cache, so a rerun after an interruption
+computes only what is missing and the gathered table is the same.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from toolkit.checkpoint.manager import COMPLETE
+from toolkit.eval.sweep_report import ResultRow
+from toolkit.models.encoder import SPEC_FILE
+
+log = logging.getLogger(__name__)
+STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+BASELINES = ("minilm",)
+
+
+@dataclass(frozen=True)
+class SweepModel:
+    spec: str  # what the evaluator loads: an encoder folder, a step-N/ checkpoint, or a baseline name
+    label: str  # how tables and plots name it: run/stage/step-N, a folder name, or the baseline
+    run: str | None = None  # the training run it comes from (plots draw one line per run)
+    stage: str | None = None
+    step: int | None = None  # global training step (earlier stages' steps added), None for baselines
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    model: SweepModel
+    tasks: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "tasks": list(self.tasks)}
+
+    @staticmethod
+    def from_dict(d: dict) -> "SweepJob":
+        return SweepJob(SweepModel(**d["model"]), tuple(d["tasks"]))
+
+
+def expand_models(models: list[str], checkpoints: list[str]) -> list[SweepModel]:
+    """`--models` (encoder folders or baseline names) and `--checkpoints` (paths or globs of `step-N/`
+    or stage `final/` folders) as sweep models, in training order within each run."""
+    out: list[SweepModel] = []
+    for m in models:
+        if m in BASELINES:
+            out.append(SweepModel(spec=m, label=m))
+        else:
+            out.append(_checkpoint_model(Path(m)) if _is_checkpoint(Path(m)) else _folder_model(Path(m)))
+    for pattern in checkpoints:
+        paths = [Path(p) for p in sorted(glob.glob(pattern))] if any(c in pattern for c in "*?[") else [Path(pattern)]
+        if not paths:
+            raise FileNotFoundError(f"--checkpoints {pattern}: matches nothing")
+        found = [_checkpoint_model(p) for p in paths if _is_checkpoint(p) or (p / SPEC_FILE).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--checkpoints {pattern}: no complete step-N/ checkpoint or final/ folder there")
+        out.extend(sorted(found, key=lambda m: (m.run or "", m.step if m.step is not None else -1)))
+    labels = [m.label for m in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"the sweep names a model twice: {sorted(x for x in labels if labels.count(x) > 1)}")
+    return out
+
+
+def plan_jobs(models: list[SweepModel], tasks: list[str], tasks_per_job: int = 1) -> list[SweepJob]:
+    """One job per (model, group of `tasks_per_job` tasks): the unit a worker runs and may retry."""
+    if not tasks:
+        raise ValueError("the sweep has no tasks")
+    groups = [tuple(tasks[i : i + tasks_per_job]) for i in range(0, len(tasks), max(1, tasks_per_job))]
+    return [SweepJob(m, g) for m in models for g in groups]
+
+
+def write_jobs(jobs: list[SweepJob], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([j.to_dict() for j in jobs], indent=1))
+
+
+def read_jobs(path: Path) -> list[SweepJob]:
+    return [SweepJob.from_dict(d) for d in json.loads(Path(path).read_text())]
+
+
+def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None,
+            batch_size: int = 32) -> list[ResultRow]:
+    """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
+    results are all cached loads no model) and return its rows, scores x 100."""
+    from toolkit.eval.mteb_run import evaluate, load_model, select_tasks
+
+    tasks = select_tasks(list(job.tasks))
+    metric = {t.metadata.name: t.metadata.main_score for t in tasks}
+    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size)  # weights load lazily
+    scores = evaluate(model, tasks, cache_dir, batch_size=batch_size)
+    m = job.model
+    log.info("%s on %s: %s", m.label, ", ".join(job.tasks), "evaluated" if model.loaded else "all cached")
+    return [ResultRow(m.label, name, round(100 * score, 4), metric[name], m.run, m.stage, m.step)
+            for name, score in scores.items()]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _is_checkpoint(path: Path) -> bool:
+    return STEP_DIR.match(path.name) is not None and (path / COMPLETE).is_file()
+
+
+def _folder_model(path: Path) -> SweepModel:
+    if not (path / SPEC_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not an encoder folder ({SPEC_FILE} missing), a complete step-N/ checkpoint "
+                                f"or a baseline ({', '.join(BASELINES)})")
+    if path.name == "final" and STAGE_DIR.match(path.parent.name):
+        return _checkpoint_model(path)
+    return SweepModel(spec=str(path), label=path.name)
+
+
+def _checkpoint_model(path: Path) -> SweepModel:
+    """A `RUN/NN-stage/step-N` or `RUN/NN-stage/final` folder, placed on the run's global step axis."""
+    stage_dir, run_dir = path.parent, path.parent.parent
+    match = STAGE_DIR.match(stage_dir.name)
+    if not match:
+        raise ValueError(f"{path}: expected RUN/NN-stage/step-N or RUN/NN-stage/final")
+    index, stage = int(match.group(1)), match.group(2)
+    steps = _stage_steps(run_dir)
+    before = sum(steps[:index]) if len(steps) >= index else 0
+    step_match = STEP_DIR.match(path.name)
+    within = int(step_match.group(1)) if step_match else (steps[index] if index < len(steps) else 0)
+    return SweepModel(spec=str(path), label=f"{run_dir.name}/{stage}/{path.name}", run=run_dir.name, stage=stage,
+                      step=before + within)
+
+
+def _stage_steps(run_dir: Path) -> list[int]:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return []
+    stages = (yaml.safe_load(config.read_text()) or {}).get("stages", [])
+    return [int(s.get("steps", 0)) for s in stages]
