@@ -26,9 +26,11 @@ def run_ray(jobs: list[SweepJob], run_job: JobRunner, *, address: str | None = N
     started_here = not ray.is_initialized()
     if started_here:
         threads = str(max(1, int(cpus_per_job)))
+        env = {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+        if "HF_HUB_OFFLINE" in os.environ:  # as here; otherwise the nodes' own setting
+            env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-                                           "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+                 runtime_env={"env_vars": env})
     try:
         task = ray.remote(num_cpus=cpus_per_job, max_retries=max_retries, retry_exceptions=True)(_run_one)
         refs = [task.remote(run_job, job) for job in jobs]

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -133,7 +134,7 @@ class RankWorker:
         from toolkit.train import run_recipe
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        outcomes, _, _ = run_recipe(load_config(config, list(overrides)), resume=resume)
+        outcomes, _, _ = run_recipe(load_config(config, list(overrides)), resume=resume, clear_markers=False)
         return [{"stage": o.name, "final_dir": str(o.final_dir) if o.final_dir else None,
                  "steps_done": o.steps_done, "last_loss": o.last_loss} for o in outcomes]
 
@@ -284,6 +285,13 @@ class RankFailures(RuntimeError):
         order = died + [r for r in self.errors if r not in died]  # the dead first: the likely cause
         super().__init__("; ".join(f"rank {r}: {describe(self.errors[r])}" for r in order))
 
+    @property
+    def lost_process(self) -> bool:
+        """A rank's process (or its node) died: worth a restart. Otherwise every rank ran and raised
+        (a bad model path, a non-finite loss): a restart would fail the same way."""
+        return any(isinstance(e, RayActorError) or isinstance(getattr(e, "cause", None), RayActorError)
+                   for e in self.errors.values())
+
 
 class TrainingFailed(RuntimeError):
     """The run gave up: restarts used up (or the group could not be placed); one line per attempt."""
@@ -323,6 +331,7 @@ def run_training(config: str | os.PathLike, overrides: Sequence[str] = (), *, wo
     (checkpoint saved) is returned as is: resubmitting it continues; retrying here would fight the
     scheduler that asked it to stop. `on_start(group, attempt)` sees each group once it is up."""
     from toolkit.config import load_config
+    from toolkit.train import clear_run_markers
 
     workdir = os.path.abspath(workdir or os.getcwd())
     config = os.path.join(workdir, os.fspath(config))
@@ -331,6 +340,7 @@ def run_training(config: str | os.PathLike, overrides: Sequence[str] = (), *, wo
         raise ValueError(f"max_failures must be >= 0, got {max_failures}")
     spec = GroupSpec(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      strategy=strategy, workdir=workdir, env=dict(env or {}), start_timeout_s=start_timeout_s)
+    clear_run_markers(Path(workdir) / cfg.output_dir)  # once: a notice relayed during a restart must survive it
     failures: list[str] = []
     attempt = 0
     while True:
@@ -347,6 +357,9 @@ def run_training(config: str | os.PathLike, overrides: Sequence[str] = (), *, wo
             failures.append(f"{exc} (after {time.monotonic() - t0:.0f} s)")
             if not getattr(exc, "retryable", True):
                 raise TrainingFailed(failures, max_failures, "not retried: the resources never became free") from exc
+            if isinstance(exc, RankFailures) and not exc.lost_process:
+                raise TrainingFailed(failures, max_failures, "not retried: no process died, a rank raised "
+                                     "(it would raise again)") from exc
             if len(failures) > max_failures:
                 raise TrainingFailed(failures, max_failures) from exc
             log.warning("attempt %d failed (%s); tearing the group down and restarting from the newest complete "

@@ -36,16 +36,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _relaunch_with_torchrun(args: argparse.Namespace, marker: Path) -> int:
-    """`embedforge train CONFIG --nproc N`: the same command under torchrun, N ranks on this node."""
+    """`embedforge train CONFIG --nproc N`: the same command under torchrun, N ranks on this node.
+
+    SIGTERM / SIGUSR2 sent to this process reach torchrun as SIGTERM (which it passes to the ranks:
+    they save and stop; SIGUSR2 would kill torchrun itself); the run's STOPPED marker, not torchrun's
+    exit code, says it stopped with a checkpoint."""
+    import signal
     import subprocess
 
     train = ["train", args.config, *args.overrides, "--resume", args.resume]
     if args.stop_after_steps:
         train += ["--stop-after-steps", str(args.stop_after_steps)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "launchers.cli", *(["-v"] if args.verbose else []), *train]
-    code = subprocess.run(cmd).returncode
-    return 3 if code and marker.is_file() else code  # torchrun reports a rank's exit 3 (stopped, saved) as 1
+           "-m", "launchers.rank", *(["-v"] if args.verbose else []), *train]
+    marker.unlink(missing_ok=True)
+    child = subprocess.Popen(cmd)
+    forward = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signal.SIGTERM))
+               for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in forward.items():
+            signal.signal(sig, handler)
+    return 3 if code == 0 and marker.is_file() else code
 
 
 def _read_texts(path: Path) -> list[str]:

@@ -44,6 +44,7 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--time", default=None)
     s.add_argument("--account", default=None)
     s.add_argument("--max-parallel", type=int, default=0, help="SLURM: array tasks running at once (0: no limit)")
+    s.add_argument("--report-only", action="store_true", help="write the report from the cache, computing nothing")
     s.add_argument("--jobs-file", default=None, help=argparse.SUPPRESS)  # a planned sweep (SLURM array tasks)
     s.add_argument("--job-index", type=int, default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=run_sweep)
@@ -82,7 +83,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         tasks = select_tasks(_split(args.tasks), _split(args.task_types), _split(args.languages), args.benchmark)
         jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
         write_jobs(jobs, output / "jobs.json")
-    runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size)
+    runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size,
+                               cache_only=args.report_only)
     if args.job_index is not None:  # one SLURM array task
         if not 0 <= args.job_index < len(jobs):
             raise ValueError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
@@ -97,6 +99,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         rows = run_ray(jobs, runner, address=None if args.ray == "local" else args.ray, cpus_per_job=args.cpus_per_job)
     else:
         rows = [row for job in jobs for row in runner(job)]
+    if not rows:
+        raise ValueError(f"{cache}: no results to report (did every job fail? see the logs in {output / 'slurm'})")
+    missing = sum(len(j.tasks) for j in jobs) - len(rows)
+    if missing:
+        print(f"sweep: {missing} (model, task) result(s) missing: failed or not run; rerun the sweep to compute them")
     files = write_report(rows, output)
     print(files["markdown"].read_text())
     print("\n".join(f"{kind}: {path}" for kind, path in files.items()))
@@ -111,7 +118,7 @@ def _submit_array(args: argparse.Namespace, n_jobs: int, output: Path, cache: Pa
               "--batch-size", str(args.batch_size)] + (["--instructions", args.instructions] if args.instructions else [])
     base = [sys.executable, "-m", "launchers.cli", "eval", "sweep", *common]
     ids = submit_array(name="ef-eval-sweep", n_tasks=n_jobs, task_command=[*base, "--job-index"],
-                       report_command=base, log_dir=output / "slurm", cpus=max(1, int(args.cpus_per_job)),
+                       report_command=[*base, "--report-only"], log_dir=output / "slurm", cpus=max(1, int(args.cpus_per_job)),
                        partition=args.partition, time=args.time, account=args.account, max_parallel=args.max_parallel)
     print(f"submitted array {ids[0]} ({n_jobs} jobs) and report job {ids[1]}; report in {output} "
           f"(rerun: {shlex.join(base)})")

@@ -44,8 +44,8 @@ def entrypoint(config: str, overrides: Sequence[str], *, workers: int, cpus_per_
 def check_no_secrets(text: str, environ: Mapping[str, str]) -> None:
     for name, value in environ.items():
         if SECRET_NAME.search(name) and len(value) >= 8 and value in text:
-            raise SubmitError(f"the job would contain the value of ${name}; secrets must not go into a Ray job "
-                              "(the dashboard stores and shows it): set it in the cluster nodes' environment")
+            raise SubmitError(f"the job would contain the value of ${name}; secrets must not go into a job (a "
+                              "Ray job's record, a batch script: both are stored): set it in the nodes' environment")
 
 
 def validate(args: argparse.Namespace) -> tuple[str, str]:

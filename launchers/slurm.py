@@ -12,7 +12,9 @@ Preemption: `--signal=TERM@120` (or USR2; never USR1, which some sites use for t
 reaches every rank; the ranks agree at the next step boundary, save, and the run writes
 `<output_dir>/STOPPED`; the script then requeues the job (`--requeue`), which resumes from the newest
 complete checkpoint. A scheduler preemption or `scontrol requeue` kills and requeues the job itself
-after KillWait; the ranks save on its SIGTERM the same way. The job's end time becomes
+after KillWait; the ranks save on its SIGTERM the same way (not under `--launch ray`: that SIGTERM
+reaches the Ray processes too, which stop at once, so the requeued job resumes from the newest
+periodic checkpoint). The job's end time becomes
 EMBEDFORGE_DEADLINE: the run's wall-time backstop. `--chain K` queues K jobs of one name with
 `--dependency=singleton`, each taking over where the previous one stopped.
 
@@ -24,6 +26,7 @@ the script: secrets stay in the environment that sbatch exports at submission.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -114,7 +117,7 @@ def render(job: SlurmJob) -> str:
     batch_only = "B:" if job.launch == "ray" else ""
     lines += [f"#SBATCH --signal={batch_only}{job.signal}@{job.signal_seconds}", f"#SBATCH --output={job.log_dir}/%x-%j.out",
               "#SBATCH --open-mode=append"]
-    lines.append("#SBATCH --requeue" if job.requeue else "#SBATCH --no-requeue")
+    lines.append("#SBATCH --requeue" if job.requeue and job.chain == 1 else "#SBATCH --no-requeue")
     if job.chain > 1:
         lines.append("#SBATCH --dependency=singleton")
     threads = job.cpus_per_task
@@ -131,29 +134,30 @@ def render(job: SlurmJob) -> str:
         'echo "[embedforge] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST;'
         ' rendezvous $MASTER_ADDR:$MASTER_PORT; ends ${end:-?}"',
     ]
+    marker = q(str(job.output_dir / STOPPED))
+    lines.append(f"rm -f {marker}  # only this run's stop may requeue it (not a stale one, nor a crash)")
     train = " ".join(q(a) for a in ["train", str(job.config), *job.overrides])
     python = q(job.python)
+    cpus = "--cpus-per-task=$SLURM_CPUS_PER_TASK"  # srun does not inherit it on every SLURM version
     if job.launch == "srun":
-        lines.append(f"srun --kill-on-bad-exit=1 {python} -m launchers.slurm_task {train}")
+        lines.append(f"srun --kill-on-bad-exit=1 {cpus} {python} -m launchers.rank {train}")
     elif job.launch == "torchrun":
-        lines.append(f"srun --kill-on-bad-exit=1 {python} -m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES "
+        lines.append(f"srun --kill-on-bad-exit=1 {cpus} {python} -m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES "
                      f"--nproc-per-node={per_node} --rdzv-backend=c10d --rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT "
-                     f"--rdzv-id=$SLURM_JOB_ID --max-restarts=0 -m launchers.slurm_task {train}")
+                     f"--rdzv-id=$SLURM_JOB_ID --max-restarts=0 -m launchers.rank {train}")
     else:
-        lines += _ray_body(job, python, q(str(job.output_dir / STOP_REQUEST)))
-    marker = q(str(job.output_dir / STOPPED))
-    lines += [
-        "rc=$?",
-        f"if [ -f {marker} ]; then",
-        '  echo "[embedforge] stopped with a checkpoint; requeueing job $SLURM_JOB_ID"',
-        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
-        "fi",
-        "exit $rc",
-    ]
+        lines += _ray_body(job, python, q(str(job.output_dir / STOP_REQUEST)), cpus)
+    lines.append("rc=$?")
+    if job.requeue and job.chain == 1:  # a chain continues with its next job instead
+        lines += [f"if [ -f {marker} ]; then",
+                  '  echo "[embedforge] stopped with a checkpoint; requeueing job $SLURM_JOB_ID"',
+                  '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+                  "fi"]
+    lines.append("exit $rc")
     return "\n".join(lines) + "\n"
 
 
-def _ray_body(job: SlurmJob, python: str, stop_request: str) -> list[str]:
+def _ray_body(job: SlurmJob, python: str, stop_request: str, srun_cpus: str) -> list[str]:
     """Ray on SLURM: head on the first node, one worker per other node, the driver in the batch step;
     a preemption notice to the batch shell becomes the run's STOP_REQUESTED file."""
     q = shlex.quote
@@ -162,14 +166,13 @@ def _ray_body(job: SlurmJob, python: str, stop_request: str) -> list[str]:
     resources = f"--num-cpus={cpus} --num-gpus={gpus}"
     driver = " ".join(q(a) for a in [str(job.config), *job.overrides])
     return [
-        "export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}",
         'head_ip=$(getent ahostsv4 "$MASTER_ADDR" | awk \'NR==1 {print $1}\')',
         "ray_port=$((6379 + SLURM_JOB_ID % 1000))",
-        f'srun --nodes=1 --ntasks=1 -w "$MASTER_ADDR" {ray} start --head --node-ip-address="$head_ip" '
-        f'--port=$ray_port {resources} --disable-usage-stats --block &',
+        f'srun --nodes=1 --ntasks=1 {srun_cpus} -w "$MASTER_ADDR" {ray} start --head --node-ip-address="$head_ip" '
+        f'--port=$ray_port {resources} --include-dashboard=false --disable-usage-stats --block &',
         f'for _ in $(seq 120); do {ray} status --address="$head_ip:$ray_port" >/dev/null 2>&1 && break; sleep 1; done',
         'if [ "$SLURM_JOB_NUM_NODES" -gt 1 ]; then',
-        f'  srun --nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks=$((SLURM_JOB_NUM_NODES - 1)) --exclude="$MASTER_ADDR" '
+        f'  srun --nodes=$((SLURM_JOB_NUM_NODES - 1)) --ntasks=$((SLURM_JOB_NUM_NODES - 1)) {srun_cpus} --exclude="$MASTER_ADDR" '
         f'{ray} start --address="$head_ip:$ray_port" {resources} --disable-usage-stats --block &',
         "fi",
         f'RAY_ADDRESS="$head_ip:$ray_port" {python} -m cluster.ray_train {driver} '
@@ -275,6 +278,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launchers.ray_submit import check_no_secrets
     from toolkit.config import load_config
 
     config = Path(args.config).resolve()
@@ -285,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
                    account=args.account, job_name=args.job_name, launch=args.launch, signal=args.signal,
                    signal_seconds=args.signal_seconds, requeue=not args.no_requeue, chain=args.chain,
                    max_failures=args.max_failures)
+    check_no_secrets(" ".join(args.overrides), os.environ)  # the script is written to disk
     if args.dry_run:
         print(render(job), end="")
         return 0

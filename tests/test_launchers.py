@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from launchers.slurm import SlurmJob, SubmitError, render
-from launchers.slurm_task import slurm_rank_env
+from launchers.rank import slurm_rank_env
 from tests.test_megatron_train import EMBEDFORGE, losses
 from tests.test_train import run_config
 from toolkit.config import to_dict
@@ -35,8 +35,10 @@ def test_every_launch_mode_renders_valid_bash(tmp_path, launch):
     assert "#SBATCH --gpus-per-node=4" in script and "#SBATCH --partition=gpu" in script
     assert "'model.path=/x; rm -rf ~'" in script  # one quoted word, never code
     assert f"if [ -f {tmp_path}/run/STOPPED ]" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert script.index(f"rm -f {tmp_path}/run/STOPPED") < script.index("srun")  # a stale marker never requeues
+    assert "--cpus-per-task=$SLURM_CPUS_PER_TASK" in script and "RAY_AUTH_MODE" not in script
     if launch == "srun":
-        assert "#SBATCH --ntasks-per-node=4" in script and "-m launchers.slurm_task train" in script
+        assert "#SBATCH --ntasks-per-node=4" in script and "-m launchers.rank train" in script
     elif launch == "torchrun":
         assert "#SBATCH --ntasks-per-node=1" in script and "--rdzv-backend=c10d" in script
         assert "--nproc-per-node=4" in script
@@ -50,6 +52,9 @@ def test_options_and_their_checks(tmp_path, monkeypatch):
     script = render(job(tmp_path, signal="USR2", signal_seconds=300, chain=3, requeue=False))
     assert "#SBATCH --signal=USR2@300" in script and "#SBATCH --dependency=singleton" in script
     assert "#SBATCH --no-requeue" in script and "--gpus-per-node" not in script
+    assert "scontrol requeue" not in script  # a chain (or --no-requeue) never requeues itself
+    chained = render(job(tmp_path, chain=2))
+    assert "#SBATCH --no-requeue" in chained and "scontrol requeue" not in chained
     bad = [dict(job_name="x;reboot"), dict(partition="a b"), dict(time="tomorrow"), dict(nodes=0),
            dict(gpus_per_node=4, tasks_per_node=2), dict(chain=0)]
     for kw in bad:

@@ -119,7 +119,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.stop = StopFlag()
         self.stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps in this process
-        self.deadline = float(os.environ.get(DEADLINE_ENV) or 0) or None  # the job's end (unix seconds)
+        self.deadline = _deadline_from_env()  # the job's end (unix seconds), from the launcher
         self.slowest_step = 0.0
 
     # ------------------------------------------------------------------ run
@@ -245,7 +245,7 @@ class Trainer:
     def _stop_requested_by_file(self) -> bool:
         """`touch <output_dir>/STOP_REQUESTED`: a graceful stop any launcher (or person) can ask for,
         e.g. a Ray driver relaying a preemption notice its actors never receive."""
-        if not (self.out / STOP_REQUEST).exists():
+        if self.dims.rank != 0 or not (self.out / STOP_REQUEST).exists():  # rank 0 looks: the flag is all-reduced
             return False
         log.warning("%s found: saving a checkpoint and stopping", self.out / STOP_REQUEST)
         return True
@@ -333,19 +333,32 @@ def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto") -> li
     return Trainer(cfg, resume).run()
 
 
-def run_recipe(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",
-               stop_after_steps: int | None = None) -> tuple[list[StageOutcome], bool, Trainer]:
+def _deadline_from_env() -> float | None:
+    value = os.environ.get(DEADLINE_ENV, "").strip()
+    try:
+        return float(value) or None if value else None
+    except ValueError:
+        raise ValueError(f"{DEADLINE_ENV}={value!r}: expected the job's end time in unix seconds") from None
+
+
+def clear_run_markers(output_dir: Path) -> None:
+    """A stale STOPPED must not make a crash look like a stop, a stale STOP_REQUESTED must not stop
+    a resumed run at once."""
+    for name in (STOPPED, STOP_REQUEST):
+        (output_dir / name).unlink(missing_ok=True)
+
+
+def run_recipe(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto", stop_after_steps: int | None = None,
+               clear_markers: bool = True) -> tuple[list[StageOutcome], bool, Trainer]:
     """This rank's part of a whole run, as every launcher runs it: (outcomes, finished, trainer).
 
-    Rank 0 keeps two run-level files in step with how the run ends: a stale STOP_REQUESTED and
-    STOPPED are removed at the start (a crash must not look like a stop, a resumed run must not stop
-    at once), and STOPPED is written when the run stopped early with a checkpoint, so a batch script
-    or a driver knows to requeue rather than to give up."""
+    Rank 0 keeps the run-level files in step with how the run ends: it clears stale markers at the
+    start (unless the launcher did, once for several attempts) and writes STOPPED when the run
+    stopped early with a checkpoint, so a batch script or a driver knows to requeue, not give up."""
     out = Path(cfg.output_dir)
     rank0 = os.environ.get("RANK", "0") == "0"
-    if rank0:
-        for name in (STOPPED, STOP_REQUEST):
-            (out / name).unlink(missing_ok=True)
+    if rank0 and clear_markers:
+        clear_run_markers(out)
     trainer = Trainer(cfg, resume=resume)
     trainer.stop_after_steps = stop_after_steps
     outcomes = trainer.run()

@@ -6,13 +6,14 @@
 #
 #   cluster/slurm/local_cluster.sh start|stop|status
 #
-# State, logs and the config live under $EMBEDFORGE_SLURM_DIR (default /tmp/embedforge-slurm); the
+# State, logs and the config live under $EMBEDFORGE_SLURM_DIR (default /var/lib/embedforge-slurm,
+# root-owned, writable by root only: the root daemons read their config there); the
 # config is linked to /etc/slurm/slurm.conf so the ordinary clients (sbatch, squeue, scontrol) find
 # it. An /etc/slurm/slurm.conf that this script did not write is never replaced.
 set -euo pipefail
 
 ACTION=${1:-start}
-STATE=${EMBEDFORGE_SLURM_DIR:-/tmp/embedforge-slurm}
+STATE=${EMBEDFORGE_SLURM_DIR:-/var/lib/embedforge-slurm}
 CPUS=${EMBEDFORGE_SLURM_CPUS:-4}          # declared CPUs (may exceed the real ones: config_overrides)
 KILL_WAIT=${EMBEDFORGE_SLURM_KILL_WAIT:-30}  # seconds between SIGTERM and SIGKILL on requeue / cancel
 CONF=/etc/slurm/slurm.conf
@@ -30,6 +31,10 @@ install_packages() {
 }
 
 write_config() {
+  if [ -e "$STATE" ] && [ "$(stat -c %u "$STATE")" != 0 ]; then
+    die "$STATE is not owned by root; the root daemons would read a config someone else controls"
+  fi
+  install -d -m 755 -o root "$STATE"  # others may read the config (clients), never write it
   mkdir -p "$STATE/ctld" "$STATE/spool" "$STATE/log" /etc/slurm
   if [ -e "$CONF" ] && ! grep -qF "$MARK" "$CONF" && [ "$(readlink -f "$CONF")" != "$STATE/slurm.conf" ]; then
     die "$CONF exists and was not written by this script; refusing to replace it"

@@ -246,12 +246,14 @@ class EmbedforgeModel(AbsEncoder):
 def iem_scores(iem: torch.nn.Module, y1: Any, y2: Any, symmetric: bool, pairwise: bool,
                block: int = 64) -> torch.Tensor:
     """IEM logits: [n1, n2] for every pair (queries in blocks, decomposed projections), or [n] pairwise."""
+    device = next(iem.parameters()).device  # the student's device (a GPU under `eval run` on one)
+
     def as_2d(y: Any) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float32))
+        t = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float32)).to(device)
         return t[None] if t.ndim == 1 else t
 
     u_q, u_p = iem.query_proj(as_2d(y1)), iem.passage_proj(as_2d(y2))
     if pairwise:
-        return iem.score_proj(u_q, u_p, symmetric)[0]
+        return iem.score_proj(u_q, u_p, symmetric)[0].cpu()
     rows = [iem.score_proj(u_q[s : s + block, None], u_p[None], symmetric)[0] for s in range(0, len(u_q), block)]
-    return torch.cat(rows) if rows else torch.zeros((0, len(u_p)))
+    return torch.cat(rows).cpu() if rows else torch.zeros((0, len(u_p)))

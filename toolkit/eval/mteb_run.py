@@ -90,14 +90,29 @@ def folder_revision(folder: Path, sample: int = 16 * 2**20) -> str:
 
 
 def checkpoint_identity(path: Path) -> tuple[str, str]:
-    """(name, revision) for the cache: `<run>/<NN-stage>` and `step-N` / `final`; other folders by content."""
+    """(name, revision) for the cache: `<run>/<NN-stage>` and `step-N-<key>` / `final-<key>`, other
+    folders by content. The key hashes the checkpoint's absolute path and what marks this training of
+    it (the COMPLETE marker's time and meta, or the final folder's content), so retraining into the
+    same output_dir, or another run of the same name, never reads the old scores."""
     from toolkit.checkpoint.consolidate import STAGE_RE
 
     path = path.resolve()
     stage, run = path.parent, path.parent.parent
     if STAGE_RE.match(stage.name) and (run / "config.yaml").is_file() and (path.name == "final" or path.name.startswith("step-")):
-        return f"{run.name}/{stage.name}", path.name
+        return f"{run.name}/{stage.name}", f"{path.name}-{_training_key(path)}"
     return f"embedforge/{path.name}", folder_revision(path)
+
+
+def _training_key(path: Path) -> str:
+    h = hashlib.sha256(str(path).encode())
+    complete = path / "COMPLETE"
+    if complete.is_file():  # a step-N/: written once per training, atomically
+        h.update(f"{complete.stat().st_mtime_ns}".encode())
+        meta = path / "meta.json"
+        h.update(meta.read_bytes() if meta.is_file() else b"")
+    else:
+        h.update(folder_revision(path).encode())
+    return h.hexdigest()[:8]
 
 
 def default_work_dir() -> Path:
@@ -114,7 +129,7 @@ def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
     from toolkit.models.encoder import SPEC_FILE
 
     step_dir = step_dir.resolve()
-    key = hashlib.sha1(str(step_dir).encode()).hexdigest()[:16]
+    key = _training_key(step_dir)  # a retrained step-N/ is consolidated anew
     out = (work_dir or default_work_dir()) / f"{step_dir.parent.name}-{step_dir.name}-{key}"
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if not (out / SPEC_FILE).is_file() and (not multi or dist.get_rank() == 0):

@@ -89,16 +89,20 @@ def read_jobs(path: Path) -> list[SweepJob]:
     return [SweepJob.from_dict(d) for d in json.loads(Path(path).read_text())]
 
 
-def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None,
-            batch_size: int = 32) -> list[ResultRow]:
+def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None, batch_size: int = 32,
+            cache_only: bool = False) -> list[ResultRow]:
     """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
-    results are all cached loads no model) and return its rows, scores x 100."""
+    results are all cached loads no model) and return its rows, scores x 100. `cache_only`: read
+    what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed)."""
     from toolkit.eval.mteb_run import evaluate, load_model, select_tasks
 
     tasks = select_tasks(list(job.tasks))
     metric = {t.metadata.name: t.metadata.main_score for t in tasks}
     model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size)  # weights load lazily
-    scores = evaluate(model, tasks, cache_dir, batch_size=batch_size)
+    if cache_only:
+        scores = evaluate(model, tasks, cache_dir, "only-cache", batch_size=batch_size, raise_error=False)
+    else:
+        scores = evaluate(model, tasks, cache_dir, batch_size=batch_size)
     m = job.model
     log.info("%s on %s: %s", m.label, ", ".join(job.tasks), "evaluated" if model.loaded else "all cached")
     return [ResultRow(m.label, name, round(100 * score, 4), metric[name], m.run, m.stage, m.step)

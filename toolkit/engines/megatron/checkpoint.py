@@ -133,7 +133,9 @@ def load(engine, step_dir: Path) -> None:
     common = loaded["common"]
     with torch.no_grad():
         for name, p in engine.params.items():
-            step = common["adam_steps"].get(_layout_free_id(by_param[id(p)]))
+            # "adam_step": one count for all, in checkpoints written before per-parameter counts
+            step = common["adam_steps"].get(_layout_free_id(by_param[id(p)])) if "adam_steps" in common \
+                else float(common["adam_step"])
             if step is None:
                 raise RuntimeError(f"{source}: no Adam step count for {name} (a checkpoint of another model?)")
             if step == 0:  # never updated before the save: no Adam state, as then

@@ -1,10 +1,11 @@
-"""One SLURM task of an `embedforge submit slurm` job: SLURM's task identity as torch.distributed's
-env (RANK, WORLD_SIZE, LOCAL_RANK, ...), then `embedforge ARGS` in this process.
+"""One rank of a launched run (`python -m launchers.rank train ...`): under SLURM (`embedforge submit
+slurm`) the task's identity becomes torch.distributed's env (RANK, WORLD_SIZE, LOCAL_RANK, ...);
+under torchrun (`train --nproc`, `--launch torchrun`) torchrun has set it and nothing is mapped.
+Then `embedforge ARGS` runs in this process.
 
-Kept out of the training code (it never reads SLURM_*). Under torchrun (launch mode `torchrun`)
-torchrun has set RANK already and nothing is mapped. Exit code 3 ("stopped with a checkpoint") is
-reported as 0: srun's --kill-on-bad-exit must not kill the other ranks while rank 0 still writes
-the run's STOPPED marker; the batch script reads the marker, not the exit code.
+Kept out of the training code (it never reads SLURM_*). Exit code 3 ("stopped with a checkpoint") is
+reported as 0: srun's --kill-on-bad-exit and torchrun must not kill the other ranks while rank 0
+still writes the run's STOPPED marker; launchers read the marker, not the exit code.
 """
 
 from __future__ import annotations
