@@ -27,6 +27,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from toolkit.distributed.parallel_dims import ParallelDims
+
+        ParallelDims.from_config(cfg.parallel, args.nproc, 0)  # a layout that cannot fit fails here, once
         return _relaunch_with_torchrun(args, Path(cfg.output_dir) / STOPPED)
     outcomes, finished, trainer = run_recipe(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps or None)
     for o in outcomes if trainer.dims.is_logging_rank else ():

@@ -290,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
                    signal_seconds=args.signal_seconds, requeue=not args.no_requeue, chain=args.chain,
                    max_failures=args.max_failures)
     check_no_secrets(" ".join(args.overrides), os.environ)  # the script is written to disk
+    from toolkit.distributed.parallel_dims import ParallelDims
+
+    ParallelDims.from_config(cfg.parallel, job.nodes * job.ranks_per_node, 0)  # the layout fits the ranks
     if args.dry_run:
         print(render(job), end="")
         return 0

@@ -60,6 +60,13 @@ def test_options_and_their_checks(tmp_path, monkeypatch):
     for kw in bad:
         with pytest.raises(SubmitError):
             render(job(tmp_path, **kw))
+    recipe = tmp_path / "tp.yaml"  # tp=4 cannot fit 2 nodes x 1 rank: refused before anything is queued
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "model": {"path": "x"}, "parallel": {"tp": 4},
+                                      "stages": [{"name": "s", "steps": 1, "data": {"path": "x"},
+                                                  "objective": {"kind": "mntp"}}]}))
+    r = subprocess.run([EMBEDFORGE, "submit", "slurm", str(recipe), "--nodes", "2", "--dry-run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not divisible by tp(4)" in r.stderr, r.stderr
     with pytest.raises(SubmitError, match="log folder"):
         render(dataclasses.replace(job(tmp_path), output_dir=tmp_path / "has space"))
     assert "SECRET_VALUE" not in script  # nothing from the submitting environment is written
