@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
+from cluster.ray_session import ray_session
 from toolkit.teacher.job import ScoreJob, finish, load_teacher, pending_shards, score_shard
 
 log = logging.getLogger(__name__)
@@ -42,20 +43,13 @@ def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus
     manifest, pending = pending_shards(job)
     summary = {"pending": len(pending), "scored": [], "manifest": None}
     if pending:
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus_per_worker)))}})
-        try:
+        with ray_session(address, cpus_per_worker):
             scorer = _scorer_class(ray)
             actors = [scorer.options(num_cpus=cpus_per_worker).remote(job) for _ in range(min(workers, len(pending)))]
             pool = ray.util.ActorPool(actors)
             for result in pool.map_unordered(lambda actor, name: actor.score.remote(name), [s.name for s in pending]):
                 log.info("scored %s (%d samples)", result["name"], result["samples"])
                 summary["scored"].append(result)
-        finally:
-            if started_here:
-                ray.shutdown()
     path = finish(job, manifest)
     summary["manifest"] = str(path) if path else None
     return summary

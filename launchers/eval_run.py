@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-def _split(values: list[str] | None) -> list[str] | None:
+def split_values(values: list[str] | None) -> list[str] | None:
     """Space- or comma-separated lists ("--tasks A,B C")."""
     out = [v.strip() for item in values or () for v in item.split(",") if v.strip()]
     return out or None
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     rank, device = _init_distributed()
     cache = Path(args.cache) if args.cache else cache_dir() / "mteb-results"
-    tasks = select_tasks(_split(args.tasks), _split(args.task_types), _split(args.languages), args.benchmark,
-                         local=not args.no_local)
+    tasks = select_tasks(split_values(args.tasks), split_values(args.task_types), split_values(args.languages),
+                         args.benchmark, local=not args.no_local)
     instructions = Instructions(args.instructions)
     task_info = [{"name": t.metadata.name, "type": t.metadata.type, "main_score": t.metadata.main_score} for t in tasks]
     rows = []

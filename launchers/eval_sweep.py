@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from launchers.eval_run import _split
+from launchers.eval_run import split_values
 
 
 def add_parsers(subparsers) -> None:
@@ -80,7 +80,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         models = expand_models(args.models, args.checkpoints)
         if not models:
             raise ValueError("nothing to evaluate: give --models and/or --checkpoints")
-        tasks = select_tasks(_split(args.tasks), _split(args.task_types), _split(args.languages), args.benchmark)
+        tasks = select_tasks(split_values(args.tasks), split_values(args.task_types), split_values(args.languages),
+                             args.benchmark)
         jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
         write_jobs(jobs, output / "jobs.json")
     runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size,

@@ -78,19 +78,29 @@ class SlurmJob:
                               "one rank per GPU (leave --tasks-per-node out)")
         if self.chain < 1 or self.signal_seconds < 1:
             raise SubmitError("--chain and --signal-seconds must be >= 1")
-        for name in ("job_name", "partition", "account"):
-            value = getattr(self, name)
-            if value is not None and not SAFE.match(value):
-                raise SubmitError(f"--{name.replace('_', '-')}={value!r}: only letters, digits and ._,:+=@/- are allowed")
-        if self.time is not None and not TIME.match(self.time):
-            raise SubmitError(f"--time={self.time!r}: use MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
-        if not SAFE.match(str(self.log_dir)):
-            raise SubmitError(f"{self.log_dir}: the log folder (from output_dir) must not contain spaces or "
-                              "shell characters (it goes into an #SBATCH line)")
+        check_sbatch_values(job_name=self.job_name, partition=self.partition, account=self.account,
+                            time=self.time, log_dir=self.log_dir)
 
     @property
     def log_dir(self) -> Path:
         return self.output_dir / "slurm"
+
+
+def check_sbatch_values(*, job_name: str, partition: str | None, account: str | None, time: str | None,
+                        log_dir: Path) -> None:
+    """Values that go into `#SBATCH` lines, where sbatch parses no shell quotes: a strict pattern."""
+    for flag, value in (("job-name", job_name), ("partition", partition), ("account", account)):
+        if value is not None and not SAFE.match(value):
+            raise SubmitError(f"--{flag}={value!r}: only letters, digits and ._,:+=@/- are allowed")
+    if time is not None and not TIME.match(time):
+        raise SubmitError(f"--time={time!r}: use MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    if not SAFE.match(str(log_dir)):
+        raise SubmitError(f"{log_dir}: the log folder (from output_dir) must not contain spaces or "
+                          "shell characters (it goes into an #SBATCH line)")
+
+
+def _placement(partition: str | None, time: str | None, account: str | None) -> list[str]:
+    return [f"#SBATCH --{opt}={v}" for opt, v in (("partition", partition), ("time", time), ("account", account)) if v]
 
 
 def render(job: SlurmJob) -> str:
@@ -109,9 +119,7 @@ def render(job: SlurmJob) -> str:
         lines += [f"#SBATCH --ntasks-per-node={per_node}", f"#SBATCH --cpus-per-task={job.cpus_per_task}"]
     if job.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
-    for opt, value in (("partition", job.partition), ("time", job.time), ("account", job.account)):
-        if value:
-            lines.append(f"#SBATCH --{opt}={value}")
+    lines += _placement(job.partition, job.time, job.account)
     # Ray mode: the notice goes to the batch shell only (the Ray processes must live on while the
     # actors save), which relays it to the run as <output_dir>/STOP_REQUESTED.
     batch_only = "B:" if job.launch == "ray" else ""
@@ -214,18 +222,14 @@ def submit_array(*, name: str, n_tasks: int, task_command: list[str], report_com
                  max_parallel: int = 0) -> tuple[str, str]:
     """A job array whose task i runs `task_command i`, and a report job after all of them ended
     (`afterany`: a failed task leaves a gap in the report, not a report that never comes)."""
-    for label, value in (("job name", name), ("partition", partition), ("account", account), ("log folder", str(log_dir))):
-        if value is not None and not SAFE.match(value):
-            raise SubmitError(f"{label} {value!r}: only letters, digits and ._,:+=@/- are allowed")
-    if time is not None and not TIME.match(time):
-        raise SubmitError(f"--time={time!r}: use MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    check_sbatch_values(job_name=name, partition=partition, account=account, time=time, log_dir=log_dir)
     if n_tasks < 1:
         raise SubmitError("the sweep has no jobs")
 
     def script(array: str | None, command: str) -> str:
         lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={cpus}",
                  f"#SBATCH --output={log_dir}/%x-%A_%a.out" if array else f"#SBATCH --output={log_dir}/%x-report-%j.out"]
-        lines += [f"#SBATCH --{opt}={v}" for opt, v in (("partition", partition), ("time", time), ("account", account)) if v]
+        lines += _placement(partition, time, account)
         if array:
             lines.append(f"#SBATCH --array={array}")
         lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
@@ -280,6 +284,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from launchers.ray_submit import check_no_secrets
     from toolkit.config import load_config
+    from toolkit.distributed.parallel_dims import ParallelDims
 
     config = Path(args.config).resolve()
     cfg = load_config(config, args.overrides)  # a bad recipe fails here, before anything is queued
@@ -290,8 +295,6 @@ def run(args: argparse.Namespace) -> int:
                    signal_seconds=args.signal_seconds, requeue=not args.no_requeue, chain=args.chain,
                    max_failures=args.max_failures)
     check_no_secrets(" ".join(args.overrides), os.environ)  # the script is written to disk
-    from toolkit.distributed.parallel_dims import ParallelDims
-
     ParallelDims.from_config(cfg.parallel, job.nodes * job.ranks_per_node, 0)  # the layout fits the ranks
     if args.dry_run:
         print(render(job), end="")

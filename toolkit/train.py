@@ -206,9 +206,10 @@ class Trainer:
                 result = engine.train_step([next(batches) for _ in range(stage.grad_accum)])
                 step += 1
                 steps_this_run += 1
-                self.slowest_step = max(self.slowest_step, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                self.slowest_step = max(self.slowest_step, seconds)
                 last_loss = result.loss
-                tlog.step(step, result.loss, result.lr, result.tokens, time.perf_counter() - t0, result.grad_norm)
+                tlog.step(step, result.loss, result.lr, result.tokens, seconds, result.grad_norm)
                 if not math.isfinite(result.loss):
                     save(step)
                     raise FloatingPointError(f"stage {stage.name}: loss is {result.loss} at step {step} (checkpoint saved)")

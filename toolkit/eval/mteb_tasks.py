@@ -44,6 +44,11 @@ WORDNET_BIB = """@book{fellbaum1998wordnet,
   year={1998},
   publisher={MIT Press}
 }"""
+WORDNET_SOURCE: dict[str, Any] = dict(  # what both WordNet tasks say of their source
+    reference=WORDNET_REF, date=("1990-01-01", "2006-12-31"), domains=["Encyclopaedic", "Written"],
+    task_subtypes=[], license="https://wordnet.princeton.edu/license-and-commercial-use",
+    annotations_creators="expert-annotated", bibtex_citation=WORDNET_BIB,
+)
 
 
 def _metadata(name: str, kind: str, main_score: str, revision: str, **fields: Any) -> TaskMetadata:
@@ -92,9 +97,7 @@ class EmbedforgeWordNetRetrieval(AbsTaskRetrieval):
         description="WordNet 3.0: a definition (query) retrieves the example sentences of its own synset among "
                     "those of its sibling synsets (same hypernym). Whole hypernym families are held out of "
                     "training; the examples rarely repeat the definition's words.",
-        reference=WORDNET_REF, date=("1990-01-01", "2006-12-31"), domains=["Encyclopaedic", "Written"],
-        task_subtypes=[], license="https://wordnet.princeton.edu/license-and-commercial-use",
-        annotations_creators="expert-annotated", bibtex_citation=WORDNET_BIB,
+        **WORDNET_SOURCE,
         prompt={"query": WN_INSTRUCTION},
     )
 
@@ -146,9 +149,7 @@ class EmbedforgeWordNetSameSense(AbsTaskPairClassification):
         description="WordNet 3.0 example sentences: are two sentences examples of the same word sense (synset) "
                     "or of sibling senses (same hypernym)? Held-out hypernym families only, examples that "
                     "also occur in training synsets removed.",
-        reference=WORDNET_REF, date=("1990-01-01", "2006-12-31"), domains=["Encyclopaedic", "Written"],
-        task_subtypes=[], license="https://wordnet.princeton.edu/license-and-commercial-use",
-        annotations_creators="expert-annotated", bibtex_citation=WORDNET_BIB,
+        **WORDNET_SOURCE,
         prompt="Retrieve sentences that use a word in the same sense as the given sentence",
     )
 

@@ -57,7 +57,7 @@ def _sharded_state(engine) -> tuple[dict, dict]:
             moments[f"{moment}.{name}"] = make_sharded_optimizer_tensor(by_param[id(p)], st[moment],
                                                                         f"optimizer.{moment}")
     state["optimizer"] = moments
-    state["common"] = {"adam_steps": _adam_steps(engine, by_param), "scheduler": engine.scheduler.state_dict(),
+    state["common"] = {"scheduler": engine.scheduler.state_dict(),
                        "param_groups": [{k: v for k, v in g.items() if k != "params"}
                                         for g in engine.optimizer.param_groups]}
     return state, by_param
@@ -96,7 +96,9 @@ def save(engine, step_dir: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    dist_checkpointing.save(_sharded_state(engine)[0], str(target))
+    state, by_param = _sharded_state(engine)
+    state["common"]["adam_steps"] = _adam_steps(engine, by_param)  # a collective: at save only
+    dist_checkpointing.save(state, str(target))
 
 
 def load(engine, step_dir: Path) -> None:
