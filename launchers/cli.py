@@ -21,14 +21,15 @@ EXIT_USAGE = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from toolkit.checkpoint.manager import STOPPED
+    from toolkit.run_layout import STOPPED
     from toolkit.config import load_config
-    from toolkit.train import run_recipe
+    from toolkit.train import preflight, run_recipe
 
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from toolkit.distributed.parallel_dims import ParallelDims
 
+        preflight(cfg)  # a refused recipe fails here, once, before any rank starts
         ParallelDims.from_config(cfg.parallel, args.nproc, 0)  # a layout that cannot fit fails here, once
         return _relaunch_with_torchrun(args, Path(cfg.output_dir) / STOPPED)
     outcomes, finished, trainer = run_recipe(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps or None)
@@ -98,7 +99,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from toolkit.checkpoint.consolidate import consolidate
+    from toolkit.engines.export import consolidate
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     plans = plan_run(cfg, arch, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, stage=args.stage,
                      negatives=args.negatives, distributed_optimizer=args.distributed_optimizer,
                      reserve_gib=args.reserve)
-    print(f"{args.config}: {arch.model_type}, {arch.layers} layers, hidden {arch.hidden} (arch: {source})")
+    print(f"{args.config}: {arch.model_type}, {arch.num_layers} layers, hidden {arch.hidden_size} (arch: {source})")
     for plan in plans:
         print()
         print(format_plan(plan))

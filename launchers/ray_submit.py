@@ -52,12 +52,14 @@ def validate(args: argparse.Namespace) -> tuple[str, str]:
     """(absolute config path, workdir); raises on anything the cluster would only fail on later."""
     from toolkit.config import load_config
     from toolkit.distributed.parallel_dims import ParallelDims
+    from toolkit.train import preflight
 
     if args.workers < 1 or args.cpus_per_worker <= 0 or args.max_failures < 0:
         raise SubmitError("--workers must be >= 1, --cpus-per-worker > 0 and --max-failures >= 0")
     workdir = os.path.abspath(args.workdir)
     config = os.path.join(workdir, args.config)
     cfg = load_config(config, args.overrides)
+    preflight(cfg, check_data=False)  # a recipe its engine refuses (data paths are the cluster's)
     ParallelDims.from_config(cfg.parallel, args.workers, 0)  # the layout must fit --workers ranks
     return config, workdir
 

@@ -105,7 +105,7 @@ def _placement(partition: str | None, time: str | None, account: str | None) -> 
 
 def render(job: SlurmJob) -> str:
     """The sbatch script for `job` (validated first)."""
-    from toolkit.checkpoint.manager import STOP_REQUEST, STOPPED
+    from toolkit.run_layout import STOP_REQUEST, STOPPED
 
     job.validate()
     q = shlex.quote
@@ -285,9 +285,11 @@ def run(args: argparse.Namespace) -> int:
     from launchers.ray_submit import check_no_secrets
     from toolkit.config import load_config
     from toolkit.distributed.parallel_dims import ParallelDims
+    from toolkit.train import preflight
 
     config = Path(args.config).resolve()
     cfg = load_config(config, args.overrides)  # a bad recipe fails here, before anything is queued
+    preflight(cfg, check_data=False)  # so does one its engine refuses (data paths are the cluster's)
     job = SlurmJob(config=config, output_dir=Path(cfg.output_dir).resolve(), overrides=list(args.overrides),
                    nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
                    cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time,

@@ -86,8 +86,10 @@ def test_zero_config_validation():
                         ({"stage": 1, "overlap_comm": True}, "zero.overlap_comm")]:
         with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
             config_from_dict({**base, "zero": zero})
-    with pytest.raises(ConfigError, match="engine=deepspeed is data-parallel"):
-        config_from_dict({**base, "parallel": {"tp": 2}})
+    from toolkit.engines.spec import validate_run
+
+    with pytest.raises(ConfigError, match="engine=deepspeed is data-parallel only"):
+        validate_run(config_from_dict({**base, "parallel": {"tp": 2}}))
 
 
 def test_ds_config_maps_the_recipe():

@@ -62,6 +62,7 @@ def test_options_and_their_checks(tmp_path, monkeypatch):
             render(job(tmp_path, **kw))
     recipe = tmp_path / "tp.yaml"  # tp=4 cannot fit 2 nodes x 1 rank: refused before anything is queued
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "model": {"path": "x"}, "parallel": {"tp": 4},
+                                      "engine": "megatron",
                                       "stages": [{"name": "s", "steps": 1, "data": {"path": "x"},
                                                   "objective": {"kind": "mntp"}}]}))
     r = subprocess.run([EMBEDFORGE, "submit", "slurm", str(recipe), "--nodes", "2", "--dry-run"],

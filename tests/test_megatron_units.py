@@ -11,7 +11,7 @@ from toolkit.config import ConfigError, ParallelConfig, config_from_dict
 from toolkit.distributed import megatron_shims
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
-from toolkit.engines.megatron.model import Arch
+from toolkit.models.arch import ModelArgs
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.tiny import tiny_config, tiny_model
 
@@ -84,14 +84,13 @@ def test_parallel_dims_reject_bad_layouts():
 def test_engine_choice_is_validated():
     base = {"output_dir": "x", "model": {"path": "x"},
             "stages": [{"name": "a", "steps": 1, "data": {"path": "x"}, "objective": {"kind": "mntp"}}]}
-    with pytest.raises(ConfigError, match=r"engine: 'fsdp' is not allowed; choose one of \['hf', 'megatron', 'deepspeed'\]"):
-        config_from_dict({**base, "engine": "fsdp"})
-    from toolkit.engines.base import build_engine
+    from toolkit.engines.spec import build_engine, validate_run
 
+    with pytest.raises(ConfigError, match=r"engine: 'fsdp' is not an engine; registered engines: deepspeed, hf, megatron"):
+        validate_run(config_from_dict({**base, "engine": "fsdp"}))
     cfg = config_from_dict({**base, "parallel": {"tp": 2}})
-    engine = build_engine(cfg, ParallelDims(dp=1, tp=2, world_size=2))
     with pytest.raises(ConfigError, match="engine=hf is data-parallel only"):
-        engine.build(add_mask_token=False)
+        build_engine(cfg, ParallelDims(dp=1, tp=2, world_size=2))
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -101,7 +100,7 @@ def test_hf_megatron_round_trip_for_every_split(model_type, vocab):
     model = tiny_model(model_type, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                        vocab_size=vocab)
     hf = model.state_dict()
-    arch = Arch.from_hf(model.config)
+    arch = ModelArgs.from_hf_config(model.config)
     for tp in (1, 2, 4):
         for pp in (1, 2):
             shards = {(t, p): hf_to_megatron(hf, arch, tp=tp, tp_rank=t, pp=pp, pp_rank=p)
@@ -117,7 +116,7 @@ def test_hf_megatron_round_trip_for_every_split(model_type, vocab):
 def test_qkv_layout_groups_query_heads_with_their_kv_head():
     """Megatron's fused QKV: per KV group [its query heads | k | v]; a TP rank owns whole groups."""
     model = tiny_model("llama")  # 4 heads, 2 KV heads, head_dim 16
-    arch = Arch.from_hf(model.config)
+    arch = ModelArgs.from_hf_config(model.config)
     hf = model.state_dict()
     shard = hf_to_megatron(hf, arch, tp=2, tp_rank=1, pp=1, pp_rank=0)["decoder.layers.0.self_attention.linear_qkv.weight"]
     q, k, v = (hf[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv")
@@ -125,18 +124,22 @@ def test_qkv_layout_groups_query_heads_with_their_kv_head():
     assert torch.equal(shard, expected)
 
 
-def test_arch_rejects_what_it_cannot_run():
-    with pytest.raises(ValueError, match="model_type='gemma' is not supported; supported: llama, mistral, qwen2"):
-        Arch.from_hf(tiny_config("gemma"))
-    arch = Arch.from_hf(tiny_config("llama"))  # 4 heads, 2 KV heads, 2 layers
-    with pytest.raises(ValueError, match=r"parallel.tp=4 must divide .* num_key_value_heads=2"):
+def test_model_args_and_megatron_validation_reject_what_megatron_cannot_run():
+    from toolkit.engines.megatron.validate import validate_model
+
+    with pytest.raises(ConfigError, match="model_type='gemma' is not supported here; supported: llama, mistral, qwen2"):
+        ModelArgs.from_hf_config(tiny_config("gemma"))
+    arch = ModelArgs.from_hf_config(tiny_config("llama"))  # 4 heads, 2 KV heads, 2 layers
+    with pytest.raises(ConfigError, match=r"parallel.tp=4: num_key_value_heads=2 is not divisible by tp"):
         arch.check_parallel(4, 1)
-    with pytest.raises(ValueError, match="parallel.pp=4 must divide num_hidden_layers=2"):
+    with pytest.raises(ConfigError, match="parallel.pp=4: num_hidden_layers=2 is not divisible by pp"):
         arch.check_parallel(1, 4)
     cfg = tiny_config("llama")
     cfg.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
-    with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
-        Arch.from_hf(cfg)
+    run = config_from_dict({"output_dir": "x", "engine": "megatron", "model": {"path": "x"},
+                            "stages": [{"name": "a", "steps": 1, "data": {"path": "x"}, "objective": {"kind": "mntp"}}]})
+    with pytest.raises(ConfigError, match="rope_type='yarn' is not supported"):
+        validate_model(run, ModelArgs.from_hf_config(cfg))
 
 
 def test_lazy_hf_weights(tmp_path):
@@ -149,7 +152,7 @@ def test_lazy_hf_weights(tmp_path):
     assert torch.equal(weights["model.norm.weight"], full["model.norm.weight"])
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         HFWeights(tmp_path)
-    arch = Arch.from_hf(tiny_config("llama"))
+    arch = ModelArgs.from_hf_config(tiny_config("llama"))
     with pytest.raises(KeyError, match=r"my.ckpt: tensor 'model.embed_tokens.weight' is missing"):
         hf_to_megatron({}, arch, tp=1, tp_rank=0, pp=1, pp_rank=0, source="my.ckpt")
 

@@ -49,7 +49,8 @@ import yaml
 from launchers.cli import main
 from toolkit.config import ConfigError, LoraConfig, PoolingConfig, config_from_dict, load_config
 from toolkit.models.tiny import tiny_config, tiny_model
-from toolkit.planner import Arch, Layout, layer_activation_bytes, lora_params, plan_run, plan_stage, pooling_params
+from toolkit.models.arch import ModelArgs
+from toolkit.planner import Layout, layer_activation_bytes, plan_run, plan_stage, pooling_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = ROOT / "configs" / "scale"
@@ -77,20 +78,20 @@ def saved_bytes(model: torch.nn.Module, forward) -> int:
 
 
 def recipe(*, engine="hf", impl="sdpa", precision="fp32", lora=True, dropout=0.0, gc=False, kind="simcse",
-           batch=B // 2, parallel=None, **stage):
+           batch=B // 2, parallel=None, dtype=None, **stage):
     """A one-stage RunConfig; simcse with batch B/2 puts exactly B texts in one micro-batch."""
     return config_from_dict({
         "output_dir": "x", "engine": engine, "parallel": parallel or {},
         "model": {"path": "x", "attn_implementation": impl, "gradient_checkpointing": gc,
-                  "dtype": "bfloat16" if precision == "bf16" else "float32"},
+                  "dtype": dtype or ("bfloat16" if precision == "bf16" else "float32")},
         "stages": [{"name": "s", "objective": {"kind": kind}, "steps": 1, "precision": precision,
                     "data": {"path": "x", "batch_size": batch, "max_length": S},
                     "lora": {"enabled": lora, "r": R, "alpha": 2 * R, "dropout": dropout}, **stage}],
     })
 
 
-def tiny_arch(model_type: str = "llama") -> Arch:
-    return Arch.from_hf(tiny_config(model_type, **SHAPES).to_dict())
+def tiny_arch(model_type: str = "llama") -> ModelArgs:
+    return ModelArgs.from_dict(tiny_config(model_type, **SHAPES).to_dict())
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -109,7 +110,7 @@ def test_parameter_count_exact(model_type):
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     cfg = recipe(lora=True)
     plan = plan_stage(cfg, cfg.stages[0], tiny_arch(model_type), gpus=1, gpu_mem_gib=80)
-    assert plan.stages[0].trainable == trainable == L * lora_params(tiny_arch(model_type), tuple(LoraConfig().target_modules), R)
+    assert plan.stages[0].trainable == trainable == L * tiny_arch(model_type).lora_params(tuple(LoraConfig().target_modules), R)
 
 
 def test_pipeline_split_and_pooling_heads_exact():
@@ -132,8 +133,8 @@ def test_pipeline_split_and_pooling_heads_exact():
 def test_formula_reduces_to_korthikanti():
     """GPT-3 shapes (MHA, 4h GeLU MLP, dropout): exactly s*b*h*(34 + 5as/h) per layer, and the TP/SP/recompute forms."""
     h, a, s, b = 1024, 16, 256, 2
-    gpt = Arch(model_type="gpt", hidden=h, ffn=4 * h, layers=1, heads=a, kv_heads=a, head_dim=h // a, vocab=1,
-               gated=False, hidden_dropout=0.1)
+    gpt = ModelArgs(model_type="gpt", hidden_size=h, ffn_hidden_size=4 * h, num_layers=1, num_heads=a, num_kv_heads=a,
+                    head_dim=h // a, vocab_size=1, gated=False, hidden_dropout=0.1)
     sbh = s * b * h
 
     def per_layer(**kw) -> float:
@@ -222,7 +223,8 @@ torch.set_num_threads(1)
 from toolkit.distributed import megatron_shims
 megatron_shims.apply()
 from megatron.core import parallel_state as ps
-from toolkit.engines.megatron.model import Arch, build_backbone, padding_mask, transformer_config
+from toolkit.engines.megatron.model import build_backbone, padding_mask, transformer_config
+from toolkit.models.arch import ModelArgs
 from toolkit.models.tiny import tiny_config
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from measure import saved_bytes
@@ -231,7 +233,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     ps.initialize_model_parallel(1, 1)
     megatron_shims.seed_model_parallel_rng(0, 0)
-    arch = Arch.from_hf(tiny_config("llama", **json.loads(sys.argv[2])))
+    arch = ModelArgs.from_hf_config(tiny_config("llama", **json.loads(sys.argv[2])))
     b, s = int(sys.argv[3]), int(sys.argv[4])
     for dtype in ("float32", "bfloat16"):
         model = build_backbone(arch, transformer_config(arch, tp=1, pp=1, dtype=getattr(torch, dtype)),
@@ -273,7 +275,7 @@ def test_activations_and_parameters_vs_megatron_measured(tmp_path):
     ratios = {"float32": 1.249, "bfloat16": 1.671}
     for row in rows:
         precision = "bf16" if row["dtype"] == "bfloat16" else "fp32"
-        cfg = recipe(engine="megatron", precision=precision, lora=False)
+        cfg = recipe(engine="megatron", precision=precision, lora=False, dtype="float32")  # (bf16 autocast)
         stage0 = plan_stage(cfg, cfg.stages[0], tiny_arch(), gpus=1, gpu_mem_gib=80).stages[0]
         assert row["params"] == stage0.params and row["trainable"] == stage0.trainable  # LM head frozen
         assert row["measured"] / stage0.activations == pytest.approx(ratios[row["dtype"]], abs=0.01)
@@ -283,7 +285,7 @@ def test_activations_and_parameters_vs_megatron_measured(tmp_path):
 
 def test_pipeline_in_flight_gradcache_and_distributed_optimizer():
     par = {"pp": 4, "micro_batch_size": 1, "recompute": "selective"}
-    arch = Arch.from_hf(tiny_config("llama", **{**SHAPES, "num_hidden_layers": 8}).to_dict())
+    arch = ModelArgs.from_dict(tiny_config("llama", **{**SHAPES, "num_hidden_layers": 8}).to_dict())
     cfg = recipe(engine="megatron", kind="mntp", batch=8, parallel=par)
     plan = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80)
     layer = [sum(v for k, v in s.activation_terms.items() if k not in ("final norm", "mntp logits")) for s in plan.stages]
@@ -297,16 +299,21 @@ def test_pipeline_in_flight_gradcache_and_distributed_optimizer():
     chunked = plan_stage(cfg, cfg.stages[0], arch, gpus=1, gpu_mem_gib=80, negatives=3)
     assert chunked.micro_texts == 8 and chunked.stages[0].activations == pytest.approx(whole.stages[0].activations / 10)
 
+    # what the engine refuses, the planner refuses with the same words: bf16 full fine-tuning (no fp32
+    # masters) and a distributed optimizer (optimizer states are replicated over DP today)
     cfg = recipe(engine="megatron", lora=False, precision="bf16", parallel={"tp": 1})
+    with pytest.raises(ConfigError, match="full fine-tuning needs fp32 master weights"):
+        plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80)
+    cfg = recipe(engine="megatron", lora=False, precision="bf16", dtype="float32")
     plain = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80)
-    sharded = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80, distributed_optimizer=True)
-    assert plain.stages[0].optimizer == 12 * plain.stages[0].trainable == 4 * sharded.stages[0].optimizer
-    assert plain.stages[0].weights == plain.stages[0].grads + 2 * V * H  # bf16 weights; the LM head is frozen
+    assert plain.stages[0].optimizer == 8 * plain.stages[0].trainable  # fp32 Adam moments, replicated
+    with pytest.raises(ConfigError, match="engine=megatron has no distributed optimizer"):
+        plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80, distributed_optimizer=True)
 
 
 def test_deepspeed_zero_partitions_over_dp():
     """ZeRO-1 divides optimizer states by dp, ZeRO-2 gradients too, ZeRO-3 weights too; offload empties them."""
-    arch = Arch.from_hf(tiny_config("llama", **{**SHAPES, "num_hidden_layers": 4}).to_dict())
+    arch = ModelArgs.from_dict(tiny_config("llama", **{**SHAPES, "num_hidden_layers": 4}).to_dict())
     plans = {}
     for zero in ({"stage": 0}, {"stage": 1}, {"stage": 2}, {"stage": 3},
                  {"stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"}):
@@ -333,15 +340,18 @@ def test_deepspeed_zero_partitions_over_dp():
     ("llama3-8b", 24, ["parallel.tp=3"], "parallel.tp=3: num_attention_heads=32 is not divisible by tp"),
     ("llama3-8b", 16, ["parallel.tp=16"], "parallel.tp=16: num_key_value_heads=8 is not divisible by tp"),
     ("llama3.1-405b", 64, ["parallel.pp=8"], "parallel.pp=8: num_hidden_layers=126 is not divisible by pp"),
-    ("llama3-70b", 24, [], "parallel: tp(8) x pp(2) = 16 does not divide the 24 GPUs"),
-    ("llama3-8b", 8, ["parallel.dp=4"], "parallel.dp=4: tp(1) x pp(1) x dp(4) = 4 != 8 GPUs"),
+    ("llama3-70b", 24, [], "parallel: world size 24 is not divisible by tp(8) x pp(2) x cp(1)"),
+    ("llama3-8b", 8, ["parallel.dp=4"], "parallel: dp(4) x tp(1) x pp(1) x cp(1) = 4 != world size 8"),
     ("llama3-70b", 64, ["engine=hf"], "parallel.tp/pp: engine=hf is data-parallel only"),
-    ("llama3-8b", 8, ["stages.mntp.lora.target_modules=[qkv]"], "lora.target_modules: 'qkv' is not planned"),
+    ("llama3-8b", 8, ["stages.mntp.lora.target_modules=[qkv]"],
+     "stages[0] (mntp).lora.target_modules: ['qkv'] are not LoRA targets of engine=megatron"),
+    ("llama3-8b", 8, ["engine=hf", "parallel.tp=1", "stages.mntp.lora.target_modules=[qkv]"],
+     "lora.target_modules: 'qkv' is not planned"),
 ])
 def test_validation_errors(preset, gpus, overrides, message, capsys):
     path = SCALE / f"{preset}.yaml"
     cfg = load_config(path, overrides)
-    arch = Arch.from_hf(json.loads((SCALE / "arch" / f"{preset}.json").read_text()))
+    arch = ModelArgs.from_dict(json.loads((SCALE / "arch" / f"{preset}.json").read_text()))
     with pytest.raises(ConfigError, match="^" + re.escape(message)):
         plan_run(cfg, arch, gpus=gpus, gpu_mem_gib=80)
     assert main(["plan", str(path), "--gpus", str(gpus), *overrides]) == 2
@@ -361,7 +371,7 @@ def test_presets_load_and_fit(preset):
     assert f"# arch: arch/{preset}.json" in path.read_text()
     assert cfg.engine == "megatron" and [s.objective.kind for s in cfg.stages] == ["mntp", "supervised"]
     assert all(s.lora.r == 16 and s.lora.alpha == 32 and s.precision == "bf16" for s in cfg.stages)
-    arch = Arch.from_hf(json.loads((SCALE / "arch" / f"{preset}.json").read_text()))
+    arch = ModelArgs.from_dict(json.loads((SCALE / "arch" / f"{preset}.json").read_text()))
     one = recipe(engine="megatron", lora=False)  # tp = pp = 1: the whole model on one "GPU"
     assert plan_stage(one, one.stages[0], arch, gpus=1, gpu_mem_gib=1e6).stages[0].params == PUBLISHED[preset]
     plans = plan_run(cfg, arch, gpus=PRESETS[preset], gpu_mem_gib=80)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from data_pipelines.writer import build_shards
 from tests.conftest import CORPUS
-from toolkit.config import config_from_dict
+from toolkit.config import ConfigError, config_from_dict
 from toolkit.train import Trainer
 
 
@@ -119,7 +119,7 @@ def test_resume_with_changed_config_is_refused(tiny_llama_dir, tmp_path):
 def test_export_of_a_step_checkpoint(tiny_llama_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from toolkit.checkpoint.consolidate import consolidate
+    from toolkit.engines.export import consolidate
     from toolkit.models.encoder import Encoder
 
     trainer = Trainer(run_config(tmp_path, tiny_llama_dir))
@@ -131,7 +131,7 @@ def test_export_of_a_step_checkpoint(tiny_llama_dir, tmp_path):
     ours = enc.encode(texts)
     theirs = SentenceTransformer(str(out), device="cpu").encode(texts, normalize_embeddings=True)
     assert np.abs(ours - theirs).max() <= 1e-4
-    with pytest.raises(FileNotFoundError, match="no finished stage"):
+    with pytest.raises(ConfigError, match="no finished stage"):
         consolidate(tmp_path / "run", tmp_path / "x")
 
 

@@ -69,6 +69,17 @@ def resolve_model_path(spec: str) -> Path:
     )
 
 
+def model_config_file(spec: str) -> Path | None:
+    """The HF config.json of a model spec when it is readable without loading or importing weights
+    (a folder, or an asset / .gguf already imported), else None."""
+    path = Path(spec).expanduser()
+    if spec.startswith("asset:"):
+        path = cache_dir() / "models" / spec[len("asset:"):]
+    elif path.is_file() and path.suffix == ".gguf":
+        path = cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}"
+    return path / "config.json" if (path / "config.json").is_file() else None
+
+
 def _asset_gguf(name: str) -> Path:
     module, pip_cmd, filename = GGUF_ASSETS[name]
     pkg = package_dir(module, pip_cmd)

@@ -9,8 +9,8 @@ norm, LM head, pooling head and MNTP logits. Assumptions, stated:
   (and a trainable pooling head) are fp32 with fp32 grads and Adam m, v: 4 + 4 + 8 = 16 bytes/param,
   replicated over DP (they are tiny). Full fine-tuning in bf16 counts the usual mixed-precision
   2 + 2 + 12 bytes/param (bf16 weights and grads, fp32 master + m + v), in fp32 4 + 4 + 8; the
-  optimizer part is divided by dp only with `distributed_optimizer` (the engine today uses torch
-  AdamW, which does not shard it).
+  optimizer part is divided by dp only with `distributed_optimizer`, which the planner refuses for an
+  engine whose spec does not have one (today none: megatron runs torch AdamW).
 - The LM head is a frozen copy on the last stage (neither engine trains it; tied embeddings get their
   own frozen copy); vocabularies are padded to a multiple of tp; TP shards linears, not norms.
 - Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -26,62 +26,17 @@ norm, LM head, pooling head and MNTP logits. Assumptions, stated:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.distributed.parallel_dims import ParallelDims
+from toolkit.engines.spec import engine_spec, validate_run
+from toolkit.models.arch import LORA_TARGETS, ModelArgs, read_model_args
 
 GIB = 2**30
-FAMILIES = ("llama", "mistral", "qwen2")  # what the megatron engine builds
-# HF LoRA target -> (input dim key, output dim key, column-parallel?)
-_LINEARS = {"q_proj": ("h", "q", True), "k_proj": ("h", "kv", True), "v_proj": ("h", "kv", True),
-            "o_proj": ("q", "h", False), "gate_proj": ("h", "f", True), "up_proj": ("h", "f", True),
-            "down_proj": ("f", "h", False)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Arch:
-    """The HF config facts memory depends on (no weights needed)."""
-
-    model_type: str
-    hidden: int
-    ffn: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    qkv_bias: bool = False
-    tied: bool = False
-    gated: bool = True  # SwiGLU (Llama family); False = GeLU MLP (GPT-3, used to check the paper's 34)
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-
-    @classmethod
-    def from_hf(cls, d: dict, source: str = "arch") -> "Arch":
-        missing = [k for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "vocab_size") if k not in d]
-        if missing:
-            raise ConfigError(f"{source}: missing field {missing[0]} (an HF config.json is expected)")
-        if d["model_type"] not in FAMILIES:
-            raise ConfigError(f"{source}: model_type={d['model_type']!r} is not planned; supported: {', '.join(FAMILIES)}")
-        heads = d["num_attention_heads"]
-        return cls(model_type=d["model_type"], hidden=d["hidden_size"], ffn=d["intermediate_size"],
-                   layers=d["num_hidden_layers"], heads=heads, kv_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads, vocab=d["vocab_size"],
-                   qkv_bias=d["model_type"] == "qwen2" or bool(d.get("attention_bias", False)),
-                   tied=bool(d.get("tie_word_embeddings", False)),
-                   attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0))
-
-    def dim(self, key: str) -> int:
-        return {"h": self.hidden, "q": self.heads * self.head_dim, "kv": self.kv_heads * self.head_dim,
-                "f": self.ffn}[key]
-
-    def padded_vocab(self, tp: int) -> int:
-        return -(-self.vocab // tp) * tp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,21 +55,6 @@ class Layout:
     attention_dropout: float = 0.0
 
 
-def layer_params(arch: Arch, tp: int = 1) -> int:
-    """Parameters of one decoder layer on one TP rank (linears sharded, the two norms replicated)."""
-    h, q, kv, f = arch.hidden, arch.dim("q"), arch.dim("kv"), arch.ffn
-    linear = h * q + 2 * h * kv + q * h + 3 * h * f
-    bias = q + 2 * kv if arch.qkv_bias else 0
-    return (linear + bias) // tp + 2 * h
-
-
-def lora_params(arch: Arch, targets: tuple[str, ...], r: int, tp: int = 1) -> int:
-    """LoRA parameters of one layer on one TP rank: A (r x in) and B (out x r) per target; the
-    column-parallel targets shard B, the row-parallel ones (o, down) shard A."""
-    dims = [(arch.dim(_LINEARS[n][0]), arch.dim(_LINEARS[n][1]), _LINEARS[n][2]) for n in targets]
-    return sum(r * i + o * r // tp if column else r * i // tp + o * r for i, o, column in dims)
-
-
 def pooling_params(mode: str, hidden: int, num_seeds: int = 1, num_latents: int = 512) -> int:
     """Trainable pooling-head parameters (toolkit.models.pooling), on the last stage, replicated."""
     if mode == "pma":  # seeds, q/k/v/ffn linears with bias, two LayerNorms
@@ -124,7 +64,7 @@ def pooling_params(mode: str, hidden: int, num_seeds: int = 1, num_latents: int 
     return 0
 
 
-def layer_activation_bytes(arch: Arch, lay: Layout, tokens: int, seq: int, *, stored: bool = True) -> dict[str, float]:
+def layer_activation_bytes(arch: ModelArgs, lay: Layout, tokens: int, seq: int, *, stored: bool = True) -> dict[str, float]:
     """Bytes one layer keeps for backward for `tokens` (= s*b) tokens, by term.
 
     Korthikanti's GPT-3 count per layer (16-bit): norms 4sbh, QKV input 2sbh, Q K V 6sbh, attention
@@ -139,7 +79,7 @@ def layer_activation_bytes(arch: Arch, lay: Layout, tokens: int, seq: int, *, st
     """
     e, t = lay.act_bytes, lay.tp
     rep = t if lay.sequence_parallel else 1
-    h, q, kv, f, a = arch.hidden, arch.dim("q"), arch.dim("kv"), arch.ffn, arch.heads
+    h, q, kv, f, a = arch.hidden_size, arch.dim("q"), arch.dim("kv"), arch.ffn_hidden_size, arch.num_heads
     if stored and lay.recompute == "full":
         return {"layer input": e * tokens * h / rep}
 
@@ -164,7 +104,7 @@ def layer_activation_bytes(arch: Arch, lay: Layout, tokens: int, seq: int, *, st
         out["dropout masks"] = 2 * tokens * h / rep
     lora = 0.0
     for name in lay.lora_targets:
-        din, _, column = _LINEARS[name]
+        din, _, column = LORA_TARGETS[name]
         lora += e * tokens * lay.lora_r
         if lay.lora_dropout > 0:
             lora += (e + 1) * tokens * arch.dim(din) / (rep if column else t)
@@ -222,42 +162,35 @@ class Plan:
         return self.peak.total <= self.gpu_mem_gib * GIB
 
 
-def check_parallel(cfg: RunConfig, arch: Arch, gpus: int) -> tuple[int, int, int]:
-    """(tp, pp, dp) for `gpus` GPUs, or a ConfigError naming the field that does not fit."""
-    par, tp, pp = cfg.parallel, cfg.parallel.tp, cfg.parallel.pp
+def check_parallel(cfg: RunConfig, arch: ModelArgs, gpus: int) -> tuple[int, int, int]:
+    """(tp, pp, dp) for `gpus` GPUs after the engine's own checks, or the ConfigError the run would get."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
-    if cfg.engine != "megatron" and (tp > 1 or pp > 1):
-        raise ConfigError(f"parallel.tp/pp: engine={cfg.engine} is data-parallel only; use engine: megatron")
-    if gpus % (tp * pp):
-        raise ConfigError(f"parallel: tp({tp}) x pp({pp}) = {tp * pp} does not divide the {gpus} GPUs")
-    dp = par.dp or gpus // (tp * pp)
-    if tp * pp * dp != gpus:
-        raise ConfigError(f"parallel.dp={par.dp}: tp({tp}) x pp({pp}) x dp({dp}) = {tp * pp * dp} != {gpus} GPUs")
-    for name, n in (("num_attention_heads", arch.heads), ("num_key_value_heads", arch.kv_heads)):
-        if n % tp:
-            raise ConfigError(f"parallel.tp={tp}: {name}={n} is not divisible by tp")
-    if arch.layers % pp:
-        raise ConfigError(f"parallel.pp={pp}: num_hidden_layers={arch.layers} is not divisible by pp")
-    return tp, pp, dp
+    validate_run(cfg, arch)
+    dims = ParallelDims.from_config(cfg.parallel, gpus, 0)
+    arch.check_parallel(dims.tp, dims.pp)  # every engine's layers split this way (hf / deepspeed: tp = pp = 1)
+    return dims.tp, dims.pp, dims.dp
 
 
-def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu_mem_gib: float,
+def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int, gpu_mem_gib: float,
                negatives: int = 1, distributed_optimizer: bool = False, reserve_gib: float = 3.0) -> Plan:
     """Per-GPU memory of every pipeline stage for one training stage of `cfg`."""
     tp, pp, dp = check_parallel(cfg, arch, gpus)
+    traits = engine_spec(cfg.engine).planner
+    if distributed_optimizer and not traits.distributed_optimizer:
+        raise ConfigError(f"--distributed-optimizer: engine={cfg.engine} has no distributed optimizer (optimizer "
+                          "states are replicated over DP); plan without it")
     kind, lora = stage.objective.kind, stage.lora
-    unknown = [t for t in lora.target_modules if t not in _LINEARS] if lora.enabled else []
+    unknown = [t for t in lora.target_modules if t not in LORA_TARGETS] if lora.enabled else []
     if unknown:
-        raise ConfigError(f"lora.target_modules: {unknown[0]!r} is not planned; known: {', '.join(_LINEARS)}")
-    megatron = cfg.engine == "megatron"
-    recompute = cfg.parallel.recompute if megatron else "none"
+        raise ConfigError(f"lora.target_modules: {unknown[0]!r} is not planned; known: {', '.join(LORA_TARGETS)}")
+    recompute = cfg.parallel.recompute if traits.honours_recompute else "none"
     if cfg.model.gradient_checkpointing and recompute == "none":
         recompute = "full"  # what both engines do with it
     attn_drop = stage.attention_dropout if stage.attention_dropout is not None else (
         cfg.model.attention_dropout if cfg.model.attention_dropout is not None else arch.attention_dropout)
     lay = Layout(tp=tp, sequence_parallel=cfg.parallel.sequence_parallel, recompute=recompute,
-                 scores_materialized=megatron or cfg.model.attn_implementation == "eager",
+                 scores_materialized=traits.scores_materialized or cfg.model.attn_implementation == "eager",
                  act_bytes=2 if stage.precision == "bf16" else 4, full_ft=not lora.enabled,
                  lora_targets=tuple(lora.target_modules) if lora.enabled else (), lora_r=lora.r,
                  lora_dropout=lora.dropout, attention_dropout=attn_drop)
@@ -268,7 +201,7 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
     step_texts = batch * texts_per_sample
     chunk = stage.objective.gradcache_chunk_size
     if kind == "mntp":
-        micro = min((cfg.parallel.micro_batch_size if megatron else 0) or batch, batch)
+        micro = min((cfg.parallel.micro_batch_size if traits.pipeline_micro_batches else 0) or batch, batch)
         num_micro = stage.grad_accum * math.ceil(batch / micro)
     elif chunk:
         micro = min(chunk, step_texts)
@@ -278,30 +211,30 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
         notes.append(f"{kind}: all {step_texts} texts of a step are one micro-batch (their loss couples them)")
     tokens = micro * seq
 
-    # DeepSpeed's bf16 mode keeps bf16 weights (trainable ones too) and fp32 masters in the optimizer
-    ds_bf16 = cfg.engine == "deepspeed" and stage.precision == "bf16"
+    # e.g. DeepSpeed's bf16 mode: bf16 weights (trainable ones too) and fp32 masters in the optimizer
+    ds_bf16 = traits.bf16_keeps_bf16_weights and stage.precision == "bf16"
     wbytes = 2 if cfg.model.dtype == "bfloat16" or ds_bf16 else 4
     opt_bytes = (12 if wbytes == 2 else 8) / (dp if distributed_optimizer else 1)
     twbytes, tobytes = (2, 12.0) if ds_bf16 else (4, 8.0)  # a LoRA adapter's weight / optimizer bytes
-    per_layer_params = layer_params(arch, tp)
+    per_layer_params = arch.layer_params(tp)
     vocab_rows = arch.padded_vocab(tp) // tp
-    head = pooling_params(cfg.pooling.mode, arch.hidden, cfg.pooling.num_seeds, cfg.pooling.num_latents)
+    head = pooling_params(cfg.pooling.mode, arch.hidden_size, cfg.pooling.num_seeds, cfg.pooling.num_latents)
     per_layer = layer_activation_bytes(arch, lay, tokens, seq)
     working = sum(layer_activation_bytes(arch, lay, tokens, seq, stored=False).values()) if recompute == "full" else 0.0
-    stages, n_layers = [], arch.layers // pp
+    stages, n_layers = [], arch.num_layers // pp
     for p in range(pp):
         first, last = p == 0, p == pp - 1
-        base = n_layers * per_layer_params + (vocab_rows * arch.hidden if first else 0)
-        lm_head = vocab_rows * arch.hidden  # a frozen copy even when tied (toolkit.models.loading)
-        frozen_head = (arch.hidden + lm_head) if last else 0  # final norm + LM head
-        adapters = n_layers * lora_params(arch, lay.lora_targets, lora.r, tp) if lora.enabled else 0
+        base = n_layers * per_layer_params + (vocab_rows * arch.hidden_size if first else 0)
+        lm_head = vocab_rows * arch.hidden_size  # a frozen copy even when tied (toolkit.models.loading)
+        frozen_head = (arch.hidden_size + lm_head) if last else 0  # final norm + LM head
+        adapters = n_layers * arch.lora_params(lay.lora_targets, lora.r, tp) if lora.enabled else 0
         extra = head if last else 0
         if lora.enabled:
             trainable = adapters + extra
             weights = (base + frozen_head) * wbytes + trainable * twbytes
             grads, optim = trainable * 4.0, trainable * tobytes
         else:
-            full = base + (arch.hidden if last else 0)  # the final norm trains, the LM head stays frozen
+            full = base + (arch.hidden_size if last else 0)  # the final norm trains, the LM head stays frozen
             trainable = full + extra
             weights = (base + frozen_head) * wbytes + extra * 4
             grads, optim = full * wbytes + extra * 4.0, full * opt_bytes + extra * 8.0
@@ -309,12 +242,12 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
         terms = {k: v * n_layers * inflight for k, v in per_layer.items()}
         if working:
             terms["recompute working set"] = working
-        if cfg.engine == "deepspeed":
-            weights, grads, optim = zero_partition(cfg, dp, weights, grads, optim, notes)
-            if cfg.zero.stage == 3:  # a layer is gathered while it runs (forward, and again in backward)
-                terms["zero-3 gathered layer"] = per_layer_params * wbytes
+        if traits.partition is not None:
+            weights, grads, optim = traits.partition(cfg, dp, weights, grads, optim, notes)
+        if traits.gathers_layer_weights and traits.gathers_layer_weights(cfg):  # gathered while it runs
+            terms["zero-3 gathered layer"] = per_layer_params * wbytes
         if last:
-            terms["final norm"] = lay.act_bytes * tokens * arch.hidden / (tp if lay.sequence_parallel else 1)
+            terms["final norm"] = lay.act_bytes * tokens * arch.hidden_size / (tp if lay.sequence_parallel else 1)
             if kind == "mntp":
                 terms["mntp logits"] = stage.objective.mntp.mask_probability * tokens * vocab_rows * 4
         stages.append(StageMemory(pp_rank=p, layers=n_layers, params=base + frozen_head + adapters + extra,
@@ -327,27 +260,7 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: Arch, *, gpus: int, gpu
                 notes=notes)
 
 
-def zero_partition(cfg: RunConfig, dp: int, weights: float, grads: float, optim: float,
-                   notes: list[str]) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) per GPU under DeepSpeed ZeRO: stage 1 partitions the optimizer
-    states over the dp ranks, 2 the gradients too, 3 the weights too; offloaded parts leave the GPU."""
-    z = cfg.zero
-    if z.stage >= 1:
-        optim /= dp
-    if z.stage >= 2:
-        grads /= dp
-    if z.stage == 3:
-        weights /= dp
-    if z.offload_optimizer == "cpu":
-        notes.append(f"zero: {optim / GIB:.2f} GiB of optimizer states per rank live in host memory")
-        optim = 0.0
-    if z.offload_params == "cpu":
-        notes.append(f"zero: {weights / GIB:.2f} GiB of weights per rank live in host memory")
-        weights = 0.0
-    return weights, grads, optim
-
-
-def plan_run(cfg: RunConfig, arch: Arch, *, gpus: int, gpu_mem_gib: float, stage: str | None = None,
+def plan_run(cfg: RunConfig, arch: ModelArgs, *, gpus: int, gpu_mem_gib: float, stage: str | None = None,
              **kwargs) -> list[Plan]:
     """A plan per training stage of `cfg` (or only the one named `stage`)."""
     chosen = [s for s in cfg.stages if stage is None or s.name == stage]
@@ -359,7 +272,8 @@ def plan_run(cfg: RunConfig, arch: Arch, *, gpus: int, gpu_mem_gib: float, stage
 _ARCH_COMMENT = re.compile(r"^#\s*arch:\s*(\S+)", re.MULTILINE)
 
 
-def load_arch(cfg: RunConfig, config_path: str | Path | None = None, arch_file: str | Path | None = None) -> tuple[Arch, str]:
+def load_arch(cfg: RunConfig, config_path: str | Path | None = None,
+              arch_file: str | Path | None = None) -> tuple[ModelArgs, str]:
     """The architecture: `arch_file`, else `model.path/config.json`, else the recipe's `# arch: FILE`
     comment (relative to the recipe), so presets plan without downloading any weights."""
     path, folder = Path(arch_file) if arch_file else None, Path(cfg.model.path)
@@ -371,11 +285,7 @@ def load_arch(cfg: RunConfig, config_path: str | Path | None = None, arch_file: 
         raise ConfigError(f"model.path={cfg.model.path}: no config.json there; pass --arch FILE (an HF config.json)")
     if not path.is_file():
         raise ConfigError(f"{path}: architecture file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return Arch.from_hf(data, str(path)), str(path)
+    return read_model_args(path), str(path)
 
 
 def _gib(x: float) -> str:

@@ -34,17 +34,14 @@ import yaml
 from safetensors.torch import load_file
 
 from data_pipelines.loader import StreamingLoader, open_dataset
-from toolkit.checkpoint.manager import (
-    STOP_REQUEST,
-    STOPPED,
-    begin_step_dir,
-    commit_step_dir,
-    latest_complete,
-    read_meta,
-)
-from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
+from toolkit.assets import model_config_file
+from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_complete, read_meta
+from toolkit.config import ConfigError, RunConfig, ScheduleConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
-from toolkit.engines.base import build_engine
+from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
+from toolkit.models.arch import ModelArgs, read_model_args
+from toolkit.run_layout import STOP_REQUEST, STOPPED, RunLayout
+from toolkit.seeds import mask_seed, seed_everything, stage_seed
 from toolkit.models.encoder import SPEC_FILE, Encoder, load_iem_weights, load_spec
 from toolkit.training_log import TrainingLog
 
@@ -58,12 +55,6 @@ class StageOutcome:
     final_dir: Path | None  # None when the stage stopped early (checkpoint saved)
     steps_done: int
     last_loss: float | None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def lr_lambda(schedule: ScheduleConfig, total_steps: int):
@@ -117,6 +108,7 @@ class Trainer:
         self.cfg = cfg
         self.resume = resume
         self.out = Path(cfg.output_dir)
+        self.layout = RunLayout(self.out)
         self.stop = StopFlag()
         self.stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps in this process
         self.deadline = _deadline_from_env()  # the job's end (unix seconds), from the launcher
@@ -124,26 +116,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[StageOutcome]:
+        model_args = preflight(self.cfg)  # a refused recipe or a bad data path fails before any weight loads
         rank, world = init_distributed()
         self.dims = ParallelDims.from_config(self.cfg.parallel, world, rank)
         if self.dims.is_logging_rank:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            self.layout.config_file.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         seed_everything(self.cfg.seed)
-        for stage in self.cfg.stages:  # bad data paths fail before minutes of model loading
-            open_dataset(stage.data.path)
         needs_new_mask = any(
             s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in self.cfg.stages
         )
-        self.engine = build_engine(self.cfg, self.dims)
+        self.engine = build_engine(self.cfg, self.dims, model_args)
         self.engine.build(add_mask_token=needs_new_mask)
         outcomes: list[StageOutcome] = []
         previous_final: Path | None = None
         self.stop.install()
         try:
             for index, stage in enumerate(self.cfg.stages):
-                stage_dir = self.out / f"{index:02d}-{stage.name}"
-                final = stage_dir / "final"
+                stage_dir = self.layout.stage_dir(index, stage.name)
+                final = self.layout.final_dir(index, stage.name)
                 if (final / SPEC_FILE).is_file() and self.resume != "never":
                     log.info("stage %s already complete: %s", stage.name, final)
                     outcomes.append(StageOutcome(stage.name, final, stage.steps, None))
@@ -163,13 +154,12 @@ class Trainer:
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, index: int, stage: StageConfig, stage_dir: Path) -> StageOutcome:
         dims, engine = self.dims, self.engine
-        stage_seed = self.cfg.seed + 1000 * (index + 1)
-        seed_everything(stage_seed)
+        seed = stage_seed(self.cfg.seed, index)
+        seed_everything(seed)
         manifest = open_dataset(stage.data.path)
-        loader = StreamingLoader(manifest, stage.data, seed=stage_seed, tokenizer=engine.tokenizer,
+        loader = StreamingLoader(manifest, stage.data, seed=seed, tokenizer=engine.tokenizer,
                                  dp_rank=dims.dp_rank, dp_world=dims.dp)
-        # Masks differ across DP replicas (same within one: its TP / PP ranks must agree); dp 0 keeps stage_seed.
-        generator = torch.Generator().manual_seed(stage_seed + 7919 * dims.dp_rank)
+        generator = torch.Generator().manual_seed(mask_seed(self.cfg.seed, index, dims.dp_rank))
         engine.begin_stage(index, stage, data_kind=manifest.kind, generator=generator)
 
         step = 0
@@ -228,7 +218,7 @@ class Trainer:
                 log.warning("stage %s: skipped %d bad records of %d read (%s)", stage.name, bad.num_bad,
                             bad.good + bad.num_bad, bad.bad)
 
-        final = engine.end_stage(stage_dir / "final")
+        final = engine.end_stage(self.layout.final_dir(index, stage.name))
         log.info("stage %s: done, merged encoder saved to %s", stage.name, final)
         return StageOutcome(stage.name, final, step, last_loss)
 
@@ -271,13 +261,14 @@ class Trainer:
     def _restore(self, path: Path, stage: StageConfig, generator: torch.Generator, loader: StreamingLoader) -> int:
         meta = read_meta(path)
         if meta.get("fingerprint") != stage_fingerprint(stage):
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: checkpoint was written with a different configuration of stage {stage.name!r} "
                 "(objective, data, lora, optimizer, schedule, batch or precision changed); "
                 "resume with the same config, or start a new output_dir"
             )
-        if meta.get("engine", "hf") != self.engine.name:
-            raise ValueError(f"{path}: written by engine={meta.get('engine')!r}, this run uses engine={self.engine.name!r}; "
+        written_by = meta.get("engine", DEFAULT_ENGINE)
+        if written_by != self.engine.name:
+            raise ConfigError(f"{path}: written by engine={written_by!r}, this run uses engine={self.engine.name!r}; "
                              f"export it (`embedforge export`) and start a new stage instead")
         self.engine.load(path)
         dims = self.dims
@@ -328,6 +319,20 @@ def load_pooling_weights(pooling, folder: Path) -> None:
     if pooling.has_parameters and pooling_file.is_file():
         state = {k.removeprefix("pooling."): v for k, v in load_file(str(pooling_file)).items()}
         pooling.load_state_dict(state)
+
+
+def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
+    """Everything that can refuse a recipe before any weight is read: the engine's checks (against the
+    model's config.json when it is on disk) and, unless a launcher submits for another machine, the
+    data paths. Returns the model's ModelArgs when the engine needs them."""
+    spec = engine_spec(cfg.engine)
+    config_json = model_config_file(cfg.model.path) if spec.needs_model_args else None
+    model_args = read_model_args(config_json) if config_json else None
+    validate_run(cfg, model_args)
+    if check_data:
+        for stage in cfg.stages:
+            open_dataset(stage.data.path)
+    return model_args
 
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto") -> list[StageOutcome]:

@@ -9,17 +9,14 @@ Resume takes the newest complete step; older ones beyond `keep_last` are pruned 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-COMPLETE = "COMPLETE"
-STOPPED = "STOPPED"  # <output_dir>/STOPPED: the run stopped early with a checkpoint (launchers requeue)
-STOP_REQUEST = "STOP_REQUESTED"  # touch <output_dir>/STOP_REQUESTED: every rank saves and stops at the next step
-STEP_RE = re.compile(r"^step-(\d+)$")
+from toolkit.run_layout import COMPLETE, STEP_RE, step_dir_name
+
 
 
 def complete_steps(stage_dir: Path) -> list[tuple[int, Path]]:
@@ -45,7 +42,7 @@ def _barrier() -> None:
 
 def begin_step_dir(stage_dir: Path, step: int, rank: int) -> Path:
     """A fresh temporary directory every rank writes its part of `step-N/` into."""
-    tmp = stage_dir / f".step-{step}.partial"
+    tmp = stage_dir / f".{step_dir_name(step)}.partial"
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash mid-save: never complete, never resumed from

@@ -3,7 +3,7 @@
 The trainer owns the loop (data, logging, signals, the step-N/ layout and its COMPLETE marker); an
 engine owns the model: how it is built and sharded, one optimizer step over a list of micro-batches
 (forward, backward, gradient sync, clipping, update), what it writes into a checkpoint directory and
-how a stage's result becomes an encoder folder. Backends register themselves by name, as in verl.
+how a stage's result becomes an encoder folder. Each backend registers an `EngineSpec` (spec.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims
 
 
@@ -29,7 +28,7 @@ class StepResult:
 
 
 class Engine(ABC):
-    name: str = ""
+    name: str = ""  # set by spec.register_engine
 
     def __init__(self, cfg: RunConfig, dims: ParallelDims):
         self.cfg, self.dims = cfg, dims
@@ -71,30 +70,6 @@ class Engine(ABC):
 
     def set_rng_state(self, state: dict) -> None:
         pass
-
-
-_REGISTRY: dict[str, Callable[[RunConfig, ParallelDims], Engine]] = {}
-
-
-def register(name: str):
-    def deco(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def build_engine(cfg: RunConfig, dims: ParallelDims) -> Engine:
-    import toolkit.engines.hf  # noqa: F401  (registers "hf")
-
-    if cfg.engine == "megatron":
-        import toolkit.engines.megatron.engine  # noqa: F401
-    if cfg.engine == "deepspeed":
-        import toolkit.engines.deepspeed_zero  # noqa: F401
-    if cfg.engine not in _REGISTRY:
-        raise ConfigError(f"engine: {cfg.engine!r} is not available; registered engines: {sorted(_REGISTRY)}")
-    return _REGISTRY[cfg.engine](cfg, dims)
 
 
 # ---------------------------------------------------------------------------------------------- shared

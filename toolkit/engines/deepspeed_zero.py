@@ -27,8 +27,11 @@ from torch import Tensor, nn
 
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
-from toolkit.engines.base import StepResult, register
+from toolkit.engines.base import StepResult
 from toolkit.engines.hf import HFEngine
+from toolkit.engines.spec import EngineSpec, PlannerTraits, register_engine
+from toolkit.models.stage_encoder import merged_stage_encoder
+from toolkit.run_layout import RunLayout
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
@@ -98,7 +101,6 @@ def ds_config(cfg: RunConfig, stage: StageConfig, dp: int) -> dict:
     }
 
 
-@register("deepspeed")
 class DeepSpeedEngine(HFEngine):
     """The hf engine's model and stages; DeepSpeed owns gradient reduction, clipping and the update."""
 
@@ -223,12 +225,10 @@ class DeepSpeedEngine(HFEngine):
     def end_stage(self, final_dir: Path) -> Path:
         """Gather the trainable tensors, then one rank rebuilds the stage's starting model unsharded,
         loads them, merges the adapter and writes the encoder folder."""
-        from toolkit.checkpoint.consolidate import merged_stage_encoder
-
         trainable = self.trainable_state()
         self._release()  # partitions, masters and moments go before rank 0 rebuilds the model unsharded
         if self.dims.rank == 0:
-            merged_stage_encoder(self.cfg, self.index, Path(self.cfg.output_dir), trainable,
+            merged_stage_encoder(self.cfg, self.index, RunLayout(Path(self.cfg.output_dir)), trainable,
                                  source=f"stage {self.stage.name}").save_pretrained(final_dir)
         if dist.is_initialized():
             dist.barrier()
@@ -266,3 +266,38 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
     if missing:
         raise ValueError(f"{folder}: trainable tensors {missing[:3]} are missing from the DeepSpeed checkpoint")
     return {n: module[prefix + n].float() for n in names}  # buffers and other entries left out
+
+
+def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:
+    """A `step-N/` of this engine: its ZeRO partitions read back as full fp32 tensors, merged into the
+    stage's rebuilt start."""
+    encoder = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent), read_trainable(step_dir),
+                                   source=str(step_dir))
+    return encoder.save_pretrained(output)
+
+
+def zero_partition(cfg: RunConfig, dp: int, weights: float, grads: float, optim: float,
+                   notes: list[str]) -> tuple[float, float, float]:
+    """Planner hook: (weights, gradients, optimizer) bytes per GPU under ZeRO: stage 1 partitions the
+    optimizer states over the dp ranks, 2 the gradients too, 3 the weights too; offloaded parts leave the GPU."""
+    z = cfg.zero
+    if z.stage >= 1:
+        optim /= dp
+    if z.stage >= 2:
+        grads /= dp
+    if z.stage == 3:
+        weights /= dp
+    if z.offload_optimizer == "cpu":
+        notes.append(f"zero: {optim / 2**30:.2f} GiB of optimizer states per rank live in host memory")
+        optim = 0.0
+    if z.offload_params == "cpu":
+        notes.append(f"zero: {weights / 2**30:.2f} GiB of weights per rank live in host memory")
+        weights = 0.0
+    return weights, grads, optim
+
+
+SPEC = register_engine(EngineSpec(
+    name="deepspeed", engine_cls=DeepSpeedEngine, parallel_dims=frozenset({"dp"}), export_step=export_step,
+    planner=PlannerTraits(bf16_keeps_bf16_weights=True, partition=zero_partition,
+                          gathers_layer_weights=lambda cfg: cfg.zero.stage == 3),
+))

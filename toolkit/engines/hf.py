@@ -15,23 +15,23 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from toolkit.config import ConfigError, StageConfig
-from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
+from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.engines.base import Engine, StepResult, allreduce_mean, stage_attention_dropout
+from toolkit.engines.spec import EngineSpec, register_engine
+from toolkit.models.stage_encoder import merged_stage_encoder
+from toolkit.run_layout import RunLayout
+from toolkit.seeds import iem_seed
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
 
 
-@register("hf")
 class HFEngine(Engine):
     @property
     def tokenizer(self):
         return self.encoder.tokenizer
 
     def build(self, *, add_mask_token: bool) -> None:
-        if self.dims.tp * self.dims.pp != 1:
-            raise ConfigError(f"engine={self.name} is data-parallel only; parallel.tp={self.dims.tp} / parallel.pp="
-                              f"{self.dims.pp} need engine=megatron")
         self.add_mask_token = add_mask_token
         self._build_encoder()
 
@@ -76,7 +76,7 @@ class HFEngine(Engine):
         encoder.pooling.requires_grad_(True)
         if stage.objective.kind == "d2llm":  # the student's pair scorer, trained with the pooling head
             with torch.random.fork_rng():
-                torch.manual_seed(self.cfg.seed + 17 * (index + 1))
+                torch.manual_seed(iem_seed(self.cfg.seed, index))
                 encoder.add_iem(stage.objective.d2llm.iem_hidden).requires_grad_(True)
         elif encoder.iem is not None:  # an earlier D2LLM stage's scorer rides along, frozen
             encoder.iem.requires_grad_(False)
@@ -157,3 +157,18 @@ class HFEngine(Engine):
         if dist.is_initialized():
             dist.barrier()
         return final_dir
+
+
+def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:
+    """A `step-N/` of this engine (the trainable tensors) merged into the stage's rebuilt start."""
+    trainable = step_dir / TRAINABLE
+    if not trainable.is_file():
+        raise ConfigError(f"{trainable}: missing from a checkpoint marked complete")
+    encoder = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent), load_file(str(trainable)),
+                                   source=str(step_dir))
+    return encoder.save_pretrained(output)
+
+
+SPEC = register_engine(EngineSpec(
+    name="hf", engine_cls=HFEngine, parallel_dims=frozenset({"dp"}), export_step=export_step,
+))

@@ -30,6 +30,7 @@ from toolkit.eval.mteb_model import (
     sentence_transformer_backend,
 )
 from toolkit.eval.mteb_tasks import ALIASES, LOCAL_MTEB_TASKS, local_task
+from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
 
 MINILM = "minilm"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -94,18 +95,16 @@ def checkpoint_identity(path: Path) -> tuple[str, str]:
     folders by content. The key hashes the checkpoint's absolute path and what marks this training of
     it (the COMPLETE marker's time and meta, or the final folder's content), so retraining into the
     same output_dir, or another run of the same name, never reads the old scores."""
-    from toolkit.checkpoint.consolidate import STAGE_RE
-
     path = path.resolve()
-    stage, run = path.parent, path.parent.parent
-    if STAGE_RE.match(stage.name) and (run / "config.yaml").is_file() and (path.name == "final" or path.name.startswith("step-")):
-        return f"{run.name}/{stage.name}", f"{path.name}-{_training_key(path)}"
+    stage, run = path.parent, RunLayout.of_stage_dir(path.parent)
+    if parse_stage_dir(stage) and run.is_run() and (path.name == FINAL_DIR or parse_step_dir(path) is not None):
+        return f"{run.root.name}/{stage.name}", f"{path.name}-{_training_key(path)}"
     return f"embedforge/{path.name}", folder_revision(path)
 
 
 def _training_key(path: Path) -> str:
     h = hashlib.sha256(str(path).encode())
-    complete = path / "COMPLETE"
+    complete = path / COMPLETE
     if complete.is_file():  # a step-N/: written once per training, atomically
         h.update(f"{complete.stat().st_mtime_ns}".encode())
         meta = path / "meta.json"
@@ -125,7 +124,7 @@ def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
     """A `step-N/` checkpoint as an encoder folder, built once (keyed by the checkpoint's absolute path)."""
     import torch.distributed as dist
 
-    from toolkit.checkpoint.consolidate import consolidate
+    from toolkit.engines.export import consolidate
     from toolkit.models.encoder import SPEC_FILE
 
     step_dir = step_dir.resolve()
@@ -148,7 +147,6 @@ def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
 def load_model(spec: str, *, instructions: Instructions | str | Path | None = None, batch_size: int = 32,
                work_dir: Path | None = None, device: str = "cpu") -> EmbedforgeModel:
     """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily."""
-    from toolkit.checkpoint.manager import COMPLETE
     from toolkit.models.encoder import SPEC_FILE
 
     table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)

@@ -11,19 +11,16 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from toolkit.checkpoint.manager import COMPLETE
+from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
 from toolkit.eval.sweep_report import ResultRow
 from toolkit.models.encoder import SPEC_FILE
 
 log = logging.getLogger(__name__)
-STAGE_DIR = re.compile(r"^(\d+)-(.+)$")
-STEP_DIR = re.compile(r"^step-(\d+)$")
 BASELINES = ("minilm",)
 
 
@@ -111,14 +108,14 @@ def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _is_checkpoint(path: Path) -> bool:
-    return STEP_DIR.match(path.name) is not None and (path / COMPLETE).is_file()
+    return parse_step_dir(path) is not None and (path / COMPLETE).is_file()
 
 
 def _folder_model(path: Path) -> SweepModel:
     if not (path / SPEC_FILE).is_file():
         raise FileNotFoundError(f"{path}: not an encoder folder ({SPEC_FILE} missing), a complete step-N/ checkpoint "
                                 f"or a baseline ({', '.join(BASELINES)})")
-    if path.name == "final" and STAGE_DIR.match(path.parent.name):
+    if path.name == FINAL_DIR and parse_stage_dir(path.parent):
         return _checkpoint_model(path)
     return SweepModel(spec=str(path), label=path.name)
 
@@ -126,20 +123,20 @@ def _folder_model(path: Path) -> SweepModel:
 def _checkpoint_model(path: Path) -> SweepModel:
     """A `RUN/NN-stage/step-N` or `RUN/NN-stage/final` folder, placed on the run's global step axis."""
     stage_dir, run_dir = path.parent, path.parent.parent
-    match = STAGE_DIR.match(stage_dir.name)
-    if not match:
+    parsed = parse_stage_dir(stage_dir)
+    if not parsed:
         raise ValueError(f"{path}: expected RUN/NN-stage/step-N or RUN/NN-stage/final")
-    index, stage = int(match.group(1)), match.group(2)
+    index, stage = parsed
     steps = _stage_steps(run_dir)
     before = sum(steps[:index]) if len(steps) >= index else 0
-    step_match = STEP_DIR.match(path.name)
-    within = int(step_match.group(1)) if step_match else (steps[index] if index < len(steps) else 0)
+    step = parse_step_dir(path)
+    within = step if step is not None else (steps[index] if index < len(steps) else 0)
     return SweepModel(spec=str(path), label=f"{run_dir.name}/{stage}/{path.name}", run=run_dir.name, stage=stage,
                       step=before + within)
 
 
 def _stage_steps(run_dir: Path) -> list[int]:
-    config = run_dir / "config.yaml"
+    config = RunLayout(run_dir).config_file
     if not config.is_file():
         return []
     stages = (yaml.safe_load(config.read_text()) or {}).get("stages", [])

@@ -15,23 +15,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from toolkit.engines.megatron.model import Arch
+from toolkit.models.arch import ModelArgs
 
 _HF_LAYER = "model.layers.{i}."
 _MG_LAYER = "decoder.layers.{i}."
 
 
-def _stage_layers(arch: Arch, pp: int, pp_rank: int) -> range:
+def _stage_layers(arch: ModelArgs, pp: int, pp_rank: int) -> range:
     per = arch.num_layers // pp
     return range(pp_rank * per, (pp_rank + 1) * per)
 
 
-def _pad_vocab(w: Tensor, arch: Arch, tp: int) -> Tensor:
+def _pad_vocab(w: Tensor, arch: ModelArgs, tp: int) -> Tensor:
     extra = arch.padded_vocab(tp) - w.shape[0]
     return torch.cat([w, w.new_zeros(extra, *w.shape[1:])]) if extra else w
 
 
-def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, arch: Arch) -> Tensor:
+def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, arch: ModelArgs) -> Tensor:
     """[q;k;v] in megatron's per-KV-group order (works for weights [*, h] and biases [*])."""
     groups, per_group, hd = arch.num_kv_heads, arch.num_heads // arch.num_kv_heads, arch.head_dim
     tail = q.shape[1:]
@@ -41,7 +41,7 @@ def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, arch: Arch) -> Tensor:
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
 
 
-def _split_qkv(qkv: Tensor, arch: Arch) -> tuple[Tensor, Tensor, Tensor]:
+def _split_qkv(qkv: Tensor, arch: ModelArgs) -> tuple[Tensor, Tensor, Tensor]:
     groups, per_group, hd = arch.num_kv_heads, arch.num_heads // arch.num_kv_heads, arch.head_dim
     tail = qkv.shape[1:]
     x = qkv.reshape(groups, (per_group + 2) * hd, *tail)
@@ -59,7 +59,7 @@ def _cols(t: Tensor, tp: int, rank: int) -> Tensor:
     return t.chunk(tp, dim=1)[rank].clone()
 
 
-def hf_to_megatron(hf, arch: Arch, *, tp: int, tp_rank: int, pp: int, pp_rank: int, include_head: bool = True,
+def hf_to_megatron(hf, arch: ModelArgs, *, tp: int, tp_rank: int, pp: int, pp_rank: int, include_head: bool = True,
                    source: str = "HF checkpoint") -> dict[str, Tensor]:
     """The megatron state dict of rank (tp_rank, pp_rank) from a full HF `*ForCausalLM` state dict.
 
@@ -100,7 +100,7 @@ def hf_to_megatron(hf, arch: Arch, *, tp: int, tp_rank: int, pp: int, pp_rank: i
     return out
 
 
-def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: Arch, *, tp: int, pp: int,
+def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: ModelArgs, *, tp: int, pp: int,
                    include_head: bool = True) -> dict[str, Tensor]:
     """A full HF state dict from every rank's megatron state dict, keyed by (tp_rank, pp_rank).
 

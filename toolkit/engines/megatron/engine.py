@@ -24,21 +24,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
 from toolkit.distributed.parallel_dims import ParallelDims
-from toolkit.engines.base import Engine, StepResult, allreduce, allreduce_mean, register, stage_attention_dropout
+from toolkit.engines.base import Engine, StepResult, allreduce, allreduce_mean, stage_attention_dropout
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
-from toolkit.engines.megatron.model import Arch, build_backbone, padding_mask, transformer_config
+from toolkit.engines.megatron.model import build_backbone, padding_mask, transformer_config
+from toolkit.engines.megatron.validate import validate
 from toolkit.engines.megatron.weights import HFWeights
+from toolkit.models.arch import ModelArgs
 from toolkit.models.loading import DTYPES
 from toolkit.objectives.gradcache import rng_state, set_rng_state
 from toolkit.objectives.mntp import IGNORE_INDEX
 from toolkit.objectives.steps import autocast
+from toolkit.seeds import head_seed, iem_seed, pipeline_dropout_seed, stage_seed
 
 
-@register("megatron")
 class MegatronEngine(Engine):
     def __init__(self, cfg: RunConfig, dims: ParallelDims):
         super().__init__(cfg, dims)
@@ -60,16 +62,10 @@ class MegatronEngine(Engine):
         from toolkit.models.pooling import Pooling
 
         cfg, dims = self.cfg, self.dims
-        if add_mask_token:
-            raise ConfigError("engine=megatron: mntp.mask_token=new (resizing the vocabulary) is not supported; "
-                              "use mask_token: underscore, eos or tokenizer")
-        if not cfg.model.bidirectional:
-            raise ConfigError("engine=megatron: model.bidirectional=false is not supported (the layer spec is bidirectional)")
         path = resolve_model_path(cfg.model.path)
         self.hf_config = AutoConfig.from_pretrained(path)
-        self.arch = Arch.from_hf(self.hf_config)
-        self.arch.check_parallel(dims.tp, dims.pp)
-        self.arch.check_sequence_length(self.hf_config, cfg.model.max_length)
+        self.arch = ModelArgs.from_hf_config(self.hf_config, source=str(path / "config.json"))
+        validate(cfg, self.arch)  # before any weight is read (the pre-flight could not see this config)
         dims.initialize_megatron(cfg.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.mconfig = transformer_config(  # attention dropout: set per stage in begin_stage
@@ -81,7 +77,7 @@ class MegatronEngine(Engine):
                                     post_process=dims.is_last_stage).to(self.device)
         self.load_hf_weights(HFWeights(path), source=str(path))
         with torch.random.fork_rng():  # the same initial head as the hf engine
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(head_seed(cfg.seed))
             pooling = Pooling(cfg.pooling, self.arch.hidden_size)
         spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True)
         self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling.to(self.device), spec)
@@ -139,31 +135,25 @@ class MegatronEngine(Engine):
         from toolkit.objectives.steps import build_step
         from toolkit.train import lr_lambda
 
-        where = f"stages[{index}] ({stage.name})"
-        if not stage.lora.enabled and self.cfg.model.dtype == "bfloat16":
-            raise ConfigError(f"{where}.lora.enabled=false with model.dtype=bfloat16: full fine-tuning needs fp32 "
-                              "master weights, which engine=megatron does not keep; use model.dtype=float32 with "
-                              "precision: bf16 (autocast), or LoRA")
         self.stage = stage
         # Dropout streams per stage (independent of earlier stages in this process) and per pipeline
         # stage (layer k of stage 0 and of stage 1 must not share masks), as Megatron-LM seeds them.
         from toolkit.distributed.megatron_shims import seed_model_parallel_rng
 
-        stage_seed = self.cfg.seed + 1000 * (index + 1) + 100 * self.dims.pp_rank
-        torch.manual_seed(stage_seed)
-        seed_model_parallel_rng(stage_seed, self.dims.tp_rank)
+        dropout_seed = pipeline_dropout_seed(self.cfg.seed, index, self.dims.pp_rank)
+        torch.manual_seed(dropout_seed)
+        seed_model_parallel_rng(dropout_seed, self.dims.tp_rank)
         dropout = stage_attention_dropout(stage, self.cfg, self.hf_config)
         for module in self.model.modules():
             if isinstance(module, DotProductAttention):
                 module.attention_dropout.p = dropout
         self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
         if stage.lora.enabled:
-            from toolkit.engines.megatron.lora import MegatronLora, check_targets
+            from toolkit.engines.megatron.lora import MegatronLora
 
-            check_targets(stage.lora, where)
             self.model.requires_grad_(False)
             self.lora = MegatronLora(self.model, self.arch, stage.lora, tp=self.dims.tp, tp_rank=self.dims.tp_rank,
-                                     pp_rank=self.dims.pp_rank, seed=self.cfg.seed + 1000 * (index + 1),
+                                     pp_rank=self.dims.pp_rank, seed=stage_seed(self.cfg.seed, index),
                                      sequence_parallel=self.cfg.parallel.sequence_parallel).to(self.device)
             self.params = {f"lora.{n}": p for n, p in self.lora.named_parameters()}
             self.tp_sharded = {f"lora.{n}" for n in self.lora.sharded_names()}
@@ -194,7 +184,7 @@ class MegatronEngine(Engine):
         encoder = self.encoder
         if stage.objective.kind == "d2llm":
             with torch.random.fork_rng():
-                torch.manual_seed(self.cfg.seed + 17 * (index + 1))
+                torch.manual_seed(iem_seed(self.cfg.seed, index))
                 encoder.add_iem(stage.objective.d2llm.iem_hidden)
             encoder.iem.to(self.device).requires_grad_(self.dims.is_last_stage)
         elif encoder.iem is not None:

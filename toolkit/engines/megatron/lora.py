@@ -19,13 +19,12 @@ engine, like the norms'. Merging folds scaling * B @ A into the local weight sha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import ConfigError, LoraConfig
-from toolkit.engines.megatron.model import Arch
+from toolkit.config import LoraConfig
+from toolkit.models.arch import LORA_TARGETS, ModelArgs
 
 # HF projection -> (megatron module under a layer, parallel kind, piece of the fused output)
 TARGETS = {
@@ -37,39 +36,15 @@ TARGETS = {
     "up_proj": ("mlp.linear_fc1", "column", "up"),
     "down_proj": ("mlp.linear_fc2", "row", None),
 }
+assert set(TARGETS) == set(LORA_TARGETS), "every LoRA target of toolkit.models.arch has a megatron module"
 HF_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """Global (in, out) of an HF projection."""
-
-    features_in: int
-    features_out: int
-
-
-def _shape(arch: Arch, target: str) -> _Shape:
-    h, hd = arch.hidden_size, arch.head_dim
-    return {
-        "q_proj": _Shape(h, arch.num_heads * hd), "k_proj": _Shape(h, arch.num_kv_heads * hd),
-        "v_proj": _Shape(h, arch.num_kv_heads * hd), "o_proj": _Shape(arch.num_heads * hd, h),
-        "gate_proj": _Shape(h, arch.ffn_hidden_size), "up_proj": _Shape(h, arch.ffn_hidden_size),
-        "down_proj": _Shape(arch.ffn_hidden_size, h),
-    }[target]
-
-
-def check_targets(cfg: LoraConfig, where: str) -> None:
-    unknown = [t for t in cfg.target_modules if t not in TARGETS]
-    if unknown:
-        raise ConfigError(f"{where}.lora.target_modules: {unknown} are not LoRA targets of engine=megatron; "
-                          f"choose from {sorted(TARGETS)}")
 
 
 class MegatronLora(nn.Module):
     """All adapters of one pipeline stage: `adapters["<local layer>-<hf target>"]` holds lora_A / lora_B."""
 
-    def __init__(self, model, arch: Arch, cfg: LoraConfig, *, tp: int, tp_rank: int, pp_rank: int, seed: int,
+    def __init__(self, model, arch: ModelArgs, cfg: LoraConfig, *, tp: int, tp_rank: int, pp_rank: int, seed: int,
                  sequence_parallel: bool = False):
         super().__init__()
         self.arch, self.tp, self.tp_rank, self.pp_rank = arch, tp, tp_rank, pp_rank
@@ -94,12 +69,12 @@ class MegatronLora(nn.Module):
     def _new_adapter(self, target: str, r: int, seed: int, global_layer: int) -> nn.Module:
         """peft's init (A kaiming-uniform, B zero) of the FULL matrix from a per-(layer, target) seed,
         then this rank's slice: the same adapter whatever the TP / PP layout."""
-        shape = _shape(self.arch, target)
+        features_in, features_out, _ = self.arch.lora_shape(target)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + global_layer * 101 + sorted(TARGETS).index(target))
-        a = torch.empty(r, shape.features_in)
-        bound = 1.0 / math.sqrt(shape.features_in)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+        a = torch.empty(r, features_in)
+        bound = 1.0 / math.sqrt(features_in)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
         a.uniform_(-bound, bound, generator=gen)
-        b = torch.zeros(shape.features_out, r)
+        b = torch.zeros(features_out, r)
         a, b = self.shard(target, a, b)
         module = nn.Module()
         module.lora_A = nn.Parameter(a)

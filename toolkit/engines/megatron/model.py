@@ -12,95 +12,13 @@ so no embedding group has to synchronise a shared weight across pipeline stages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SUPPORTED_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+from toolkit.models.arch import ModelArgs
 
-
-@dataclass(frozen=True)
-class Arch:
-    """The HF config facts the Megatron layout depends on."""
-
-    model_type: str
-    hidden_size: int
-    ffn_hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_eps: float
-    rope_theta: float
-    qkv_bias: bool
-    tied_embeddings: bool
-    max_positions: int
-    rope_scaling: dict | None
-
-    @classmethod
-    def from_hf(cls, hf_cfg) -> "Arch":
-        model_type = getattr(hf_cfg, "model_type", None)
-        if model_type not in SUPPORTED_FAMILIES:
-            raise ValueError(
-                f"engine=megatron: model_type={model_type!r} is not supported; supported: "
-                f"{', '.join(sorted(SUPPORTED_FAMILIES))} (use engine=hf for other families)"
-            )
-        heads = hf_cfg.num_attention_heads
-        head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads
-        rope = getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"engine=megatron: rope_type={rope_type!r} is not supported (default, llama3)")
-        megatron_llama3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        off = {k: rope[k] for k, v in megatron_llama3.items() if rope_type == "llama3" and k in rope and rope[k] != v}
-        if off:
-            raise ValueError(f"engine=megatron: llama3 rope scaling with {off} differs from megatron-core's fixed "
-                             f"{megatron_llama3}; the positions would silently differ from the HF model")
-        theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
-        if getattr(hf_cfg, "mlp_bias", False) or getattr(hf_cfg, "attention_bias", False) and model_type != "qwen2":
-            raise ValueError("engine=megatron: attention/MLP biases other than Qwen2's q/k/v bias are not supported")
-        return cls(
-            model_type=model_type,
-            hidden_size=hf_cfg.hidden_size,
-            ffn_hidden_size=hf_cfg.intermediate_size,
-            num_layers=hf_cfg.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(hf_cfg, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            vocab_size=hf_cfg.vocab_size,
-            rms_eps=hf_cfg.rms_norm_eps,
-            rope_theta=float(theta),
-            qkv_bias=model_type == "qwen2",
-            tied_embeddings=bool(getattr(hf_cfg, "tie_word_embeddings", False)),
-            max_positions=hf_cfg.max_position_embeddings,
-            rope_scaling=dict(rope) if rope_type == "llama3" else None,
-        )
-
-    def check_sequence_length(self, hf_cfg, max_length: int) -> None:
-        """Mistral-style sliding windows are not built on megatron: refuse texts that would reach them."""
-        window = getattr(hf_cfg, "sliding_window", None)
-        if window and getattr(hf_cfg, "use_sliding_window", True) and window < max_length:
-            raise ValueError(f"engine=megatron: sliding_window={window} < model.max_length={max_length}; "
-                             "lower model.max_length (attention here is full, not windowed)")
-
-    def check_parallel(self, tp: int, pp: int) -> None:
-        if self.num_kv_heads % tp or self.num_heads % tp:
-            raise ValueError(f"parallel.tp={tp} must divide num_attention_heads={self.num_heads} and "
-                             f"num_key_value_heads={self.num_kv_heads}")
-        if self.ffn_hidden_size % tp:
-            raise ValueError(f"parallel.tp={tp} must divide intermediate_size={self.ffn_hidden_size}")
-        if self.num_layers % pp:
-            raise ValueError(f"parallel.pp={pp} must divide num_hidden_layers={self.num_layers}")
-
-    def padded_vocab(self, tp: int) -> int:
-        """Vocabulary rounded up so every TP rank holds an equal slice (padded logits are masked)."""
-        return -(-self.vocab_size // tp) * tp
-
-
-def transformer_config(arch: Arch, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
+def transformer_config(arch: ModelArgs, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        attention_dropout: float = 0.0, hidden_dropout: float = 0.0,
                        sequence_parallel: bool = False, recompute: str = "none"):
     from megatron.core.transformer import TransformerConfig
@@ -137,7 +55,7 @@ def transformer_config(arch: Arch, *, tp: int, pp: int, dtype: torch.dtype = tor
         perform_initialization=False,  # weights come from the HF checkpoint
         # Fusions are CUDA kernels; the unfused paths are the same math.
         bias_dropout_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=False,  # on GPUs it needs apex's scaled_masked_softmax_cuda, never installed here
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -161,7 +79,7 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps, dtype=getattr(config, "params_dtype", None))
 
 
-def block_spec(arch: Arch, pp: int):
+def block_spec(arch: ModelArgs, pp: int):
     """megatron-core's local GPT layer spec, padding-only (bidirectional) attention mask, as a block
     of this pipeline stage's layers with a final norm."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -177,7 +95,7 @@ def block_spec(arch: Arch, pp: int):
         layer_specs=[layer] * (arch.num_layers // pp), layer_norm=RMSNorm))
 
 
-def build_backbone(arch: Arch, config, *, pre_process: bool, post_process: bool):
+def build_backbone(arch: ModelArgs, config, *, pre_process: bool, post_process: bool):
     from megatron.core.models.gpt import GPTModel
 
     class EncoderGPTModel(GPTModel):

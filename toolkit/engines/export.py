@@ -1,0 +1,59 @@
+"""Turn a run, a finished stage or a mid-stage `step-N/` checkpoint into an Encoder folder.
+
+A finished stage is already an encoder folder. A step checkpoint is in the format of the engine
+that wrote it (`meta.json` names it), so its engine's spec exports it (`EngineSpec.export_step`):
+it rebuilds the stage's starting model from the run's `config.yaml`, loads what trained and merges.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from toolkit.atomic import atomic_dir
+from toolkit.checkpoint.manager import read_meta
+from toolkit.config import ConfigError, RunConfig, load_config
+from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
+from toolkit.models.folder import SPEC_FILE
+from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir
+
+
+def finished_stages(run_dir: Path) -> list[Path]:
+    """The `final/` encoder folders of a run's finished stages, in stage order."""
+    return [d / FINAL_DIR for d in RunLayout(Path(run_dir)).stage_dirs() if (d / FINAL_DIR / SPEC_FILE).is_file()]
+
+
+def consolidate(source: Path, output: Path) -> Path:
+    """Write an Encoder folder for `source` (run dir, stage dir, stage `final/`, or `step-N/`)."""
+    source = Path(source)
+    if (source / SPEC_FILE).is_file():  # already an encoder folder
+        with atomic_dir(output) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+        return output
+    if (source / COMPLETE).is_file():
+        return export_step(source, output)
+    if RunLayout(source).is_run():  # a run directory: its newest finished stage
+        finals = finished_stages(source)
+        if not finals:
+            raise ConfigError(f"{source}: no finished stage yet; export a step checkpoint (…/NN-stage/step-N) instead")
+        return consolidate(finals[-1], output)
+    if parse_stage_dir(source) and (source / FINAL_DIR / SPEC_FILE).is_file():
+        return consolidate(source / FINAL_DIR, output)
+    raise ConfigError(
+        f"{source}: not an encoder folder, a run directory ({RunLayout(source).config_file.name}), a stage directory "
+        "or a complete step-N checkpoint"
+    )
+
+
+def export_step(step_dir: Path, output: Path) -> Path:
+    """A complete `<run>/<NN>-<stage>/step-N/` checkpoint as an encoder folder, by the engine that wrote it."""
+    stage = parse_stage_dir(step_dir.parent)
+    layout = RunLayout.of_stage_dir(step_dir.parent)
+    if stage is None or not layout.is_run():
+        raise ConfigError(f"{step_dir}: expected <run>/<NN>-<stage>/step-N with <run>/{layout.config_file.name}")
+    cfg: RunConfig = load_config(layout.config_file)
+    index, name = stage
+    if index >= len(cfg.stages) or cfg.stages[index].name != name:
+        raise ConfigError(f"{step_dir}: stage {step_dir.parent.name} is not in {layout.config_file}")
+    spec = engine_spec(read_meta(step_dir).get("engine", DEFAULT_ENGINE))
+    return spec.export_step(cfg, index, step_dir, output)
