@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.config import ConfigError, StageConfig
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
+from toolkit.errors import CheckpointError, MissingPathError
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
@@ -135,11 +136,11 @@ class HFEngine(Engine):
     def load(self, step_dir: Path) -> None:
         for name in (TRAINABLE, STATE):
             if not (step_dir / name).is_file():
-                raise FileNotFoundError(f"{step_dir / name}: missing (was this checkpoint written by engine=hf?)")
+                raise MissingPathError(f"{step_dir / name}: missing (was this checkpoint written by engine=hf?)")
         tensors = load_file(str(step_dir / TRAINABLE))
         missing, unexpected = sorted(set(self.params) - set(tensors)), sorted(set(tensors) - set(self.params))
         if missing or unexpected:
-            raise ValueError(f"{step_dir / TRAINABLE}: parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise CheckpointError(f"{step_dir / TRAINABLE}: parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(tensors[name])
