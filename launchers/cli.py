@@ -1,8 +1,9 @@
 """`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan,
 teacher (score), search (index / query), d2llm (quickstart).
 
-Commands only parse arguments and call library entry points; errors in configs, paths and data are
-printed as one clear line (exit code 2), not a traceback.
+Commands only parse arguments and call library entry points; an expected failure (an EmbedforgeError:
+a bad config, a missing path, bad data, a wrong checkpoint) is printed as one clear line (exit code 2);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from launchers import d2llm, evaluate, plan, search, submit, teacher
-from toolkit.errors import InputError, MissingPathError, PathExistsError
+from toolkit.errors import EmbedforgeError, InputError, MissingPathError, PathExistsError
 
 EXIT_USAGE = 2
 
@@ -266,11 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from toolkit.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except EmbedforgeError as exc:
         if args.verbose:
             raise
         command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),

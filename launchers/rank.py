@@ -31,7 +31,11 @@ def slurm_rank_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
-    os.environ.update(slurm_rank_env(dict(os.environ)))
+    try:
+        os.environ.update(slurm_rank_env(dict(os.environ)))
+    except EmbedforgeError as exc:
+        print(f"launchers.rank: error: {exc}", file=sys.stderr)
+        return 2
     from launchers.cli import main as cli_main
 
     code = cli_main(argv)
