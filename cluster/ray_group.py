@@ -31,6 +31,8 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from toolkit.errors import EmbedforgeError, InputError
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -139,7 +141,7 @@ class RankWorker:
                  "steps_done": o.steps_done, "last_loss": o.last_loss} for o in outcomes]
 
 
-class GroupStartError(RuntimeError):
+class GroupStartError(EmbedforgeError, RuntimeError):
     """The group could not be placed or started. `retryable` is False when the bundles could not be
     reserved in time: a fresh group would wait for the same missing resources again."""
 
@@ -160,11 +162,11 @@ class GroupSpec:
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cpus_per_worker <= 0:
-            raise ValueError(f"workers ({self.workers}) must be >= 1 and cpus_per_worker ({self.cpus_per_worker}) > 0")
+            raise InputError(f"workers ({self.workers}) must be >= 1 and cpus_per_worker ({self.cpus_per_worker}) > 0")
         if self.gpus_per_worker not in (0, 1):
-            raise ValueError(f"gpus_per_worker must be 0 or 1 (one rank per GPU), got {self.gpus_per_worker}")
+            raise InputError(f"gpus_per_worker must be 0 or 1 (one rank per GPU), got {self.gpus_per_worker}")
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+            raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -276,7 +278,7 @@ def wait_all(refs: Sequence[ray.ObjectRef], grace_s: float = 5.0) -> list[Any]:
     return [results[r] for r in refs]
 
 
-class RankFailures(RuntimeError):
+class RankFailures(EmbedforgeError, RuntimeError):
     """One attempt's failed ranks; the message lists them, dead processes first."""
 
     def __init__(self, errors: Mapping[int, BaseException]) -> None:
@@ -293,7 +295,7 @@ class RankFailures(RuntimeError):
                    for e in self.errors.values())
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(EmbedforgeError, RuntimeError):
     """The run gave up: restarts used up (or the group could not be placed); one line per attempt."""
 
     def __init__(self, failures: Sequence[str], max_failures: int, reason: str = "") -> None:
@@ -337,7 +339,7 @@ def run_training(config: str | os.PathLike, overrides: Sequence[str] = (), *, wo
     config = os.path.join(workdir, os.fspath(config))
     cfg = load_config(config, list(overrides))  # a bad recipe fails here, not in every actor
     if max_failures < 0:
-        raise ValueError(f"max_failures must be >= 0, got {max_failures}")
+        raise InputError(f"max_failures must be >= 0, got {max_failures}")
     spec = GroupSpec(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
                      strategy=strategy, workdir=workdir, env=dict(env or {}), start_timeout_s=start_timeout_s)
     clear_run_markers(Path(workdir) / cfg.output_dir)  # once: a notice relayed during a restart must survive it

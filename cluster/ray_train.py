@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.workdir:
         os.chdir(args.workdir)
-    from toolkit.config import ConfigError, load_config
+    from toolkit.config import load_config
+    from toolkit.errors import EmbedforgeError
 
     try:
         load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+    except EmbedforgeError as exc:
         print(f"cluster.ray_train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as exc:
         print(f"cluster.ray_train: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except ValueError as exc:  # --workers, --max-failures, ...
+    except EmbedforgeError as exc:  # --workers, --max-failures, ...
         print(f"cluster.ray_train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from toolkit.config import ConfigError
+
 
 def window_batches(
     lengths: Sequence[int], batch_size: int, rng: np.random.Generator | None, *, max_tokens: int = 0,
@@ -24,7 +26,7 @@ def window_batches(
     batches, so that only happens at a window the stream could not fill).
     """
     if batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
     order = list(np.argsort(np.asarray(lengths), kind="stable")) if sort else list(range(len(lengths)))
     batches: list[list[int]] = []
     if max_tokens:

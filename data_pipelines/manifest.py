@@ -17,13 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from toolkit.atomic import atomic_write_text
+from toolkit.errors import EmbedforgeError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 KINDS = ("text", "pair", "scored")
 
 
-class ManifestError(ValueError):
+class ManifestError(EmbedforgeError, ValueError):
     """A missing or malformed manifest; the message names the file and the field."""
 
 

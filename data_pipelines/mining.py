@@ -20,7 +20,8 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines.manifest import Manifest, load_manifest
-from data_pipelines.stream import ReadStats, read_shard
+from data_pipelines.stream import DataError, ReadStats, read_shard
+from toolkit.errors import InputError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -92,18 +93,18 @@ def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: st
     from data_pipelines.writer import build_shards
 
     if k < 1:
-        raise ValueError(f"data mine: --k must be >= 1, got {k}")
+        raise InputError(f"data mine: --k must be >= 1, got {k}")
     if method not in ("bm25", "dense"):
-        raise ValueError(f"data mine: --method must be bm25 or dense, got {method!r}")
+        raise InputError(f"data mine: --method must be bm25 or dense, got {method!r}")
     if method == "dense" and not encoder_path:
-        raise ValueError("data mine --method dense needs --encoder (an encoder folder)")
+        raise InputError("data mine --method dense needs --encoder (an encoder folder)")
     samples = _read(load_manifest(input_dir), "pair", input_dir)
     if corpus_dir:
         corpus = [s["text"] for s in _read(load_manifest(corpus_dir), "text", corpus_dir)]
     else:
         corpus = list(dict.fromkeys(t for s in samples for t in (s["positive"], *s["negatives"])))
     if not corpus:
-        raise ValueError(f"{corpus_dir or input_dir}: the corpus to mine from is empty")
+        raise InputError(f"{corpus_dir or input_dir}: the corpus to mine from is empty")
     by_task: dict[str, list[int]] = {}
     for i, s in enumerate(samples):
         by_task.setdefault((s["task"], s["instruction"] or ""), []).append(i)
@@ -140,10 +141,10 @@ def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: st
 
 def _read(manifest: Manifest, kind: str, where: str) -> list[dict]:
     if manifest.kind != kind and not (kind == "pair" and manifest.kind == "scored"):
-        raise ValueError(f"{where}: holds {manifest.kind} samples, expected {kind}")
+        raise InputError(f"{where}: holds {manifest.kind} samples, expected {kind}")
     stats = ReadStats()
     out = [s for shard in manifest.shards for s in read_shard(manifest.shard_url(shard), shard, manifest.kind, stats)]
     if stats.num_bad:
-        raise ValueError(f"{where}: {stats.num_bad} bad records ({stats.bad}); `embedforge data verify {where}`")
+        raise DataError(f"{where}: {stats.num_bad} bad records ({stats.bad}); `embedforge data verify {where}`")
     return out
 

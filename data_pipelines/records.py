@@ -17,10 +17,12 @@ from __future__ import annotations
 import hashlib
 import math
 
+from toolkit.errors import EmbedforgeError
+
 BAD_KINDS = ("corrupt_member", "invalid_json", "missing_field", "wrong_type", "empty_text", "non_utf8", "too_long")
 
 
-class BadRecord(ValueError):
+class BadRecord(EmbedforgeError, ValueError):
     def __init__(self, kind: str, message: str):
         assert kind in BAD_KINDS, kind
         super().__init__(message)

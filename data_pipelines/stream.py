@@ -30,12 +30,13 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_pipelines.manifest import Manifest, ShardInfo
 from data_pipelines.records import BadRecord, validate
+from toolkit.errors import EmbedforgeError
 
 log = logging.getLogger(__name__)
 MAX_LOGGED_BAD = 5
 
 
-class DataError(ValueError):
+class DataError(EmbedforgeError, ValueError):
     """Unusable data: the message names the shard (and sample key) and what to do."""
 
 

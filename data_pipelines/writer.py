@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest
 from data_pipelines.records import BadRecord, sample_key, text_fields, validate
+from toolkit.errors import EmbedforgeError, InputError, MissingPathError, PathExistsError
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(2**31 - 1)  # CSV cells may hold documents longer than the 128 KiB default
@@ -39,7 +40,7 @@ TAR_MTIME = 0.0  # fixed member time: the same input gives byte-identical shards
 Rows = Iterator[tuple[int, "dict | BadRecord"]]
 
 
-class BuildError(ValueError):
+class BuildError(EmbedforgeError, ValueError):
     """A build that cannot give a trustworthy dataset; the message names the file and line."""
 
 
@@ -137,20 +138,20 @@ def open_input(spec: str, kind: str, text_field: str) -> tuple[str, str, Callabl
     if spec.startswith("asset:"):
         name = spec[len("asset:"):]
         if name not in ASSET_SHARDS:
-            raise ValueError(f"{spec}: unknown dataset; packaged datasets are {[f'asset:{n}' for n in ASSET_SHARDS]}")
+            raise InputError(f"{spec}: unknown dataset; packaged datasets are {[f'asset:{n}' for n in ASSET_SHARDS]}")
         if ASSET_SHARDS[name][0] != kind:
-            raise ValueError(f"{spec}: holds kind={ASSET_SHARDS[name][0]} samples, not kind={kind}")
+            raise InputError(f"{spec}: holds kind={ASSET_SHARDS[name][0]} samples, not kind={kind}")
         return spec, name, lambda: _asset(name, text_field)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: input file not found (--input)")
+        raise MissingPathError(f"{path}: input file not found (--input)")
     suffix = path.suffix.lower()
     readers = {".jsonl": lambda: _lines(path, json.loads), ".csv": lambda: _csv(path, ","),
                ".tsv": lambda: _csv(path, "\t"), ".parquet": lambda: _parquet(path)}
     if suffix in readers:
         return spec, path.name, readers[suffix]
     if kind != "text":
-        raise ValueError(f"{path}: plain-text files only hold kind=text samples; use JSONL, CSV, TSV or Parquet")
+        raise InputError(f"{path}: plain-text files only hold kind=text samples; use JSONL, CSV, TSV or Parquet")
     return spec, path.name, lambda: _lines(path, lambda line: {text_field: line.rstrip("\r\n")})
 
 
@@ -250,7 +251,7 @@ def _is_nonempty(path: Path) -> bool:
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
     """Move the finished folder into place; an old one is set aside first and deleted only after."""
     if _is_nonempty(final) and not overwrite:  # appeared while we were building
-        raise FileExistsError(f"{final}: already exists and is not empty; pass --overwrite to replace it")
+        raise PathExistsError(f"{final}: already exists and is not empty; pass --overwrite to replace it")
     if not (final.exists() or final.is_symlink()):
         tmp.rename(final)
         return
@@ -269,12 +270,12 @@ def build_shards(inputs: list[str], output: str | Path, kind: str, *, text_field
                  max_chars: int = 100_000, max_bad_fraction: float = 0.0, overwrite: bool = False) -> Manifest:
     """Validate `inputs` (concatenated in order) into tar shards + manifest.json at `output`."""
     if kind not in KINDS or not inputs:
-        raise ValueError(f"need at least one input (--input) and a kind in {list(KINDS)}, got {kind!r}")
+        raise InputError(f"need at least one input (--input) and a kind in {list(KINDS)}, got {kind!r}")
     if shard_bytes <= 0 or shard_samples < 0 or max_chars < 0 or not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError("need shard_bytes > 0, shard_samples >= 0, max_chars >= 0 and 0 <= max_bad_fraction <= 1")
+        raise InputError("need shard_bytes > 0, shard_samples >= 0, max_chars >= 0 and 0 <= max_bad_fraction <= 1")
     output = Path(output)
     if _is_nonempty(output) and not overwrite:
-        raise FileExistsError(f"{output}: already exists and is not empty; pass --overwrite to replace it")
+        raise PathExistsError(f"{output}: already exists and is not empty; pass --overwrite to replace it")
     sources = [open_input(str(spec), kind, text_field) for spec in inputs]
     if tokenizer:  # loaded before any work so a bad path fails fast
         from transformers import AutoTokenizer
@@ -359,7 +360,7 @@ def ensure_asset_shards(name: str) -> Path:
     from toolkit.assets import cache_dir
 
     if name not in ASSET_SHARDS:
-        raise ValueError(f"asset:{name}: unknown dataset; packaged datasets are {[f'asset:{n}' for n in ASSET_SHARDS]}")
+        raise InputError(f"asset:{name}: unknown dataset; packaged datasets are {[f'asset:{n}' for n in ASSET_SHARDS]}")
     folder = cache_dir() / "shards" / name
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{name}.lock", "w") as lock:

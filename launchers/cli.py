@@ -1,8 +1,9 @@
 """`embedforge` command line: train, encode, export, eval, quickstart, data (build / verify / info), plan,
 teacher (score), search (index / query), d2llm (quickstart).
 
-Commands only parse arguments and call library entry points; errors in configs, paths and data are
-printed as one clear line (exit code 2), not a traceback.
+Commands only parse arguments and call library entry points; an expected failure (an EmbedforgeError:
+a bad config, a missing path, bad data, a wrong checkpoint) is printed as one clear line (exit code 2);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from launchers import d2llm, evaluate, plan, search, submit, teacher
+from toolkit.errors import EmbedforgeError, InputError, MissingPathError, PathExistsError
 
 EXIT_USAGE = 2
 
@@ -73,10 +75,10 @@ def _read_texts(path: Path) -> list[str]:
     texts = []
     for n, record in open_input(str(path), "text", "text")[2]():
         if isinstance(record, BadRecord) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{n}: expected a record with a string field 'text' ({record})")
+            raise InputError(f"{path}:{n}: expected a record with a string field 'text' ({record})")
         texts.append(record["text"])
     if not texts:
-        raise ValueError(f"{path}: no texts to encode")
+        raise InputError(f"{path}: no texts to encode")
     return texts
 
 
@@ -103,7 +105,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out}: already exists; pass --overwrite to replace it")
+        raise PathExistsError(f"{out}: already exists; pass --overwrite to replace it")
     consolidate(Path(args.checkpoint), out)
     print(f"exported {args.checkpoint} -> {out} (load with Encoder.from_pretrained or SentenceTransformer)")
     return 0
@@ -128,7 +130,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
     from data_pipelines.writer import build_shards
 
     if args.tokenizer and not Path(args.tokenizer).is_dir():
-        raise FileNotFoundError(f"{args.tokenizer}: tokenizer folder not found (--tokenizer)")
+        raise MissingPathError(f"{args.tokenizer}: tokenizer folder not found (--tokenizer)")
     m = build_shards(args.input, args.output, args.kind, text_field=args.text_field, shard_bytes=args.shard_size,
                      shard_samples=args.shard_samples, tokenizer=args.tokenizer, max_chars=args.max_chars,
                      max_bad_fraction=args.max_bad_fraction, overwrite=args.overwrite)
@@ -266,11 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from toolkit.config import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except EmbedforgeError as exc:
         if args.verbose:
             raise
         command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),

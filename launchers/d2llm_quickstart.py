@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from toolkit.config import load_config
+from toolkit.errors import EmbedforgeError
 
 
 def _prepare_data(cfg, out: Path, n_train: int, group: int, log) -> Path:
@@ -44,7 +45,7 @@ def _prepare_data(cfg, out: Path, n_train: int, group: int, log) -> Path:
     t0 = time.perf_counter()
     run_local(job)
     if finish(job, pending_shards(job)[0]) is None:
-        raise RuntimeError(f"{scored}: teacher scoring did not finish")
+        raise EmbedforgeError(f"{scored}: teacher scoring did not finish")
     log(f"teacher scored {n_train} training queries in {time.perf_counter() - t0:.0f} s")
     return scored
 
@@ -120,7 +121,7 @@ def run_d2llm_quickstart(config: Path, overrides: list[str], *, n_train: int = 1
     outcomes = Trainer(cfg, resume=resume).run()
     train_s = time.perf_counter() - t0
     if any(o.final_dir is None for o in outcomes):
-        raise RuntimeError("student training stopped before the end; rerun to resume")
+        raise EmbedforgeError("student training stopped before the end; rerun to resume")
 
     evalset = _heldout(n_eval, n_candidates)
     queries = [WN_INSTRUCTION + "\n" + e["query"] for e in evalset for _ in e["candidates"]]

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from launchers.eval_run import split_values
+from toolkit.errors import InputError
 
 
 def add_parsers(subparsers) -> None:
@@ -79,7 +80,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 
         models = expand_models(args.models, args.checkpoints)
         if not models:
-            raise ValueError("nothing to evaluate: give --models and/or --checkpoints")
+            raise InputError("nothing to evaluate: give --models and/or --checkpoints")
         tasks = select_tasks(split_values(args.tasks), split_values(args.task_types), split_values(args.languages),
                              args.benchmark)
         jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
@@ -88,7 +89,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                                cache_only=args.report_only)
     if args.job_index is not None:  # one SLURM array task
         if not 0 <= args.job_index < len(jobs):
-            raise ValueError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
+            raise InputError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
         runner(jobs[args.job_index])
         return 0
     if args.slurm:
@@ -101,7 +102,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     else:
         rows = [row for job in jobs for row in runner(job)]
     if not rows:
-        raise ValueError(f"{cache}: no results to report (did every job fail? see the logs in {output / 'slurm'})")
+        raise InputError(f"{cache}: no results to report (did every job fail? see the logs in {output / 'slurm'})")
     missing = sum(len(j.tasks) for j in jobs) - len(rows)
     if missing:
         print(f"sweep: {missing} (model, task) result(s) missing: failed or not run; rerun the sweep to compute them")

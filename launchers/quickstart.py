@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from toolkit.config import load_config
+from toolkit.errors import EmbedforgeError
 from toolkit.eval.report import evaluate_models, format_table
 from toolkit.models.loading import build_encoder
 from toolkit.train import Trainer
@@ -24,7 +25,7 @@ def run_quickstart(config: Path, overrides: list[str], resume: str = "auto") -> 
     train_s = time.perf_counter() - t0
     unfinished = [o.name for o in outcomes if o.final_dir is None]
     if unfinished or len(outcomes) != len(cfg.stages):
-        raise RuntimeError(f"training stopped before the end (stages {unfinished}); rerun to resume")
+        raise EmbedforgeError(f"training stopped before the end (stages {unfinished}); rerun to resume")
 
     models: dict = {}
     for label, bidirectional in (("causal (untrained)", False), ("bidirectional (untrained)", True)):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+from toolkit.errors import EmbedforgeError
+
 
 def slurm_rank_env(environ: dict[str, str]) -> dict[str, str]:
     """torch.distributed's variables from a task's SLURM variables (MASTER_ADDR / PORT come from the
@@ -22,14 +24,18 @@ def slurm_rank_env(environ: dict[str, str]) -> dict[str, str]:
     missing = [k for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT")
                if k not in environ]
     if missing:
-        raise RuntimeError(f"not inside an `embedforge submit slurm` task: {', '.join(missing)} unset")
+        raise EmbedforgeError(f"not inside an `embedforge submit slurm` task: {', '.join(missing)} unset")
     local_world = environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or environ.get("SLURM_TASKS_PER_NODE", "1").split("(")[0]
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
             "LOCAL_RANK": environ["SLURM_LOCALID"], "LOCAL_WORLD_SIZE": local_world}
 
 
 def main(argv: list[str]) -> int:
-    os.environ.update(slurm_rank_env(dict(os.environ)))
+    try:
+        os.environ.update(slurm_rank_env(dict(os.environ)))
+    except EmbedforgeError as exc:
+        print(f"launchers.rank: error: {exc}", file=sys.stderr)
+        return 2
     from launchers.cli import main as cli_main
 
     code = cli_main(argv)

@@ -23,11 +23,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from toolkit.errors import EmbedforgeError
+
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(ValueError):
+class SubmitError(EmbedforgeError, ValueError):
     """A submission that must not reach the cluster (bad option, bad config, a secret in it)."""
 
 

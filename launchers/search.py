@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from toolkit.errors import InputError
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("search", help="D2LLM search: index passages once, query with the IEM")
@@ -37,10 +39,10 @@ def _records(path: str) -> list[dict]:
     out = []
     for n, record in open_input(path, "text", "text")[2]():
         if isinstance(record, BadRecord) or not isinstance(record.get("text"), str) or not record["text"].strip():
-            raise ValueError(f"{path}:{n}: expected a record with a non-empty string field 'text'")
+            raise InputError(f"{path}:{n}: expected a record with a non-empty string field 'text'")
         out.append(record)
     if not out:
-        raise ValueError(f"{path}: no texts")
+        raise InputError(f"{path}: no texts")
     return out
 
 
@@ -60,7 +62,7 @@ def _query(args: argparse.Namespace) -> int:
 
     queries = list(args.query) + ([r["text"] for r in _records(args.queries)] if args.queries else [])
     if not queries:
-        raise ValueError("search query: give --query TEXT or --queries FILE")
+        raise InputError("search query: give --query TEXT or --queries FILE")
     index = SearchIndex(Path(args.index))
     for query, hits in zip(queries, index.search(queries, args.k, mode=args.mode, first_stage=args.first_stage,
                                                  instruction=args.instruction, symmetric=args.symmetric)):

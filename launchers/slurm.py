@@ -36,11 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from toolkit.errors import EmbedforgeError
+
 SAFE = re.compile(r"^[A-Za-z0-9/_.][A-Za-z0-9._,:+=@/-]*$")  # what an #SBATCH value may contain
 TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")  # SLURM's time formats
 
 
-class SubmitError(ValueError):
+class SubmitError(EmbedforgeError, ValueError):
     """A submission that must not reach the queue (bad option, unknown partition, bad config)."""
 
 

@@ -19,6 +19,7 @@ from launchers.rank import slurm_rank_env
 from tests.test_megatron_train import EMBEDFORGE, losses
 from tests.test_train import run_config
 from toolkit.config import to_dict
+from toolkit.errors import EmbedforgeError
 
 
 def job(tmp_path: Path, **kw) -> SlurmJob:
@@ -78,7 +79,7 @@ def test_slurm_task_identity_becomes_torch_env():
            "MASTER_ADDR": "node1", "MASTER_PORT": "20001"}
     assert slurm_rank_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
     assert slurm_rank_env({**env, "RANK": "0"}) == {}  # torchrun mode: torchrun set them
-    with pytest.raises(RuntimeError, match="SLURM_PROCID"):
+    with pytest.raises(EmbedforgeError, match="SLURM_PROCID"):
         slurm_rank_env({"MASTER_ADDR": "x"})
 
 

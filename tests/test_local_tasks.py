@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
+from toolkit.errors import InputError
 from toolkit.eval.local_tasks import (
     TASKS,
     evaluate_tasks,
@@ -46,7 +47,7 @@ def test_registry_and_errors():
     for name in TASKS:
         task = get_task(name)
         assert task.name == name and task.main_metric and task.instruction_query
-    with pytest.raises(KeyError, match="known: \\['rt-sentiment', 'wordnet-retrieval'\\]"):
+    with pytest.raises(InputError, match="known: \\['rt-sentiment', 'wordnet-retrieval'\\]"):
         get_task("mteb-everything")
 
 

@@ -13,6 +13,7 @@ from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from toolkit.models.arch import ModelArgs
 from toolkit.engines.megatron.weights import HFWeights
+from toolkit.errors import CheckpointError
 from toolkit.models.tiny import tiny_config, tiny_model
 
 
@@ -153,7 +154,7 @@ def test_lazy_hf_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         HFWeights(tmp_path)
     arch = ModelArgs.from_hf_config(tiny_config("llama"))
-    with pytest.raises(KeyError, match=r"my.ckpt: tensor 'model.embed_tokens.weight' is missing"):
+    with pytest.raises(CheckpointError, match=r"my.ckpt: tensor 'model.embed_tokens.weight' is missing"):
         hf_to_megatron({}, arch, tp=1, tp_rank=0, pp=1, pp_rank=0, source="my.ckpt")
 
 

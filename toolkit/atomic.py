@@ -9,13 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from toolkit.errors import PathExistsError
+
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp dir next to `final`; on success it replaces `final`, on error it is removed."""
     final = Path(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"{final}: already exists (refusing to overwrite)")
+        raise PathExistsError(f"{final}: already exists (refusing to overwrite)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

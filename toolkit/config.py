@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from toolkit.errors import EmbedforgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(EmbedforgeError, ValueError):
     """A configuration problem; the message names the file and the field."""
 
 

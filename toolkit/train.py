@@ -344,7 +344,7 @@ def _deadline_from_env() -> float | None:
     try:
         return float(value) or None if value else None
     except ValueError:
-        raise ValueError(f"{DEADLINE_ENV}={value!r}: expected the job's end time in unix seconds") from None
+        raise ConfigError(f"{DEADLINE_ENV}={value!r}: expected the job's end time in unix seconds") from None
 
 
 def clear_run_markers(output_dir: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.run_layout import COMPLETE, STEP_RE, step_dir_name
 
 
@@ -78,11 +79,11 @@ def commit_step_dir(tmp: Path, meta: dict[str, Any], rank: int, keep_last: int =
 
 def read_meta(path: Path) -> dict[str, Any]:
     if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+        raise MissingPathError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     meta_file = path / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file}: missing from a checkpoint marked complete")
+        raise MissingPathError(f"{meta_file}: missing from a checkpoint marked complete")
     try:
         return json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{meta_file}: invalid JSON ({exc})") from None
+        raise CheckpointError(f"{meta_file}: invalid JSON ({exc})") from None

@@ -32,6 +32,7 @@ from toolkit.engines.hf import HFEngine
 from toolkit.engines.spec import EngineSpec, PlannerTraits, register_engine
 from toolkit.models.stage_encoder import merged_stage_encoder
 from toolkit.run_layout import RunLayout
+from toolkit.errors import CheckpointError, MissingPathError
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
@@ -189,20 +190,20 @@ class DeepSpeedEngine(HFEngine):
         folder = step_dir / DS_DIR
         layout_file = folder / LAYOUT_FILE
         if not layout_file.is_file():
-            raise FileNotFoundError(f"{layout_file}: missing (was this checkpoint written by engine=deepspeed?)")
+            raise MissingPathError(f"{layout_file}: missing (was this checkpoint written by engine=deepspeed?)")
         saved, now = json.loads(layout_file.read_text()), self._layout()
         fixed = ("zero_stage", "dp", "bf16") if saved["zero_stage"] > 0 else ("zero_stage", "bf16")
         differ = {k: (saved.get(k), now[k]) for k in fixed if saved.get(k) != now[k]}
         if differ:
             changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())
-            raise ValueError(
+            raise CheckpointError(
                 f"{layout_file}: this DeepSpeed checkpoint holds ZeRO partitions for another layout ({changes}); "
                 f"resume with zero.stage={saved['zero_stage']} on {saved['dp']} data-parallel ranks, or "
                 f"`embedforge export --checkpoint {step_dir}` and start a new stage from the exported folder")
         load_path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint tagged {TAG!r}")
+            raise MissingPathError(f"{folder}: DeepSpeed found no checkpoint tagged {TAG!r}")
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Full fp32 values of the trainable tensors (a collective under ZeRO-3: every rank calls).
@@ -241,7 +242,7 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
     folder = step_dir / DS_DIR
     layout_file = folder / LAYOUT_FILE
     if not layout_file.is_file():
-        raise FileNotFoundError(f"{layout_file}: missing from a checkpoint marked complete")
+        raise MissingPathError(f"{layout_file}: missing from a checkpoint marked complete")
     layout = json.loads(layout_file.read_text())
     names = layout["trainable"]
     _import_deepspeed()
@@ -249,13 +250,13 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
     if layout["zero_stage"] == 0:
         states = folder / TAG / "mp_rank_00_model_states.pt"
         if not states.is_file():
-            raise FileNotFoundError(f"{states}: missing from a ZeRO-0 checkpoint")
+            raise MissingPathError(f"{states}: missing from a ZeRO-0 checkpoint")
         saved = torch.load(states, map_location="cpu", weights_only=False)
         masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups", []) for t in group]
         if masters:  # bf16: the fp32 master weights, in the optimizer's (= `trainable`'s) order
             if len(masters) != len(names):
-                raise ValueError(f"{states}: {len(masters)} fp32 master weights for {len(names)} trainable tensors "
-                                 f"({layout_file})")
+                raise CheckpointError(f"{states}: {len(masters)} fp32 master weights for {len(names)} trainable tensors "
+                                      f"({layout_file})")
             return {name: m.float() for name, m in zip(names, masters)}
         module = saved["module"]
     else:
@@ -264,7 +265,7 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
         module = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG, exclude_frozen_parameters=True)
     missing = [n for n in names if prefix + n not in module]
     if missing:
-        raise ValueError(f"{folder}: trainable tensors {missing[:3]} are missing from the DeepSpeed checkpoint")
+        raise CheckpointError(f"{folder}: trainable tensors {missing[:3]} are missing from the DeepSpeed checkpoint")
     return {n: module[prefix + n].float() for n in names}  # buffers and other entries left out
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from toolkit.atomic import atomic_dir
 from toolkit.checkpoint.manager import read_meta
-from toolkit.config import ConfigError, RunConfig, load_config
+from toolkit.config import RunConfig, load_config
 from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
+from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir
 
@@ -35,11 +36,11 @@ def consolidate(source: Path, output: Path) -> Path:
     if RunLayout(source).is_run():  # a run directory: its newest finished stage
         finals = finished_stages(source)
         if not finals:
-            raise ConfigError(f"{source}: no finished stage yet; export a step checkpoint (…/NN-stage/step-N) instead")
+            raise MissingPathError(f"{source}: no finished stage yet; export a step checkpoint (…/NN-stage/step-N) instead")
         return consolidate(finals[-1], output)
     if parse_stage_dir(source) and (source / FINAL_DIR / SPEC_FILE).is_file():
         return consolidate(source / FINAL_DIR, output)
-    raise ConfigError(
+    raise MissingPathError(
         f"{source}: not an encoder folder, a run directory ({RunLayout(source).config_file.name}), a stage directory "
         "or a complete step-N checkpoint"
     )
@@ -50,10 +51,10 @@ def export_step(step_dir: Path, output: Path) -> Path:
     stage = parse_stage_dir(step_dir.parent)
     layout = RunLayout.of_stage_dir(step_dir.parent)
     if stage is None or not layout.is_run():
-        raise ConfigError(f"{step_dir}: expected <run>/<NN>-<stage>/step-N with <run>/{layout.config_file.name}")
+        raise CheckpointError(f"{step_dir}: expected <run>/<NN>-<stage>/step-N with <run>/{layout.config_file.name}")
     cfg: RunConfig = load_config(layout.config_file)
     index, name = stage
     if index >= len(cfg.stages) or cfg.stages[index].name != name:
-        raise ConfigError(f"{step_dir}: stage {step_dir.parent.name} is not in {layout.config_file}")
+        raise CheckpointError(f"{step_dir}: stage {step_dir.parent.name} is not in {layout.config_file}")
     spec = engine_spec(read_meta(step_dir).get("engine", DEFAULT_ENGINE))
     return spec.export_step(cfg, index, step_dir, output)

@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from toolkit.config import ConfigError, RunConfig, StageConfig
+from toolkit.config import RunConfig, StageConfig
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, stage_attention_dropout
 from toolkit.engines.spec import EngineSpec, register_engine
 from toolkit.models.stage_encoder import merged_stage_encoder
 from toolkit.run_layout import RunLayout
 from toolkit.seeds import iem_seed
+from toolkit.errors import CheckpointError, MissingPathError
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
@@ -135,11 +136,11 @@ class HFEngine(Engine):
     def load(self, step_dir: Path) -> None:
         for name in (TRAINABLE, STATE):
             if not (step_dir / name).is_file():
-                raise FileNotFoundError(f"{step_dir / name}: missing (was this checkpoint written by engine=hf?)")
+                raise MissingPathError(f"{step_dir / name}: missing (was this checkpoint written by engine=hf?)")
         tensors = load_file(str(step_dir / TRAINABLE))
         missing, unexpected = sorted(set(self.params) - set(tensors)), sorted(set(tensors) - set(self.params))
         if missing or unexpected:
-            raise ValueError(f"{step_dir / TRAINABLE}: parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise CheckpointError(f"{step_dir / TRAINABLE}: parameters differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(tensors[name])
@@ -163,7 +164,7 @@ def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Pat
     """A `step-N/` of this engine (the trainable tensors) merged into the stage's rebuilt start."""
     trainable = step_dir / TRAINABLE
     if not trainable.is_file():
-        raise ConfigError(f"{trainable}: missing from a checkpoint marked complete")
+        raise CheckpointError(f"{trainable}: missing from a checkpoint marked complete")
     encoder = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent), load_file(str(trainable)),
                                    source=str(step_dir))
     return encoder.save_pretrained(output)

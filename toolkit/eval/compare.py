@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.errors import InputError, MissingPathError
 from toolkit.eval.sweep_report import ResultRow, read_rows
 
 
@@ -57,11 +58,11 @@ def compare_files(baseline: Path, new: Path, threshold: float) -> tuple[str, boo
     """The printed report and whether the new results pass."""
     for path in (baseline, new):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: results file not found")
+            raise MissingPathError(f"{path}: results file not found")
     try:
         deltas = compare(read_rows(baseline), read_rows(new))
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{baseline} / {new}: not Embedforge results files ({{'rows': [...]}}): {exc}") from None
+        raise InputError(f"{baseline} / {new}: not Embedforge results files ({{'rows': [...]}}): {exc}") from None
     if not deltas:
-        raise ValueError(f"{baseline}: no results to compare")
+        raise InputError(f"{baseline}: no results to compare")
     return format_deltas(deltas, threshold), not regressions(deltas, threshold)

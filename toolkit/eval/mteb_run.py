@@ -22,6 +22,7 @@ from mteb.abstasks import AbsTask
 from mteb.cache import ResultCache
 from mteb.models.model_meta import ScoringFunction
 
+from toolkit.errors import InputError, MissingPathError
 from toolkit.eval.mteb_model import (
     EmbedforgeModel,
     Instructions,
@@ -56,12 +57,12 @@ def select_tasks(names: Sequence[str] | None = None, task_types: Sequence[str] |
             chosen.append(mteb.get_task(name))
         except KeyError:
             known = ", ".join([*LOCAL_MTEB_TASKS, *ALIASES])
-            raise ValueError(f"unknown task {name!r}: not a local task ({known}) nor in mteb's registry") from None
+            raise InputError(f"unknown task {name!r}: not a local task ({known}) nor in mteb's registry") from None
     if benchmark:
         try:
             chosen.extend(mteb.get_benchmark(benchmark).tasks)
         except (KeyError, ValueError) as exc:
-            raise ValueError(f"unknown benchmark {benchmark!r} ({exc})") from None
+            raise InputError(f"unknown benchmark {benchmark!r} ({exc})") from None
     if not names and not benchmark:
         chosen = [local_task(n) for n in LOCAL_MTEB_TASKS] if local else list(mteb.get_tasks())
     if task_types or languages:
@@ -69,7 +70,7 @@ def select_tasks(names: Sequence[str] | None = None, task_types: Sequence[str] |
     seen: set[str] = set()
     unique = [t for t in chosen if not (t.metadata.name in seen or seen.add(t.metadata.name))]
     if not unique:
-        raise ValueError(f"no task matches names={names} types={task_types} languages={languages} benchmark={benchmark}")
+        raise InputError(f"no task matches names={names} types={task_types} languages={languages} benchmark={benchmark}")
     return unique
 
 
@@ -167,7 +168,7 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
     elif (path / COMPLETE).is_file():
         folder = None
     else:
-        raise FileNotFoundError(f"{spec}: not 'minilm', an encoder folder ({SPEC_FILE}) or a complete step-N checkpoint")
+        raise MissingPathError(f"{spec}: not 'minilm', an encoder folder ({SPEC_FILE}) or a complete step-N checkpoint")
     name, revision = checkpoint_identity(path)
     student = folder is not None and json.loads((folder / SPEC_FILE).read_text()).get("iem_hidden", 0) > 0
 

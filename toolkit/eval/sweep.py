@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
+from toolkit.errors import InputError, MissingPathError
 from toolkit.eval.sweep_report import ResultRow
 from toolkit.models.encoder import SPEC_FILE
 
@@ -58,21 +59,21 @@ def expand_models(models: list[str], checkpoints: list[str]) -> list[SweepModel]
     for pattern in checkpoints:
         paths = [Path(p) for p in sorted(glob.glob(pattern))] if any(c in pattern for c in "*?[") else [Path(pattern)]
         if not paths:
-            raise FileNotFoundError(f"--checkpoints {pattern}: matches nothing")
+            raise MissingPathError(f"--checkpoints {pattern}: matches nothing")
         found = [_checkpoint_model(p) for p in paths if _is_checkpoint(p) or (p / SPEC_FILE).is_file()]
         if not found:
-            raise FileNotFoundError(f"--checkpoints {pattern}: no complete step-N/ checkpoint or final/ folder there")
+            raise MissingPathError(f"--checkpoints {pattern}: no complete step-N/ checkpoint or final/ folder there")
         out.extend(sorted(found, key=lambda m: (m.run or "", m.step if m.step is not None else -1)))
     labels = [m.label for m in out]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"the sweep names a model twice: {sorted(x for x in labels if labels.count(x) > 1)}")
+        raise InputError(f"the sweep names a model twice: {sorted(x for x in labels if labels.count(x) > 1)}")
     return out
 
 
 def plan_jobs(models: list[SweepModel], tasks: list[str], tasks_per_job: int = 1) -> list[SweepJob]:
     """One job per (model, group of `tasks_per_job` tasks): the unit a worker runs and may retry."""
     if not tasks:
-        raise ValueError("the sweep has no tasks")
+        raise InputError("the sweep has no tasks")
     groups = [tuple(tasks[i : i + tasks_per_job]) for i in range(0, len(tasks), max(1, tasks_per_job))]
     return [SweepJob(m, g) for m in models for g in groups]
 
@@ -113,8 +114,8 @@ def _is_checkpoint(path: Path) -> bool:
 
 def _folder_model(path: Path) -> SweepModel:
     if not (path / SPEC_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not an encoder folder ({SPEC_FILE} missing), a complete step-N/ checkpoint "
-                                f"or a baseline ({', '.join(BASELINES)})")
+        raise MissingPathError(f"{path}: not an encoder folder ({SPEC_FILE} missing), a complete step-N/ checkpoint "
+                               f"or a baseline ({', '.join(BASELINES)})")
     if path.name == FINAL_DIR and parse_stage_dir(path.parent):
         return _checkpoint_model(path)
     return SweepModel(spec=str(path), label=path.name)
@@ -125,7 +126,7 @@ def _checkpoint_model(path: Path) -> SweepModel:
     stage_dir, run_dir = path.parent, path.parent.parent
     parsed = parse_stage_dir(stage_dir)
     if not parsed:
-        raise ValueError(f"{path}: expected RUN/NN-stage/step-N or RUN/NN-stage/final")
+        raise InputError(f"{path}: expected RUN/NN-stage/step-N or RUN/NN-stage/final")
     index, stage = parsed
     steps = _stage_steps(run_dir)
     before = sum(steps[:index]) if len(steps) >= index else 0

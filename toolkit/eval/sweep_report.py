@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.errors import InputError
+
 
 @dataclass(frozen=True)
 class ResultRow:
@@ -25,7 +27,7 @@ class ResultRow:
 def write_report(rows: list[ResultRow], out: Path, title: str = "Embedforge evaluation sweep") -> dict[str, Path]:
     """results.json, results.csv, results.md, score_vs_step.png and heatmap.png under `out`."""
     if not rows:
-        raise ValueError("no results to report")
+        raise InputError("no results to report")
     out.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(r.model for r in rows))
     tasks = sorted({r.task for r in rows})

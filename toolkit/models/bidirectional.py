@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
+from toolkit.errors import EmbedforgeError
+
 # Each family here is proven by tests/test_bidirectional.py (causal control, padding, eager vs
 # sdpa, save/reload, peft + gradient checkpointing). Add a family only with its test.
 SUPPORTED_FAMILIES: frozenset[str] = frozenset(
@@ -29,7 +31,7 @@ SUPPORTED_FAMILIES: frozenset[str] = frozenset(
 _NATIVE_FLAG = {"gemma3_text": "use_bidirectional_attention"}
 
 
-class UnsupportedFamilyError(ValueError):
+class UnsupportedFamilyError(EmbedforgeError, ValueError):
     """Raised instead of silently leaving a model causal."""
 
     def __init__(self, model_type: str | None, path: str | None = None):

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from toolkit.config import PoolingConfig, config_from_dict
+from toolkit.config import ConfigError, PoolingConfig, config_from_dict
+from toolkit.errors import CheckpointError, InputError, MissingPathError
 from toolkit.models.pooling import Pooling, exclude_prefix
 
 SPEC_FILE = "embedforge.json"
@@ -41,7 +42,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     tokenizer.padding_side = "right"
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
+            raise CheckpointError("tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -66,7 +67,7 @@ class Encoder(nn.Module):
             self.iem = InteractionEmulation(self.pooling.output_dim, hidden)
             self.spec.iem_hidden = hidden
         elif self.iem.hidden != hidden:
-            raise ValueError(f"d2llm.iem_hidden={hidden}, but this encoder's IEM has {self.iem.hidden}")
+            raise ConfigError(f"d2llm.iem_hidden={hidden}, but this encoder's IEM has {self.iem.hidden}")
         return self.iem
 
     # ------------------------------------------------------------------ tokenisation
@@ -83,7 +84,7 @@ class Encoder(nn.Module):
             ids = self.tokenizer(prompt)["input_ids"]
             n = len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
             if n >= self.spec.max_length:
-                raise ValueError(
+                raise InputError(
                     f"instruction {prompt!r} is {n} tokens, not shorter than max_length={self.spec.max_length}"
                 )
             self._prompt_lengths[prompt] = n
@@ -93,7 +94,7 @@ class Encoder(nn.Module):
         """input_ids / attention_mask / embed_mask (instruction tokens attended, not pooled)."""
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text #{i} is empty or not a string ({t!r}); drop it before encoding")
+                raise InputError(f"text #{i} is empty or not a string ({t!r}); drop it before encoding")
         prompt = self.format_instruction(instruction)
         batch = self.tokenizer(
             [prompt + t for t in texts],
@@ -136,7 +137,7 @@ class Encoder(nn.Module):
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts, not a single string")
         if dim is not None and not 0 < dim <= self.pooling.output_dim:
-            raise ValueError(f"dim={dim} must be in 1..{self.pooling.output_dim}")
+            raise InputError(f"dim={dim} must be in 1..{self.pooling.output_dim}")
         was_training = self.training
         self.eval()
         prompt = self.format_instruction(instruction)
@@ -174,7 +175,7 @@ class Encoder(nn.Module):
         spec_file = path / SPEC_FILE
         if not spec_file.is_file():
             hint = " (a training checkpoint? run `embedforge export` on it first)" if (path / "trainer_state.json").exists() else ""
-            raise FileNotFoundError(f"{spec_file}: not an Embedforge encoder folder{hint}")
+            raise MissingPathError(f"{spec_file}: not an Embedforge encoder folder{hint}")
         spec = load_spec(spec_file)
         backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         if spec.bidirectional:
@@ -187,7 +188,7 @@ class Encoder(nn.Module):
         weights = path / "1_Pooling" / "model.safetensors"
         if pooling.has_parameters:
             if not weights.is_file():
-                raise FileNotFoundError(f"{weights}: pooling mode {spec.pooling.mode!r} needs its trained weights")
+                raise MissingPathError(f"{weights}: pooling mode {spec.pooling.mode!r} needs its trained weights")
             from safetensors.torch import load_file
 
             state = {k.removeprefix("pooling."): v for k, v in load_file(weights).items()}
@@ -205,7 +206,7 @@ def load_iem_weights(encoder: "Encoder", folder: Path) -> None:
 
     weights = Path(folder) / IEM_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: {SPEC_FILE} declares a D2LLM IEM (iem_hidden) but its weights are missing")
+        raise MissingPathError(f"{weights}: {SPEC_FILE} declares a D2LLM IEM (iem_hidden) but its weights are missing")
     encoder.iem.load_state_dict(load_file(weights))
 
 
@@ -213,10 +214,10 @@ def load_spec(spec_file: Path) -> EncoderSpec:
     try:
         data = json.loads(spec_file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{spec_file}: invalid JSON ({exc})") from None
+        raise CheckpointError(f"{spec_file}: invalid JSON ({exc})") from None
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{spec_file}: format_version={version!r}, this Embedforge reads {FORMAT_VERSION}")
+        raise CheckpointError(f"{spec_file}: format_version={version!r}, this Embedforge reads {FORMAT_VERSION}")
     return config_from_dict(data, EncoderSpec, source=str(spec_file))
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from toolkit.atomic import atomic_dir
+from toolkit.errors import InputError, MissingPathError
 
 MARKER = "embedforge-gguf.json"  # written last: its presence means the folder is complete
 GGUF_MAGIC = b"GGUF"
@@ -24,11 +25,11 @@ def check_gguf_file(gguf_path: Path) -> Path:
     """Fail early and clearly: a missing file or a non-GGUF file would give a cryptic loader error."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"{gguf_path}: GGUF file not found")
+        raise MissingPathError(f"{gguf_path}: GGUF file not found")
     with gguf_path.open("rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
-        raise ValueError(f"{gguf_path}: not a GGUF file (first bytes {magic!r}, expected {GGUF_MAGIC!r})")
+        raise InputError(f"{gguf_path}: not a GGUF file (first bytes {magic!r}, expected {GGUF_MAGIC!r})")
     return gguf_path
 
 

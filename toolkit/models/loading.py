@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from toolkit.config import ModelConfig, PoolingConfig
+from toolkit.config import ConfigError, ModelConfig, PoolingConfig
 from toolkit.models.encoder import Encoder, EncoderSpec, prepare_tokenizer
 from toolkit.models.pooling import Pooling
 
@@ -78,12 +78,12 @@ def build_encoder(
 def set_attention_dropout(model: nn.Module, p: float) -> int:
     """Set the attention-probability dropout of every attention module (HF reads it per forward)."""
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"attention_dropout={p} must be in [0, 1)")
+        raise ConfigError(f"attention_dropout={p} must be in [0, 1)")
     changed = 0
     for module in model.modules():
         if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
             module.attention_dropout = p
             changed += 1
     if changed == 0:
-        raise ValueError(f"{type(model).__name__}: no attention module exposes attention_dropout")
+        raise ConfigError(f"{type(model).__name__}: no attention module exposes attention_dropout")
     return changed

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from toolkit.config import LoraConfig
+from toolkit.config import ConfigError, LoraConfig
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -19,7 +19,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     available = linear_module_names(model)
     missing = [t for t in cfg.target_modules if t not in available]
     if missing:
-        raise ValueError(f"lora.target_modules: {missing} not found in the model; linear layers are {available}")
+        raise ConfigError(f"lora.target_modules: {missing} not found in the model; linear layers are {available}")
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules))
     return get_peft_model(model, peft_cfg)
 

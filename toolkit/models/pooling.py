@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toolkit.config import PoolingConfig
+from toolkit.config import ConfigError, PoolingConfig
+from toolkit.errors import InputError
 
 POOLING_MODES = ("mean", "weighted_mean", "last", "bos", "latent_attention", "pma")
 
@@ -26,7 +27,7 @@ def _masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
 
 def _check_nonempty(embed_mask: Tensor) -> None:
     if bool((embed_mask.sum(1) == 0).any()):
-        raise ValueError(
+        raise InputError(
             "pooling: a text has no poolable token (empty text, or the instruction filled max_length); "
             "shorten the instruction or raise model.max_length"
         )
@@ -78,7 +79,7 @@ class LatentAttentionPooling(nn.Module):
     def __init__(self, hidden_size: int, num_latents: int = 512, heads: int = 8):
         super().__init__()
         if hidden_size % heads:
-            raise ValueError(f"pooling.heads={heads} must divide the hidden size {hidden_size}")
+            raise ConfigError(f"pooling.heads={heads} must divide the hidden size {hidden_size}")
         self.heads = heads
         self.latents = nn.Parameter(torch.randn(num_latents, hidden_size) * 0.02)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -107,7 +108,7 @@ class PMAPooling(nn.Module):
     def __init__(self, hidden_size: int, heads: int = 8, num_seeds: int = 1):
         super().__init__()
         if hidden_size % heads:
-            raise ValueError(f"pooling.heads={heads} must divide the hidden size {hidden_size}")
+            raise ConfigError(f"pooling.heads={heads} must divide the hidden size {hidden_size}")
         self.heads = heads
         self.seeds = nn.Parameter(torch.randn(num_seeds, hidden_size) / math.sqrt(hidden_size))
         self.q_proj = nn.Linear(hidden_size, hidden_size)
@@ -152,7 +153,7 @@ class Pooling(nn.Module):
         elif cfg.mode == "pma":
             self.head = PMAPooling(hidden_size, cfg.heads, cfg.num_seeds)
         else:
-            raise ValueError(f"pooling.mode={cfg.mode!r} is not one of {POOLING_MODES}")
+            raise ConfigError(f"pooling.mode={cfg.mode!r} is not one of {POOLING_MODES}")
         self.output_dim = hidden_size * (cfg.num_seeds if cfg.mode == "pma" else 1)
 
     @property

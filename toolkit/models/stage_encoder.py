@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import ConfigError, RunConfig
+from toolkit.config import RunConfig
+from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.encoder import Encoder
 from toolkit.models.folder import SPEC_FILE, load_encoder_weights
 from toolkit.models.loading import build_encoder
@@ -23,7 +24,7 @@ def previous_final(layout: RunLayout, cfg: RunConfig, index: int) -> Path:
     """The merged encoder of the stage before `index` (stage chaining)."""
     previous = layout.final_dir(index - 1, cfg.stages[index - 1].name)
     if not (previous / SPEC_FILE).is_file():
-        raise ConfigError(f"{previous}: the previous stage's merged model is missing")
+        raise MissingPathError(f"{previous}: the previous stage's merged model is missing")
     return previous
 
 
@@ -44,11 +45,11 @@ def merged_stage_encoder(cfg: RunConfig, index: int, layout: RunLayout, tensors:
     params = dict(encoder.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise ConfigError(f"{source}: tensors {unknown[:3]} do not exist in the rebuilt model")
+        raise CheckpointError(f"{source}: tensors {unknown[:3]} do not exist in the rebuilt model")
     with torch.no_grad():
         for name, value in tensors.items():
             if value.shape != params[name].shape:
-                raise ConfigError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects "
+                raise CheckpointError(f"{source}: tensor {name} has shape {tuple(value.shape)}, the model expects "
                                   f"{tuple(params[name].shape)}")
             params[name].copy_(value)
     encoder.backbone = merge_lora(encoder.backbone)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toolkit.config import ConfigError
+
 IGNORE_INDEX = -100
 NEW_MASK_TOKEN = "<mask>"
 _ALTERNATIVES = "set mntp.mask_token to 'underscore', 'eos' or 'new' (adds <mask> and resizes embeddings)"
@@ -30,7 +32,7 @@ class MaskingSpec:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"MaskingSpec.probability must be in [0, 1], got {self.probability}")
+            raise ConfigError(f"MaskingSpec.probability must be in [0, 1], got {self.probability}")
         if self.strategy not in ("bert", "all_mask"):
             raise ValueError(f"MaskingSpec.strategy must be 'bert' or 'all_mask', got {self.strategy!r}")
         if not 0 <= self.mask_token_id < self.vocab_size:
@@ -41,7 +43,7 @@ def resolve_mask_token(tokenizer, choice: Literal["tokenizer", "underscore", "eo
     """(mask id, whether a token was added); after `new` the caller must resize the embeddings."""
     if choice == "tokenizer":
         if tokenizer.mask_token_id is None:
-            raise ValueError(f"mntp.mask_token=tokenizer: this tokenizer has no mask token; {_ALTERNATIVES}")
+            raise ConfigError(f"mntp.mask_token=tokenizer: this tokenizer has no mask token; {_ALTERNATIVES}")
         return tokenizer.mask_token_id, False
     if choice == "underscore":
         vocab = tokenizer.get_vocab()
@@ -49,12 +51,12 @@ def resolve_mask_token(tokenizer, choice: Literal["tokenizer", "underscore", "eo
             return vocab["_"], False
         ids = tokenizer.encode("_", add_special_tokens=False)
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(f"mntp.mask_token=underscore: '_' is not a single token here ({ids}); "
-                             "use 'eos' or 'new'")
+            raise ConfigError(f"mntp.mask_token=underscore: '_' is not a single token here ({ids}); "
+                              "use 'eos' or 'new'")
         return ids[0], False
     if choice == "eos":
         if tokenizer.eos_token_id is None:
-            raise ValueError("mntp.mask_token=eos: this tokenizer has no EOS token; use 'underscore' or 'new'")
+            raise ConfigError("mntp.mask_token=eos: this tokenizer has no EOS token; use 'underscore' or 'new'")
         return tokenizer.eos_token_id, False
     if choice == "new":
         if NEW_MASK_TOKEN in tokenizer.get_vocab():
@@ -64,7 +66,7 @@ def resolve_mask_token(tokenizer, choice: Literal["tokenizer", "underscore", "eo
         else:  # keep the tokenizer's own mask token registered; ours is just an extra special token
             tokenizer.add_tokens([NEW_MASK_TOKEN], special_tokens=True)
         return tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN), True
-    raise ValueError(f"mntp.mask_token must be tokenizer, underscore, eos or new; got {choice!r}")
+    raise ConfigError(f"mntp.mask_token must be tokenizer, underscore, eos or new; got {choice!r}")
 
 
 def mask_for_mntp(input_ids: Tensor, attention_mask: Tensor, spec: MaskingSpec,

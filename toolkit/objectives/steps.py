@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import ObjectiveConfig, StageConfig
+from toolkit.config import ConfigError, ObjectiveConfig, StageConfig
+from toolkit.errors import InputError
 from toolkit.models.encoder import Encoder
 from toolkit.objectives.contrastive import GatherFn, simcse_loss, supervised_contrastive_loss
 from toolkit.objectives.distill import d2llm_loss
@@ -136,10 +137,10 @@ class SupervisedStep(_ContrastiveStep):
     def prepare(self, samples: list[dict]) -> tuple[list[dict], Callable[..., Tensor]]:
         k = len(samples[0]["negatives"])
         if any(len(s["negatives"]) != k for s in samples):
-            raise ValueError("supervised batch: every sample must have the same number of hard negatives")
+            raise InputError("supervised batch: every sample must have the same number of hard negatives")
         instruction = samples[0]["instruction"]
         if any(s["instruction"] != instruction for s in samples):
-            raise ValueError("supervised batch: all queries of a batch must share one instruction (one task per batch)")
+            raise InputError("supervised batch: all queries of a batch must share one instruction (one task per batch)")
         groups = [
             self.encoder.tokenize([s["query"] for s in samples], instruction, self.max_length),
             self.encoder.tokenize([s["positive"] for s in samples], max_length=self.max_length),
@@ -171,10 +172,10 @@ class D2LLMStep(_ContrastiveStep):
         d2 = self.cfg.d2llm
         k = len(samples[0]["negatives"])
         if k < 1 or any(len(s["negatives"]) != k for s in samples):
-            raise ValueError("d2llm batch: every sample needs the same number (>= 1) of hard negatives")
+            raise InputError("d2llm batch: every sample needs the same number (>= 1) of hard negatives")
         instruction = samples[0]["instruction"]
         if any(s["instruction"] != instruction for s in samples):
-            raise ValueError("d2llm batch: all queries of a batch must share one instruction (one task per batch)")
+            raise InputError("d2llm batch: all queries of a batch must share one instruction (one task per batch)")
         b = len(samples)
         groups = [self.encoder.tokenize([s["query"] for s in samples], instruction, self.max_length),
                   self.encoder.tokenize([c for s in samples for c in (s["positive"], *s["negatives"])],
@@ -188,8 +189,8 @@ class D2LLMStep(_ContrastiveStep):
         t_cand = None
         if d2.feature:
             if any("features" not in s for s in samples):
-                raise ValueError("d2llm.feature > 0 needs teacher features in the scored shards "
-                                 "(`embedforge teacher score --features`), or set d2llm.feature=0")
+                raise ConfigError("d2llm.feature > 0 needs teacher features in the scored shards "
+                                  "(`embedforge teacher score --features`), or set d2llm.feature=0")
             t_cand = torch.tensor([s["features"] for s in samples], dtype=torch.float32)
         symmetric = samples[0]["task"] in d2.symmetric_tasks
         iem = self.encoder.iem
@@ -225,8 +226,8 @@ def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, 
     """The step of the stage's objective; `data_kind` is the sample kind its shards hold."""
     obj = stage.objective
     if data_kind not in NEEDS_KIND[obj.kind]:
-        raise ValueError(f"stages.{stage.name}: objective {obj.kind} needs {' or '.join(NEEDS_KIND[obj.kind])} data, "
-                         f"but {stage.data.path} holds {data_kind} samples (data.path)")
+        raise ConfigError(f"stages.{stage.name}: objective {obj.kind} needs {' or '.join(NEEDS_KIND[obj.kind])} data, "
+                          f"but {stage.data.path} holds {data_kind} samples (data.path)")
     if obj.kind == "mntp":
         mask_id = mask_token_id(encoder.tokenizer, obj.mntp.mask_token)
         spec = MaskingSpec(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from toolkit.atomic import atomic_dir
+from toolkit.errors import CheckpointError, InputError, MissingPathError, PathExistsError
 
 META = "index.json"
 EMBEDDINGS, PROJECTIONS, PASSAGES = "embeddings.npy", "projections.npy", "passages.jsonl"
@@ -32,13 +33,13 @@ def build_index(student_dir: str | Path, passages: Sequence[str], output: str | 
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output}: already exists; pass --overwrite to replace it")
+        raise PathExistsError(f"{output}: already exists; pass --overwrite to replace it")
     student = Encoder.from_pretrained(student_dir)
     if student.iem is None:
-        raise ValueError(f"{student_dir}: not a D2LLM student (no IEM in its embedforge.json); train one with "
-                         "objective.kind d2llm")
+        raise CheckpointError(f"{student_dir}: not a D2LLM student (no IEM in its embedforge.json); train one with "
+                              "objective.kind d2llm")
     if not passages:
-        raise ValueError("search index: no passages to index")
+        raise InputError("search index: no passages to index")
     ids = list(ids) if ids is not None else [str(i) for i in range(len(passages))]
     raw = student.encode(list(passages), batch_size=batch_size, normalize=False)
     with torch.inference_mode():
@@ -68,15 +69,15 @@ class SearchIndex:
         self.folder = Path(folder)
         meta_file = self.folder / META
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file}: not a search index (build one with `embedforge search index`)")
+            raise MissingPathError(f"{meta_file}: not a search index (build one with `embedforge search index`)")
         self.meta = json.loads(meta_file.read_text())
         self.student = Encoder.from_pretrained(student_dir or self.meta["student"])
         self.embeddings = np.load(self.folder / EMBEDDINGS, mmap_mode="r")
         self.projections = np.load(self.folder / PROJECTIONS, mmap_mode="r")
         if self.embeddings.shape[0] != self.meta["passages"] or self.projections.shape[0] != self.meta["passages"]:
-            raise ValueError(f"{self.folder}: {EMBEDDINGS} / {PROJECTIONS} do not hold {self.meta['passages']} rows")
+            raise InputError(f"{self.folder}: {EMBEDDINGS} / {PROJECTIONS} do not hold {self.meta['passages']} rows")
         if self.student.iem is None or self.projections.shape[1] != self.student.iem.hidden:
-            raise ValueError(f"{self.folder}: built with another student than {student_dir or self.meta['student']}")
+            raise InputError(f"{self.folder}: built with another student than {student_dir or self.meta['student']}")
         self.passages = [json.loads(line) for line in (self.folder / PASSAGES).read_text(encoding="utf-8").splitlines()]
         self._normed: np.ndarray | None = None
 
@@ -96,9 +97,9 @@ class SearchIndex:
                instruction: str | None = None, symmetric: bool = False, block: int = 4096) -> list[list[Hit]]:
         """The k best passages per query by the IEM's logit (`rerank`: among the first stage's top N)."""
         if mode not in ("rerank", "scan"):
-            raise ValueError(f"search mode must be rerank or scan, got {mode!r}")
+            raise InputError(f"search mode must be rerank or scan, got {mode!r}")
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InputError(f"k must be >= 1, got {k}")
         iem = self.student.iem
         y_q = self.student.encode(list(queries), instruction=instruction, normalize=False)
         u_q = iem.query_proj(torch.from_numpy(y_q))  # [Q, H]

@@ -24,6 +24,7 @@ from data_pipelines.manifest import Manifest, ShardInfo, load_manifest
 from data_pipelines.stream import ReadStats, read_shard
 from data_pipelines.writer import TAR_MTIME, _sha256
 from toolkit.atomic import atomic_write_text
+from toolkit.errors import InputError
 from toolkit.teacher.scoring import TeacherPrompt
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ScoreJob:
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.batch_size < 1:
-            raise ValueError(f"teacher job: group_size ({self.group_size}) and batch_size ({self.batch_size}) must be >= 1")
+            raise InputError(f"teacher job: group_size ({self.group_size}) and batch_size ({self.batch_size}) must be >= 1")
 
     def fingerprint(self) -> dict:
         """What makes two runs' scores interchangeable (batch_size only changes speed)."""
@@ -59,7 +60,7 @@ def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:
     """The input manifest and its shards not yet scored into `job.output` (checks the settings match)."""
     manifest = load_manifest(job.input)
     if manifest.kind != "pair":
-        raise ValueError(f"{job.input}: holds {manifest.kind} samples; teacher scoring reads a pair dataset "
+        raise InputError(f"{job.input}: holds {manifest.kind} samples; teacher scoring reads a pair dataset "
                          "(query, positive, negatives): build one with `embedforge data build --kind pair`")
     out = Path(job.output)
     (out / DONE_DIR).mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,7 @@ def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:
         if json.dumps(have, sort_keys=True, default=str) != want:
             changed = sorted(k for k in set(have) | set(job.fingerprint())
                              if json.dumps(have.get(k), default=str) != json.dumps(job.fingerprint().get(k), default=str))
-            raise ValueError(f"{job_file}: this output was scored with other settings ({', '.join(changed)}); "
+            raise InputError(f"{job_file}: this output was scored with other settings ({', '.join(changed)}); "
                              "use a new --output, or delete it to rescore")
     else:
         atomic_write_text(job_file, json.dumps(job.fingerprint(), indent=1, sort_keys=True, default=str) + "\n")

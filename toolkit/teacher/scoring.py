@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from toolkit.config import ConfigError
+
 SYMMETRIC = ("Sentence A: {query}\nSentence B: {passage}\n"
              "Does sentence B correctly describe or follow from sentence A? Answer yes or no.")
 ASYMMETRIC = ("Query: {query}\nPassage: {passage}\n"
@@ -43,12 +45,12 @@ class TeacherPrompt:
             template = getattr(self, name)
             positions = [template.find("{query}"), template.find("{passage}")]
             if min(positions) < 0:
-                raise ValueError(f"teacher.{name}: the template must contain {{query}} and {{passage}}")
+                raise ConfigError(f"teacher.{name}: the template must contain {{query}} and {{passage}}")
             if template.rstrip().endswith("}"):
-                raise ValueError(f"teacher.{name}: the question must come after {{query}} and {{passage}}, "
-                                 "not before (the student decomposes query and passage)")
+                raise ConfigError(f"teacher.{name}: the question must come after {{query}} and {{passage}}, "
+                                  "not before (the student decomposes query and passage)")
         if self.temperature <= 0:
-            raise ValueError(f"teacher.temperature: must be > 0, got {self.temperature}")
+            raise ConfigError(f"teacher.temperature: must be > 0, got {self.temperature}")
 
 
 class Teacher:
@@ -71,8 +73,8 @@ class Teacher:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) != 1:
             pieces = self.tokenizer.convert_ids_to_tokens(ids)
-            raise ValueError(f"{field}: {text!r} is {len(ids)} tokens {pieces} for this tokenizer; the answer "
-                             "words must each be one token (choose other words, e.g. Yes / No)")
+            raise ConfigError(f"{field}: {text!r} is {len(ids)} tokens {pieces} for this tokenizer; the answer "
+                              "words must each be one token (choose other words, e.g. Yes / No)")
         return ids[0]
 
     # ---------------------------------------------------------------- prompts
@@ -91,8 +93,8 @@ class Teacher:
         frame = len(self._wrap(template.format(query="", passage="")))
         budget = p.max_length - frame - len(self._ids(query))
         if budget < 1:
-            raise ValueError(f"teacher.max_length={p.max_length} leaves no room for the passage "
-                             f"(template {frame} tokens, query {len(self._ids(query))})")
+            raise ConfigError(f"teacher.max_length={p.max_length} leaves no room for the passage "
+                              f"(template {frame} tokens, query {len(self._ids(query))})")
         return self._wrap(template.format(query=query, passage=self._truncate(passage, budget)))
 
     def _wrap(self, prompt: str) -> list[int]:

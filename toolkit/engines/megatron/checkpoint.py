@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from toolkit.errors import CheckpointError, MissingPathError
+
 MODEL_DIR = "megatron"
 
 
@@ -107,7 +109,7 @@ def load(engine, step_dir: Path) -> None:
 
     source = step_dir / MODEL_DIR
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: missing; this checkpoint was not written by engine=megatron")
+        raise MissingPathError(f"{source}: missing; this checkpoint was not written by engine=megatron")
     # Materialise Adam state so the template has tensors to load into (steps come from the checkpoint).
     for p in engine.params.values():
         if p not in engine.optimizer.state:
@@ -117,11 +119,11 @@ def load(engine, step_dir: Path) -> None:
     try:
         loaded = dist_checkpointing.load(template, str(source))
     except Exception as exc:  # name the checkpoint and the layouts, not just a key error deep inside
-        raise RuntimeError(f"{source}: cannot load into tp={engine.dims.tp} pp={engine.dims.pp} "
-                           f"dp={engine.dims.dp}: {exc}") from exc
+        raise CheckpointError(f"{source}: cannot load into tp={engine.dims.tp} pp={engine.dims.pp} "
+                              f"dp={engine.dims.dp}: {exc}") from exc
     if ("lora" in loaded) != (engine.lora is not None):
-        raise RuntimeError(f"{source}: saved {'with' if 'lora' in loaded else 'without'} LoRA adapters, but this "
-                           f"stage has lora.enabled={engine.lora is not None}")
+        raise CheckpointError(f"{source}: saved {'with' if 'lora' in loaded else 'without'} LoRA adapters, but this "
+                              f"stage has lora.enabled={engine.lora is not None}")
     if engine.lora is not None:
         with torch.no_grad():
             for key, value in loaded["lora"].items():
@@ -139,7 +141,7 @@ def load(engine, step_dir: Path) -> None:
             step = common["adam_steps"].get(_layout_free_id(by_param[id(p)])) if "adam_steps" in common \
                 else float(common["adam_step"])
             if step is None:
-                raise RuntimeError(f"{source}: no Adam step count for {name} (a checkpoint of another model?)")
+                raise CheckpointError(f"{source}: no Adam step count for {name} (a checkpoint of another model?)")
             if step == 0:  # never updated before the save: no Adam state, as then
                 del engine.optimizer.state[p]
                 continue

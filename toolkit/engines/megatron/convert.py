@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from toolkit.models.arch import ModelArgs
+from toolkit.errors import CheckpointError
 
 _HF_LAYER = "model.layers.{i}."
 _MG_LAYER = "decoder.layers.{i}."
@@ -68,7 +69,7 @@ def hf_to_megatron(hf, arch: ModelArgs, *, tp: int, tp_rank: int, pp: int, pp_ra
 
     def get(name: str) -> Tensor:
         if name not in hf:
-            raise KeyError(f"{source}: tensor {name!r} is missing (is this a {arch.model_type} checkpoint?)")
+            raise CheckpointError(f"{source}: tensor {name!r} is missing (is this a {arch.model_type} checkpoint?)")
         return hf[name]
 
     out: dict[str, Tensor] = {}
@@ -94,7 +95,7 @@ def hf_to_megatron(hf, arch: ModelArgs, *, tp: int, tp_rank: int, pp: int, pp_ra
         head = hf.get("lm_head.weight")
         if head is None:
             if not arch.tied_embeddings:
-                raise KeyError(f"{source}: lm_head.weight is missing and the config does not tie embeddings")
+                raise CheckpointError(f"{source}: lm_head.weight is missing and the config does not tie embeddings")
             head = get("model.embed_tokens.weight")
         out["output_layer.weight"] = _rows(_pad_vocab(head, arch, tp), tp, tp_rank)
     return out
@@ -109,7 +110,7 @@ def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: Model
     """
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in shards]
     if missing:
-        raise ValueError(f"megatron_to_hf: shards of (tp_rank, pp_rank) {missing} are missing")
+        raise CheckpointError(f"megatron_to_hf: shards of (tp_rank, pp_rank) {missing} are missing")
     hf: dict[str, Tensor] = {}
 
     def gather(pp_rank: int, name: str, dim: int) -> Tensor | None:

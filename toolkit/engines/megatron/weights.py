@@ -14,6 +14,8 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import Tensor
 
+from toolkit.errors import CheckpointError, MissingPathError
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
@@ -29,18 +31,18 @@ class HFWeights(Mapping):
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
-                raise ValueError(f"{index}: not a safetensors index ({exc})") from None
+                raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
             self._files = {prefix + name: (self.path / file, name) for name, file in weight_map.items()}
         elif (self.path / SINGLE).is_file():
             with safe_open(str(self.path / SINGLE), framework="pt") as f:
                 self._files = {prefix + name: (self.path / SINGLE, name) for name in f.keys()}
         else:
-            raise FileNotFoundError(f"{self.path}: no {SINGLE} or {INDEX} (engine=megatron reads safetensors)")
+            raise MissingPathError(f"{self.path}: no {SINGLE} or {INDEX} (engine=megatron reads safetensors)")
 
     def __getitem__(self, name: str) -> Tensor:
         file, stored = self._files[name]
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: listed in {INDEX} for {stored!r} but missing")
+            raise MissingPathError(f"{file}: listed in {INDEX} for {stored!r} but missing")
         with safe_open(str(file), framework="pt") as f:
             return f.get_tensor(stored)
 
