@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import CORPUS, save_tiny_decoder
-from tests.test_megatron_train import EMBEDFORGE, losses, torchrun
-from tests.test_train import write_data
+from tests.helpers import CORPUS, EMBEDFORGE, losses, save_tiny_decoder, torchrun, write_data
 from toolkit.config import ConfigError, config_from_dict
 
 STAGES = ("00-mntp", "01-simcse", "02-supervised")
