@@ -131,6 +131,7 @@ def test_zero3_bf16_student_trains(scored, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 7 training runs and an export
 def test_megatron_students_equal_hf_engine(scored, tmp_path):
     """The megatron student (IEM on the last pipeline stage) equals the hf engine's, full fine-tuning
     (megatron's LoRA init differs from peft's): one process, TP 2, and PP 2 with GradCache chunks.

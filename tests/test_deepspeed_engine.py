@@ -31,6 +31,8 @@ from tests.helpers import CORPUS, EMBEDFORGE, losses, save_tiny_decoder, torchru
 from toolkit.config import ConfigError, config_from_dict
 
 STAGES = ("00-mntp", "01-simcse", "02-supervised")
+# the first test to request the module fixture `runs` pays for its 12 torchrun runs (and the CPU Adam JIT build)
+RUNS_TIMEOUT = 2400
 
 
 def recipe(tmp_path: Path, engine: str = "deepspeed") -> Path:
@@ -160,6 +162,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize("variant", ["zero0", "zero1", "zero2", "zero3", "zero3-recompute", "zero3-offload",
                                      "zero2-cpu-adam"])
 def test_zero_matches_hf_engine(runs, variant):
@@ -175,6 +178,7 @@ def test_zero_matches_hf_engine(runs, variant):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize("variant,tolerance", [("zero1-bf16", 2e-3), ("zero3-bf16", 2e-3), ("zero0-bf16", 5e-2)])
 def test_bf16_mode_tracks_hf_bf16(runs, variant, tolerance, tmp_path):
     """bf16 weights with fp32 masters and fp32 gradient accumulation (ZeRO >= 1) stay within 0.2% of
@@ -193,6 +197,7 @@ def test_bf16_mode_tracks_hf_bf16(runs, variant, tolerance, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 def test_zero3_lora_checkpoint_exports_the_unsharded_model(runs, tmp_path):
     _, out = runs
     step = Path("02-supervised") / "step-2"
@@ -221,6 +226,7 @@ def test_zero3_lora_checkpoint_exports_the_unsharded_model(runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 def test_zero3_resume_equals_uninterrupted(runs, tmp_path):
     cfg, out = runs
     run = tmp_path / "sliced"
@@ -240,6 +246,7 @@ def test_zero3_resume_equals_uninterrupted(runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 def test_resume_at_another_data_parallel_size_fails_clearly(runs, tmp_path):
     cfg, out = runs
     import shutil

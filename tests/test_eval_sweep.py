@@ -19,7 +19,8 @@ import pytest
 
 from tests.helpers import EMBEDFORGE, ROOT, subprocess_env
 
-pytestmark = pytest.mark.slow
+# the module fixture trains the quickstart on real weights (its own limit: 30 min), then two sweeps
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 LOCAL_TASKS = ("EmbedforgeRTSentiment", "EmbedforgeWordNetRetrieval", "EmbedforgeWordNetSameSense")
 
 

@@ -20,6 +20,7 @@ from tests.helpers import CORPUS, EMBEDFORGE, losses, torchrun, two_stage_recipe
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1200)  # 4 megatron runs under torchrun
 def test_torchrun_train_and_resume_at_another_layout(tmp_path):
     cfg = two_stage_recipe(tmp_path)
     full, sliced = tmp_path / "full", tmp_path / "sliced"

@@ -26,7 +26,8 @@ import yaml
 
 from tests.helpers import EMBEDFORGE, free_port, losses, torchrun, two_stage_recipe
 
-pytestmark = pytest.mark.slow
+# a local Ray cluster's start plus the 2-rank torchrun reference run, then the test's own runs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 VENV_BIN = Path(sys.executable).parent
 TOL = 1e-6  # losses and weights; exact resume on CPU gives bit-identical values
 # What a Ray cluster started inside a SLURM / MPI / torchrun job inherits; no actor may see it.

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import ROOT, losses, run_embedforge, two_stage_recipe
 
-pytestmark = pytest.mark.slow
+# cluster start (up to 15 min on a cold box), the reference run, requeues held ~2 min by the controller
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
