@@ -46,7 +46,7 @@ def run_worker(impl: str, workload: str, model_dir: Path, data: Path, args) -> d
             "--threads", str(args.threads), "--texts", str(data)]
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"impl": impl, "workload": workload, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
     return json.loads(lines[-1])

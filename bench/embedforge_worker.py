@@ -71,7 +71,15 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from toolkit.config import DataConfig, LoraConfig, MNTPConfig, ModelConfig, ObjectiveConfig, PoolingConfig, StageConfig
+    from toolkit.config import (
+        DataConfig,
+        LoraConfig,
+        MNTPConfig,
+        ModelConfig,
+        ObjectiveConfig,
+        PoolingConfig,
+        StageConfig,
+    )
     from toolkit.models.loading import build_encoder, set_attention_dropout
     from toolkit.models.lora import add_lora
     from toolkit.objectives.steps import build_step

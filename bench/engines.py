@@ -71,7 +71,8 @@ def run_variant(name: str, cfg: Path, args, work: Path) -> dict:
     ranks = [json.loads(f.read_text()) for f in sorted(report.glob("rank-*.json"))] if report.is_dir() else []
     if proc.returncode != 0 or len(ranks) != args.nproc:
         lines = proc.stderr.strip().splitlines()
-        tail = [l for l in lines if re.match(r"\[rank\d+\]: \w+(Error|Exception)", l) or "error:" in l][-1:] or ["failed"]
+        tail = [line for line in lines
+                if re.match(r"\[rank\d+\]: \w+(Error|Exception)", line) or "error:" in line][-1:] or ["failed"]
         return {"variant": name, "error": tail[0][:200]}
     return {"variant": name, "ranks": ranks, "step_s": max(r["step_s"] for r in ranks),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "peak_heap_mb": max(r["peak_heap_mb"] for r in ranks)}

@@ -285,8 +285,8 @@ def make_optimizer(model, lr, sched_warmup, total_steps):
 # --------------------------------------------------------------------------------------------
 def setup_mntp(args, model_dir, dtype):
     import torch
-    from transformers import AutoConfig, AutoTokenizer, DataCollatorForLanguageModeling
     from llm2vec.models import LlamaBiForMNTP, MistralBiForMNTP
+    from transformers import AutoConfig, AutoTokenizer, DataCollatorForLanguageModeling
 
     config = AutoConfig.from_pretrained(model_dir)
     cls = {"LlamaConfig": LlamaBiForMNTP, "MistralConfig": MistralBiForMNTP}.get(config.__class__.__name__)

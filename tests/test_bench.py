@@ -3,11 +3,11 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
+
 TEXTS = ["the cat sat on the mat", "a dog runs in the park with a ball", "language models predict the next token",
          "retrieval finds passages that answer a question", "the quick brown fox", "embeddings place similar sentences close"]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import CORPUS
 from launchers.cli import main
+from tests.helpers import CORPUS
 
 
 def recipe(tmp_path, model_dir):

@@ -6,7 +6,6 @@ on DeepSpeed ZeRO-3 (and ZeRO-2 with GradCache) with 2 ranks equals the hf engin
 from __future__ import annotations
 
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import CORPUS, save_tiny_decoder
-from tests.test_megatron_train import EMBEDFORGE, losses, torchrun
-from tests.test_teacher import NO, YES
-from tests.test_teacher_job import pairs, teacher_dir  # noqa: F401  (fixtures)
+from tests.helpers import CORPUS, NO, YES, losses, run_embedforge, save_tiny_decoder, torchrun
 
 
 @pytest.fixture(scope="module")
-def scored(teacher_dir, pairs, tmp_path_factory) -> Path:  # noqa: F811
+def scored(teacher_dir, pairs, tmp_path_factory) -> Path:
     from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local
     from toolkit.teacher.scoring import TeacherPrompt
 
@@ -50,18 +46,14 @@ def recipe(tmp_path: Path, scored: Path, **d2llm) -> Path:
     return path
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([EMBEDFORGE, *args], capture_output=True, text=True, timeout=600)
-
-
 def test_student_trains_resumes_and_exports_with_its_iem(scored, tmp_path):
     cfg = recipe(tmp_path, scored)
     full, sliced = tmp_path / "full", tmp_path / "sliced"
-    a = run("train", str(cfg), f"output_dir={full}")
+    a = run_embedforge("train", str(cfg), f"output_dir={full}")
     assert a.returncode == 0, a.stderr[-3000:]
-    b = run("train", str(cfg), f"output_dir={sliced}", "--stop-after-steps", "2")
+    b = run_embedforge("train", str(cfg), f"output_dir={sliced}", "--stop-after-steps", "2")
     assert b.returncode == 3 and (sliced / "00-distill" / "step-2" / "COMPLETE").is_file(), b.stderr[-3000:]
-    c = run("train", str(cfg), f"output_dir={sliced}")
+    c = run_embedforge("train", str(cfg), f"output_dir={sliced}")
     assert c.returncode == 0, c.stderr[-3000:]
     assert losses(full) == losses(sliced)  # exact resume, IEM and its Adam state included
 
@@ -72,7 +64,7 @@ def test_student_trains_resumes_and_exports_with_its_iem(scored, tmp_path):
     student = Encoder.from_pretrained(final)
     assert student.iem is not None and student.spec.iem_hidden == 16
     exported = tmp_path / "exported"
-    x = run("export", "--checkpoint", str(full / "00-distill" / "step-2"), "--output", str(exported))
+    x = run_embedforge("export", "--checkpoint", str(full / "00-distill" / "step-2"), "--output", str(exported))
     assert x.returncode == 0, x.stderr[-3000:]
     mid = Encoder.from_pretrained(exported)
     q, p = student.encode(CORPUS[:2]), student.encode(CORPUS[2:5])
@@ -139,6 +131,7 @@ def test_zero3_bf16_student_trains(scored, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 7 training runs and an export
 def test_megatron_students_equal_hf_engine(scored, tmp_path):
     """The megatron student (IEM on the last pipeline stage) equals the hf engine's, full fine-tuning
     (megatron's LoRA init differs from peft's): one process, TP 2, and PP 2 with GradCache chunks.
@@ -147,9 +140,9 @@ def test_megatron_students_equal_hf_engine(scored, tmp_path):
     cfg = recipe(tmp_path, scored)
     full_ft = ["stages.distill.lora.enabled=false", "stages.distill.optimizer.lr=1e-3"]
     hf = tmp_path / "hf"
-    r = run("train", str(cfg), f"output_dir={hf}", *full_ft)
+    r = run_embedforge("train", str(cfg), f"output_dir={hf}", *full_ft)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name, launch, overrides in [("megatron-1", run, []), ("tp2", torchrun, ["parallel.tp=2"]),
+    for name, launch, overrides in [("megatron-1", run_embedforge, []), ("tp2", torchrun, ["parallel.tp=2"]),
                                     ("pp2-gradcache", torchrun, ["parallel.pp=2",
                                                                  "stages.distill.objective.gradcache_chunk_size=4"])]:
         r = launch("train", str(cfg), f"output_dir={tmp_path / name}", "engine=megatron", *full_ft, *overrides)
@@ -168,7 +161,7 @@ def test_megatron_students_equal_hf_engine(scored, tmp_path):
     from toolkit.models.encoder import Encoder
 
     exported = tmp_path / "exported"
-    x = run("export", "--checkpoint", str(sliced / "00-distill" / "step-2"), "--output", str(exported))
+    x = run_embedforge("export", "--checkpoint", str(sliced / "00-distill" / "step-2"), "--output", str(exported))
     assert x.returncode == 0, x.stderr[-3000:]
     mid, final = Encoder.from_pretrained(exported), Encoder.from_pretrained(whole / "00-distill" / "final")
     assert mid.spec.iem_hidden == 16

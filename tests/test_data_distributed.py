@@ -8,7 +8,6 @@ deterministic, and run(N) == run(N/2) + resume from the saved loader state + run
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,11 @@ import torch.multiprocessing as mp
 
 from data_pipelines.loader import StreamingLoader
 from data_pipelines.manifest import load_manifest
-from tests.data_helpers import text_samples, write_shards
+from tests.helpers import free_port, text_samples, write_shards
 from toolkit.config import DataConfig
 
 pytestmark = pytest.mark.slow
 WORLD, WORKERS, STEPS = 2, 2, 12
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _steps(loader: StreamingLoader, n: int) -> list[list[str]]:
@@ -65,7 +58,7 @@ def _worker(rank: int, port: int, folder: str, out: str, mode: str):
 def test_two_ranks_two_workers(tmp_path, mode):
     samples = text_samples(96)
     write_shards(tmp_path / "corpus", samples, per_shard=12)  # 8 shards, 4 slots: 24 samples = 6 batches a slot
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "corpus"), str(tmp_path), mode), nprocs=WORLD,
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path / "corpus"), str(tmp_path), mode), nprocs=WORLD,
                        start_method="spawn")
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in runs:

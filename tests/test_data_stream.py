@@ -12,7 +12,7 @@ import pytest
 from data_pipelines.loader import StreamingLoader
 from data_pipelines.manifest import load_manifest
 from data_pipelines.stream import DataError
-from tests.data_helpers import text_samples, write_shards
+from tests.helpers import text_samples, write_shards
 from toolkit.config import DataConfig
 
 

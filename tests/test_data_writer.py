@@ -21,7 +21,7 @@ from data_pipelines.manifest import load_manifest
 from data_pipelines.records import sample_key, validate
 from data_pipelines.writer import BuildError, build_shards, ensure_asset_shards, verify_shards
 from launchers.cli import _size, main
-from tests.conftest import CORPUS, build_tokenizer
+from tests.helpers import CORPUS, build_tokenizer
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +27,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import CORPUS, save_tiny_decoder
-from tests.test_megatron_train import EMBEDFORGE, losses, torchrun
-from tests.test_train import write_data
+from tests.helpers import CORPUS, EMBEDFORGE, losses, save_tiny_decoder, torchrun, write_data
 from toolkit.config import ConfigError, config_from_dict
 
 STAGES = ("00-mntp", "01-simcse", "02-supervised")
+# the first test to request the module fixture `runs` pays for its 12 torchrun runs (and the CPU Adam JIT build)
+RUNS_TIMEOUT = 2400
 
 
 def recipe(tmp_path: Path, engine: str = "deepspeed") -> Path:
@@ -165,6 +164,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize("variant", ["zero0", "zero1", "zero2", "zero3", "zero3-recompute", "zero3-offload",
                                      "zero2-cpu-adam"])
 def test_zero_matches_hf_engine(runs, variant):
@@ -180,6 +180,7 @@ def test_zero_matches_hf_engine(runs, variant):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 @pytest.mark.parametrize("variant,tolerance", [("zero1-bf16", 2e-3), ("zero3-bf16", 2e-3), ("zero0-bf16", 5e-2)])
 def test_bf16_mode_tracks_hf_bf16(runs, variant, tolerance, tmp_path):
     """bf16 weights with fp32 masters and fp32 gradient accumulation (ZeRO >= 1) stay within 0.2% of
@@ -198,6 +199,7 @@ def test_bf16_mode_tracks_hf_bf16(runs, variant, tolerance, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 def test_zero3_lora_checkpoint_exports_the_unsharded_model(runs, tmp_path):
     _, out = runs
     step = Path("02-supervised") / "step-2"
@@ -226,6 +228,7 @@ def test_zero3_lora_checkpoint_exports_the_unsharded_model(runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 def test_zero3_resume_equals_uninterrupted(runs, tmp_path):
     cfg, out = runs
     run = tmp_path / "sliced"
@@ -245,6 +248,7 @@ def test_zero3_resume_equals_uninterrupted(runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUNS_TIMEOUT)
 def test_resume_at_another_data_parallel_size_fails_clearly(runs, tmp_path):
     cfg, out = runs
     import shutil

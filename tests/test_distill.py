@@ -8,10 +8,16 @@ import math
 import pytest
 import torch
 
-from toolkit.models.iem import InteractionEmulation
 from toolkit.config import D2LLMConfig
-from toolkit.objectives.distill import (contrastive_imitation, d2llm_loss, feature_imitation,
-                                        in_batch_infonce, pairwise_rank_imitation, pearson_rank_imitation)
+from toolkit.models.iem import InteractionEmulation
+from toolkit.objectives.distill import (
+    contrastive_imitation,
+    d2llm_loss,
+    feature_imitation,
+    in_batch_infonce,
+    pairwise_rank_imitation,
+    pearson_rank_imitation,
+)
 
 B, K = 3, 2
 

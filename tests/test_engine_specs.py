@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from launchers.cli import main
-from tests.conftest import save_tiny_decoder
+from tests.helpers import free_port, save_tiny_decoder
 from toolkit.config import ConfigError, config_from_dict
 from toolkit.engines.spec import EngineSpec, engine_names, engine_spec, register_engine
 from toolkit.models.arch import ModelArgs
@@ -109,12 +108,6 @@ def test_the_padded_vocabulary_never_refuses_a_tp(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- counts
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _counts_cfg(model_dir: str, tp: int, pp: int, lora: bool):
     return config_from_dict({
         "output_dir": "unused", "engine": "megatron", "parallel": {"tp": tp, "pp": pp},
@@ -156,7 +149,7 @@ def _count_worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp:
 def test_planner_counts_are_the_megatron_engines_counts(tmp_path, model_type, tp, pp):
     model_dir = save_tiny_decoder(tmp_path / "model", model_type, num_hidden_layers=4)
     out = tmp_path / "counts"
-    mp.spawn(_count_worker, args=(tp * pp, _free_port(), str(model_dir), tp, pp, str(out)), nprocs=tp * pp, join=True)
+    mp.spawn(_count_worker, args=(tp * pp, free_port(), str(model_dir), tp, pp, str(out)), nprocs=tp * pp, join=True)
     args = ModelArgs.from_dict(json.loads((model_dir / "config.json").read_text()))
     for rank in range(tp * pp):
         for row in json.loads(Path(f"{out}.{rank}").read_text()):

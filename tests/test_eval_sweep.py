@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_megatron_train import EMBEDFORGE
+from tests.helpers import EMBEDFORGE, ROOT, subprocess_env
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+# the module fixture trains the quickstart on real weights (its own limit: 30 min), then two sweeps
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 LOCAL_TASKS = ("EmbedforgeRTSentiment", "EmbedforgeWordNetRetrieval", "EmbedforgeWordNetSameSense")
 
 
@@ -46,7 +46,7 @@ def result_files(cache: Path) -> dict[Path, float]:
 
 def test_sweep_over_checkpoints_on_ray_resumes_without_recomputing(quickstart_run, tmp_path):
     out = tmp_path / "sweep"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = subprocess_env({"RAY_AUTH_MODE": "disabled"})
     first = subprocess.Popen(sweep_command(quickstart_run, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 1500

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_megatron_train import EMBEDFORGE
+from tests.helpers import EMBEDFORGE
 from toolkit.eval.compare import compare_files
 from toolkit.eval.sweep import SweepJob, expand_models, plan_jobs, read_jobs, write_jobs
 from toolkit.eval.sweep_report import ResultRow, read_rows, write_report

@@ -7,14 +7,13 @@ all-reduce produces) equals the full-batch gradient; their sum is world_size tim
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.helpers import free_port
 from toolkit.distributed.gather import gather_with_grad, make_gather
 from toolkit.objectives.contrastive import simcse_loss, supervised_contrastive_loss
 from toolkit.objectives.gradcache import gradcache_backward
@@ -27,12 +26,6 @@ def test_without_process_group_is_identity():
     out, offset = gather_with_grad(x)
     assert out is x and offset == 0
     assert make_gather(None)(x)[0] is x
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -101,4 +94,4 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.slow
 def test_two_rank_gather_equals_full_batch():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

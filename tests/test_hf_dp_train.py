@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.test_megatron_train import losses, recipe, torchrun
+from tests.helpers import losses, torchrun, two_stage_recipe
 
 pytestmark = pytest.mark.slow
 
 
 def test_hf_engine_data_parallel_resume_is_exact(tmp_path):
-    cfg_path = recipe(tmp_path)
+    cfg_path = two_stage_recipe(tmp_path)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["engine"] = "hf"
     for stage in cfg["stages"]:  # one shard per dataset: 2 ranks need resampled streams

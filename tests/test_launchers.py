@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -14,10 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launchers.slurm import SlurmJob, SubmitError, render
 from launchers.rank import slurm_rank_env
-from tests.test_megatron_train import EMBEDFORGE, losses
-from tests.test_train import run_config
+from launchers.slurm import SlurmJob, SubmitError, render
+from tests.helpers import EMBEDFORGE, losses, run_config, run_embedforge
 from toolkit.config import to_dict
 from toolkit.errors import EmbedforgeError
 
@@ -92,8 +90,7 @@ def write_recipe(tmp_path: Path, model_dir: Path, out: str) -> Path:
 
 
 def train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([EMBEDFORGE, "train", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    return run_embedforge("train", *args, env=env)
 
 
 def test_wall_time_backstop_saves_stops_and_resumes(tiny_llama_dir, tmp_path):

@@ -15,7 +15,6 @@ every rank's keys).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,19 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import CORPUS, save_tiny_decoder
+from tests.helpers import CORPUS, free_port, save_tiny_decoder
 from toolkit.config import config_from_dict
 
 pytestmark = pytest.mark.slow
 SEED = 5
 BATCH = 8  # global batch; each DP rank takes BATCH / dp
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_config(model_dir: Path, *, tp: int = 1, pp: int = 1, engine: str = "megatron", attn: str = "sdpa",
@@ -172,7 +165,7 @@ def test_megatron_matches_hf(tmp_path, model_type, tp, pp, dp, extra):
     model_dir = save_tiny_decoder(tmp_path / model_type, model_type, num_hidden_layers=4)
     world = tp * pp * dp
     out = tmp_path / "megatron.pt"
-    mp.spawn(_worker, args=(world, _free_port(), str(model_dir), tp, pp, str(out), extra), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(model_dir), tp, pp, str(out), extra), nprocs=world, join=True)
     got, want = torch.load(out), reference(model_dir, dp)
     if "hidden" in got:
         mask = got["attention_mask"].bool()
@@ -208,7 +201,7 @@ def test_megatron_matches_hf_on_real_smollm2(tmp_path, tp, pp):
 
     model_dir = resolve_model_path("asset:smollm2-135m-instruct")
     out = tmp_path / "megatron.pt"
-    mp.spawn(_worker, args=(tp * pp, _free_port(), str(model_dir), tp, pp, str(out)), nprocs=tp * pp, join=True)
+    mp.spawn(_worker, args=(tp * pp, free_port(), str(model_dir), tp, pp, str(out)), nprocs=tp * pp, join=True)
     got, eager, sdpa = torch.load(out), reference(model_dir, 1, attn="eager"), reference(model_dir, 1, attn="sdpa")
     if "hidden" in got:
         mask = got["attention_mask"].bool()
@@ -336,7 +329,7 @@ def test_megatron_lora_matches_peft(tmp_path, model_type, tp, pp, dp, extra):
     model_dir = save_tiny_decoder(tmp_path / model_type, model_type, num_hidden_layers=4)
     world = tp * pp * dp
     out = tmp_path / "megatron-lora.pt"
-    mp.spawn(_lora_worker, args=(world, _free_port(), str(model_dir), tp, pp, str(out), extra), nprocs=world, join=True)
+    mp.spawn(_lora_worker, args=(world, free_port(), str(model_dir), tp, pp, str(out), extra), nprocs=world, join=True)
     got, want = torch.load(out), lora_reference(model_dir, dp)
     for stage in ("mntp", "supervised"):
         g, w = got[stage], want[stage]

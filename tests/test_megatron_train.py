@@ -10,59 +10,19 @@ megatron checkpoint exports (resharded to one process) into a folder sentence-tr
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from tests.conftest import CORPUS, save_tiny_decoder
-from tests.test_train import write_data
+from tests.helpers import CORPUS, EMBEDFORGE, losses, torchrun, two_stage_recipe
 
 pytestmark = pytest.mark.slow
-EMBEDFORGE = str(Path(sys.executable).parent / "embedforge")
 
 
-def recipe(tmp_path: Path) -> Path:
-    texts, pairs = write_data(tmp_path)
-    model = save_tiny_decoder(tmp_path / "tiny-llama", "llama", num_hidden_layers=4)
-    data = {"batch_size": 4, "max_length": 48}
-    cfg = {
-        "output_dir": "unset", "seed": 11, "engine": "megatron",
-        "model": {"path": str(model), "max_length": 48},
-        "pooling": {"mode": "mean"},
-        "stages": [
-            {"name": "mntp", "steps": 4, "lora": {"enabled": False}, "data": {"path": str(texts), **data},
-             "objective": {"kind": "mntp", "mntp": {"mask_probability": 0.3, "mask_token": "eos"}},
-             "optimizer": {"lr": 1e-3}, "schedule": {"warmup_steps": 1}},
-            {"name": "supervised", "steps": 3, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-             "data": {"path": str(pairs), **data},
-             "objective": {"kind": "supervised", "temperature": 0.05}, "optimizer": {"lr": 1e-3}},
-        ],
-        "checkpoint": {"every_steps": 2, "keep_last": 2},
-        "logging": {"every_steps": 1, "tensorboard": False, "progress": False},
-    }
-    path = tmp_path / "megatron-tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           EMBEDFORGE, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def losses(run: Path) -> dict[tuple[str, int], float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {(r["stage"], r["step"]): r["loss"] for r in rows}
-
-
+@pytest.mark.timeout(1200)  # 4 megatron runs under torchrun
 def test_torchrun_train_and_resume_at_another_layout(tmp_path):
-    cfg = recipe(tmp_path)
+    cfg = two_stage_recipe(tmp_path)
     full, sliced = tmp_path / "full", tmp_path / "sliced"
     a = torchrun("train", str(cfg), f"output_dir={full}", "parallel.tp=2")
     assert a.returncode == 0, a.stderr[-4000:]
@@ -92,7 +52,7 @@ def test_torchrun_train_and_resume_at_another_layout(tmp_path):
 
 
 def test_export_of_a_megatron_step_checkpoint(tmp_path):
-    cfg = recipe(tmp_path)
+    cfg = two_stage_recipe(tmp_path)
     run = tmp_path / "run"
     r = torchrun("train", str(cfg), f"output_dir={run}", "parallel.pp=2", "--stop-after-steps", "2")
     assert r.returncode != 0 and "stopped at step 2" in r.stderr, r.stderr[-4000:]
@@ -111,7 +71,7 @@ def test_export_of_a_megatron_step_checkpoint(tmp_path):
 
 def test_single_process_megatron_run(tmp_path):
     """`embedforge train ... engine=megatron` without torchrun: a one-rank group is made for megatron."""
-    cfg = recipe(tmp_path)
+    cfg = two_stage_recipe(tmp_path)
     run = tmp_path / "single"
     r = subprocess.run([EMBEDFORGE, "train", str(cfg), f"output_dir={run}", "stages.mntp.steps=2",
                         "stages.supervised.steps=2"], capture_output=True, text=True, timeout=600)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import save_tiny_decoder
+from tests.helpers import save_tiny_decoder
 from toolkit.config import ConfigError, ParallelConfig, config_from_dict
 from toolkit.distributed import megatron_shims
 from toolkit.distributed.parallel_dims import ParallelDims

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,8 @@ from data_pipelines.manifest import load_manifest
 from data_pipelines.mining import BM25, top_k_excluding, words
 from data_pipelines.stream import ReadStats, read_shard
 from data_pipelines.writer import build_shards
-from tests.conftest import CORPUS
+from tests.helpers import CORPUS, EMBEDFORGE
 
-EMBEDFORGE = str(Path(sys.executable).parent / "embedforge")
 DOCS = ["the cat sat on the mat", "a dog runs in the park", "the cat and the dog play", "vectors of text",
         "machine learning of text vectors", "the park is green"]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import build_tokenizer
+from tests.helpers import build_tokenizer
 from toolkit.objectives.mntp import MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
 
 V = 50

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import save_tiny_decoder
+from tests.helpers import free_port, save_tiny_decoder
 from toolkit.config import ModelConfig, PoolingConfig
 from toolkit.eval.mteb_model import (
     Backend,
@@ -235,7 +234,7 @@ def test_d2llm_student_scores_pairs_with_its_iem(tmp_path):
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_step_checkpoint_is_consolidated_once_and_cached_per_revision(tiny_llama_dir, tmp_path):
-    from tests.test_train import write_data
+    from tests.helpers import write_data
     from toolkit.config import config_from_dict
     from toolkit.train import Trainer
 
@@ -272,12 +271,6 @@ def test_minilm_baseline_through_mteb(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data parallel
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, folder: str, out: str, cache: str) -> None:
     import torch.distributed as dist
 
@@ -297,7 +290,7 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out: str, cache: s
 def test_two_rank_sharded_encoding_equals_one_rank(encoder_dir, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, _free_port(), str(encoder_dir), str(tmp_path), str(tmp_path / "dp-cache")),
+    mp.spawn(_rank_main, args=(2, free_port(), str(encoder_dir), str(tmp_path), str(tmp_path / "dp-cache")),
              nprocs=2, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     single = load_model(str(encoder_dir), batch_size=4)

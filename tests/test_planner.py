@@ -35,24 +35,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from launchers.cli import main
+from tests.helpers import ROOT, free_port, subprocess_env
 from toolkit.config import ConfigError, LoraConfig, PoolingConfig, config_from_dict, load_config
 from toolkit.models.tiny import tiny_config, tiny_model
 from toolkit.models.arch import ModelArgs
 from toolkit.planner import Layout, layer_activation_bytes, plan_run, plan_stage, pooling_params
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALE = ROOT / "configs" / "scale"
 H, A, KV, F, L, V = 64, 4, 2, 160, 4, 384
 D = H // A
@@ -264,10 +261,7 @@ def test_activations_and_parameters_vs_megatron_measured(tmp_path):
     (tmp_path / "measure.py").write_text("import torch\n\n" + inspect.getsource(saved_bytes))
     script = tmp_path / "measure_megatron.py"
     script.write_text(MEGATRON_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1"}
+    env = subprocess_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"})
     out = subprocess.run([sys.executable, str(script), str(ROOT), json.dumps(SHAPES), str(B), str(S)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,21 +24,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.test_megatron_train import EMBEDFORGE, losses, recipe, torchrun
+from tests.helpers import EMBEDFORGE, free_port, losses, torchrun, two_stage_recipe
 
-pytestmark = pytest.mark.slow
+# a local Ray cluster's start plus the 2-rank torchrun reference run, then the test's own runs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 VENV_BIN = Path(sys.executable).parent
 TOL = 1e-6  # losses and weights; exact resume on CPU gives bit-identical values
 # What a Ray cluster started inside a SLURM / MPI / torchrun job inherits; no actor may see it.
 LAUNCHER_ENV = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "1", "SLURMD_NODENAME": "n1", "PMI_RANK": "1",
                 "OMPI_COMM_WORLD_RANK": "1", "TORCHELASTIC_RUN_ID": "stale", "GROUP_RANK": "3", "RANK": "5",
                 "WORLD_SIZE": "8", "MASTER_PORT": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -62,7 +56,7 @@ def ray_cluster():
     from ray.job_submission import JobSubmissionClient
 
     tmp = Path(tempfile.mkdtemp(prefix="ef-ray-"))  # short: Ray's socket paths must stay < 108 chars
-    gcs, dashboard, client_port, agent_port = (_free_port() for _ in range(4))
+    gcs, dashboard, client_port, agent_port = (free_port() for _ in range(4))
     env = {**os.environ, **LAUNCHER_ENV, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
@@ -110,7 +104,7 @@ def tiny_recipe(tmp_path_factory) -> Path:
     """The 2-stage tiny recipe (full MNTP, then LoRA supervised) on the hf engine, DP=2, checkpoints
     every 2 steps; 6 MNTP steps leave a kill after the first checkpoint time to land mid-run."""
     tmp = tmp_path_factory.mktemp("recipe")
-    path = recipe(tmp)
+    path = two_stage_recipe(tmp)
     cfg = yaml.safe_load(path.read_text())
     cfg["engine"] = "hf"
     cfg["stages"][0]["steps"] = 6

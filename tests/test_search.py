@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CORPUS
+from tests.helpers import CORPUS, EMBEDFORGE
 
-EMBEDFORGE = str(Path(sys.executable).parent / "embedforge")
 PASSAGES = list(dict.fromkeys(CORPUS))  # 8 distinct sentences
 
 

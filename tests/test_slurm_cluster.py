@@ -25,10 +25,10 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.test_megatron_train import EMBEDFORGE, losses, recipe
+from tests.helpers import ROOT, losses, run_embedforge, two_stage_recipe
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+# cluster start (up to 15 min on a cold box), the reference run, requeues held ~2 min by the controller
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def slurm_cluster():
 
 
 def dp_recipe(tmp_path: Path, mntp_steps: int = 40) -> Path:
-    cfg_path = recipe(tmp_path)
+    cfg_path = two_stage_recipe(tmp_path)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["engine"] = "hf"
     cfg["stages"][0]["steps"] = mntp_steps  # long enough to be requeued mid-run
@@ -54,8 +54,7 @@ def dp_recipe(tmp_path: Path, mntp_steps: int = 40) -> Path:
 
 
 def embedforge(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([EMBEDFORGE, *args], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    return run_embedforge(*args, env=env, timeout=900, cwd=ROOT)
 
 
 def job_state(job: str) -> str:

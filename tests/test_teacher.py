@@ -8,13 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import CORPUS
+from tests.helpers import CHAT, CORPUS, NO, YES
 from toolkit.teacher.scoring import Teacher, TeacherPrompt
-
-# the tiny byte-level tokenizer has no merges: single letters are its one-token answers
-YES, NO = "y", "n"
-CHAT = ("{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}")
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ as torchrun-style ranks (resume after a partial run), and on a local Ray cluster
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,40 +11,12 @@ import torch
 
 from data_pipelines.manifest import load_manifest
 from data_pipelines.stream import ReadStats, read_shard
-from data_pipelines.writer import build_shards
-from tests.conftest import CORPUS, save_tiny_decoder
-from tests.test_teacher import CHAT, NO, YES
-
-EMBEDFORGE = str(Path(sys.executable).parent / "embedforge")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer
-
-    path = save_tiny_decoder(tmp_path_factory.mktemp("teacher"), "llama", seed=3)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.chat_template = CHAT
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("pairs")
-    rows = [{"id": f"p{i}", "query": CORPUS[i % 8], "positive": CORPUS[(i + 1) % 8],
-             "negatives": [CORPUS[(i + 3) % 8], CORPUS[(i + 5) % 8]], "task": "t1" if i < 10 else "t2"}
-            for i in range(16)]
-    src = tmp / "pairs.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build_shards([str(src)], tmp / "shards", "pair", shard_samples=5)  # t1: 5+5, t2: 5+1
-    return tmp / "shards"
+from tests.helpers import NO, YES, run_embedforge
 
 
 def score(teacher_dir, pairs, out, *extra, env=None):
-    cmd = [EMBEDFORGE, "teacher", "score", "--model", str(teacher_dir), "--input", str(pairs), "--output", str(out),
-           "--yes", YES, "--no", NO, "--group-size", "3", "--batch-size", "7", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    return run_embedforge("teacher", "score", "--model", str(teacher_dir), "--input", str(pairs), "--output", str(out),
+                          "--yes", YES, "--no", NO, "--group-size", "3", "--batch-size", "7", *extra, env=env)
 
 
 def read_all(folder: Path) -> dict[str, dict]:

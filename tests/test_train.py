@@ -7,55 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_pipelines.writer import build_shards
-from tests.conftest import CORPUS
-from toolkit.config import config_from_dict
+from tests.helpers import CORPUS, run_config
 from toolkit.errors import MissingPathError
 from toolkit.train import Trainer
-
-
-def write_data(tmp_path):
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"text": f"{t} number {i}"}) + "\n" for i, t in enumerate(CORPUS)))
-    pairs = tmp_path / "pairs.jsonl"
-    rows = []
-    for i in range(16):
-        rows.append({"query": CORPUS[i % 8], "positive": CORPUS[(i + 1) % 8], "negatives": [CORPUS[(i + 3) % 8]],
-                     "instruction": "find the dog", "task": "t1" if i < 8 else "t2"})
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    text_shards, pair_shards = tmp_path / "text-shards", tmp_path / "pair-shards"
-    if not text_shards.exists():
-        build_shards([str(texts)], text_shards, "text")
-        build_shards([str(pairs)], pair_shards, "pair")
-    return text_shards, pair_shards
-
-
-def run_config(tmp_path, model_dir, out="run", model_extra=None, **stage_overrides):
-    texts, pairs = write_data(tmp_path)
-    stages = [
-        {"name": "mntp", "objective": {"kind": "mntp", "mntp": {"mask_token": "new", "mask_probability": 0.3}},
-         "data": {"path": str(texts), "batch_size": 4, "max_length": 48}, "steps": 4,
-         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-         "optimizer": {"lr": 1e-3}, "schedule": {"warmup_steps": 1}},
-        {"name": "simcse", "objective": {"kind": "simcse"}, "attention_dropout": 0.1,
-         "data": {"path": str(texts), "batch_size": 4, "max_length": 48}, "steps": 4, "grad_accum": 2,
-         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-         "optimizer": {"lr": 1e-3}},
-        {"name": "supervised", "objective": {"kind": "supervised", "temperature": 0.02},
-         "data": {"path": str(pairs), "batch_size": 4, "max_length": 48}, "steps": 3,
-         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-         "optimizer": {"lr": 1e-3}},
-    ]
-    for key, value in stage_overrides.items():
-        name, field = key.split("__")
-        for s in stages:
-            if s["name"] == name:
-                s[field] = value
-    cfg = {"output_dir": str(tmp_path / out), "seed": 3, "model": {"path": str(model_dir), "max_length": 48, **(model_extra or {})},
-           "pooling": {"mode": "mean"}, "stages": stages,
-           "checkpoint": {"every_steps": 2, "keep_last": 2},
-           "logging": {"every_steps": 1, "tensorboard": True, "progress": False}}
-    return config_from_dict(cfg)
 
 
 def final_weights(outcomes):
@@ -87,7 +41,7 @@ def test_metrics_tensorboard_and_checkpoints(tiny_llama_dir, tmp_path):
     cfg = run_config(tmp_path, tiny_llama_dir)
     Trainer(cfg).run()
     out = tmp_path / "run"
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"mntp", "simcse", "supervised"}
     assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in records)
     assert list((out / "tensorboard" / "mntp").glob("events.out.tfevents.*"))
