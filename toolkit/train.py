@@ -42,7 +42,7 @@ from toolkit.checkpoint.manager import (
     latest_complete,
     read_meta,
 )
-from toolkit.config import RunConfig, ScheduleConfig, StageConfig, to_dict
+from toolkit.config import RunConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.base import build_engine
 from toolkit.models.encoder import SPEC_FILE, Encoder, load_iem_weights, load_spec
@@ -64,22 +64,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def lr_lambda(schedule: ScheduleConfig, total_steps: int):
-    """Multiplier on the base lr: linear warmup, then linear / cosine decay to min_lr_ratio."""
-
-    def fn(step: int) -> float:
-        if schedule.warmup_steps and step < schedule.warmup_steps:
-            return (step + 1) / schedule.warmup_steps
-        if schedule.decay == "constant":
-            return 1.0
-        span = max(1, total_steps - schedule.warmup_steps)
-        progress = min(1.0, (step - schedule.warmup_steps) / span)
-        decay = 1 - progress if schedule.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * decay
-
-    return fn
 
 
 def stage_fingerprint(stage: StageConfig) -> str:

@@ -29,6 +29,7 @@ from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
 from toolkit.engines.base import StepResult, register
 from toolkit.engines.hf import HFEngine
+from toolkit.optim import lr_lambda
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
@@ -119,8 +120,6 @@ class DeepSpeedEngine(HFEngine):
         super().load_stage_output(final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.train import lr_lambda
-
         deepspeed = _import_deepspeed()
         if stage.precision == "bf16" and self.cfg.zero.stage == 0 and self.dims.rank == 0:
             log.warning("stage %s: ZeRO-0 with bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed has "

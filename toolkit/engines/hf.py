@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.config import ConfigError, StageConfig
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
+from toolkit.optim import lr_lambda
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
@@ -50,8 +51,6 @@ class HFEngine(Engine):
         load_encoder_weights(self.encoder, final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.train import lr_lambda
-
         self._prepare_trainable(index, stage)
         self.optimizer = self._make_optimizer(stage)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))

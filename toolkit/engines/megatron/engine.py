@@ -36,6 +36,7 @@ from toolkit.models.loading import DTYPES
 from toolkit.objectives.gradcache import rng_state, set_rng_state
 from toolkit.objectives.mntp import IGNORE_INDEX
 from toolkit.objectives.steps import autocast
+from toolkit.optim import lr_lambda
 
 
 @register("megatron")
@@ -137,7 +138,6 @@ class MegatronEngine(Engine):
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
         from toolkit.objectives.steps import build_step
-        from toolkit.train import lr_lambda
 
         where = f"stages[{index}] ({stage.name})"
         if not stage.lora.enabled and self.cfg.model.dtype == "bfloat16":
