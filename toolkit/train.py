@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file
 
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.checkpoint.manager import (
@@ -45,7 +44,7 @@ from toolkit.checkpoint.manager import (
 from toolkit.config import RunConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.base import build_engine
-from toolkit.models.encoder import SPEC_FILE, Encoder, load_iem_weights, load_spec
+from toolkit.models.folder import SPEC_FILE
 from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
@@ -289,29 +288,6 @@ def _set_rng_state(rng: dict, generator: torch.Generator) -> None:
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     generator.set_state(rng["generator"])
-
-
-def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
-    """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
-    encoder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")))
-    load_head_weights(encoder, folder)
-
-
-def load_head_weights(encoder: Encoder, folder: Path) -> None:
-    """The heads beside the backbone: the pooling head and, for a D2LLM student, its IEM."""
-    load_pooling_weights(encoder.pooling, folder)
-    spec = load_spec(folder / SPEC_FILE)
-    if spec.iem_hidden:
-        encoder.add_iem(spec.iem_hidden)
-        load_iem_weights(encoder, folder)
-
-
-def load_pooling_weights(pooling, folder: Path) -> None:
-    """A trained pooling head from an encoder folder (no-op for parameter-free heads)."""
-    pooling_file = folder / "1_Pooling" / "model.safetensors"
-    if pooling.has_parameters and pooling_file.is_file():
-        state = {k.removeprefix("pooling."): v for k, v in load_file(str(pooling_file)).items()}
-        pooling.load_state_dict(state)
 
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto") -> list[StageOutcome]:

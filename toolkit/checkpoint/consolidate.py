@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from toolkit.atomic import atomic_dir
 from toolkit.checkpoint.manager import COMPLETE, read_meta
 from toolkit.config import RunConfig, load_config
-from toolkit.models.encoder import SPEC_FILE, Encoder
+from toolkit.models.encoder import Encoder
+from toolkit.models.folder import SPEC_FILE, load_encoder_weights
 
 STAGE_RE = re.compile(r"^(\d+)-(.+)$")
 
@@ -79,7 +80,6 @@ def merged_stage_encoder(cfg: RunConfig, index: int, run_dir: Path, tensors: dic
     adapter merged: what the stage's training produced, unsharded."""
     from toolkit.models.loading import build_encoder
     from toolkit.models.lora import add_lora, merge_lora
-    from toolkit.train import load_encoder_weights
 
     stage = cfg.stages[index]
     needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)

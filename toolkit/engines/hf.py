@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.config import ConfigError, StageConfig
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, register, stage_attention_dropout
+from toolkit.models.folder import load_encoder_weights
 from toolkit.optim import lr_lambda
 
 TRAINABLE = "trainable.safetensors"
@@ -46,8 +47,6 @@ class HFEngine(Engine):
                 activation_checkpointing_kwargs={"use_reentrant": False})
 
     def load_stage_output(self, final_dir: Path) -> None:
-        from toolkit.train import load_encoder_weights
-
         load_encoder_weights(self.encoder, final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:

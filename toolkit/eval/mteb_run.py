@@ -126,7 +126,7 @@ def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
     import torch.distributed as dist
 
     from toolkit.checkpoint.consolidate import consolidate
-    from toolkit.models.encoder import SPEC_FILE
+    from toolkit.models.folder import SPEC_FILE
 
     step_dir = step_dir.resolve()
     key = _training_key(step_dir)  # a retrained step-N/ is consolidated anew
@@ -149,7 +149,7 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
                work_dir: Path | None = None, device: str = "cpu") -> EmbedforgeModel:
     """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily."""
     from toolkit.checkpoint.manager import COMPLETE
-    from toolkit.models.encoder import SPEC_FILE
+    from toolkit.models.folder import SPEC_FILE
 
     table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)
     if spec == MINILM:

@@ -19,7 +19,7 @@ import yaml
 
 from toolkit.checkpoint.manager import COMPLETE
 from toolkit.eval.sweep_report import ResultRow
-from toolkit.models.encoder import SPEC_FILE
+from toolkit.models.folder import SPEC_FILE
 
 log = logging.getLogger(__name__)
 STAGE_DIR = re.compile(r"^(\d+)-(.+)$")

@@ -9,7 +9,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from toolkit.config import ModelConfig, PoolingConfig
-from toolkit.models.encoder import Encoder, EncoderSpec, prepare_tokenizer
+from toolkit.models.encoder import Encoder, prepare_tokenizer
+from toolkit.models.folder import EncoderSpec
 from toolkit.models.pooling import Pooling
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -32,6 +32,7 @@ from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from toolkit.engines.megatron.model import Arch, build_backbone, padding_mask, transformer_config
 from toolkit.engines.megatron.weights import HFWeights
+from toolkit.models.folder import EncoderSpec, load_head_weights
 from toolkit.models.loading import DTYPES
 from toolkit.objectives.gradcache import rng_state, set_rng_state
 from toolkit.objectives.mntp import IGNORE_INDEX
@@ -56,7 +57,7 @@ class MegatronEngine(Engine):
     def build(self, *, add_mask_token: bool) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from toolkit.models.encoder import Encoder, EncoderSpec
+        from toolkit.models.encoder import Encoder
         from toolkit.models.loading import resolve_model_path
         from toolkit.models.pooling import Pooling
 
@@ -126,8 +127,6 @@ class MegatronEngine(Engine):
 
         The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
         """
-        from toolkit.train import load_head_weights
-
         backbone = HFWeights(final_dir, prefix="model.")  # lazy: this rank's tensors only, sharded folders too
         self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
         load_head_weights(self.encoder, final_dir)
