@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest
 from data_pipelines.records import BadRecord, sample_key, text_fields, validate
+from toolkit.asset_splits import wordnet_training_pairs
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(2**31 - 1)  # CSV cells may hold documents longer than the 128 KiB default
@@ -127,8 +128,6 @@ def _asset(name: str, text_field: str) -> Rows:
         from toolkit.assets import nlp_corpus_sentences
 
         return ((i, {"id": f"nlp-corpus:{i}", text_field: t}) for i, t in enumerate(nlp_corpus_sentences()))
-    from toolkit.eval.local_tasks import wordnet_training_pairs
-
     return enumerate(wordnet_training_pairs(None))  # each pair carries its own id
 
 
