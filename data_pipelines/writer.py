@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest
+from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest, sha256_file
 from data_pipelines.records import BadRecord, sample_key, text_fields, validate
 from toolkit.asset_splits import wordnet_training_pairs
 
@@ -154,11 +154,6 @@ def open_input(spec: str, kind: str, text_field: str) -> tuple[str, str, Callabl
 
 
 # ----------------------------------------------------------------------------- shards
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 class _Shards:
     """One open shard per task; a shard closes at `shard_bytes` (member bytes) or `shard_samples`."""
 
@@ -194,7 +189,7 @@ class _Shards:
         writer, name, samples, _ = self.open.pop(task)
         writer.close()
         path = self.folder / name
-        self.done.append(ShardInfo(name, samples, bytes=path.stat().st_size, sha256=_sha256(path), task=task))
+        self.done.append(ShardInfo(name, samples, bytes=path.stat().st_size, sha256=sha256_file(path), task=task))
 
     def finish(self) -> list[ShardInfo]:
         for task in list(self.open):
@@ -392,7 +387,7 @@ def verify_shards(folder: str | Path) -> list[str]:
         if size != shard.bytes:
             problems.append(f"{shard.name}: size {size} bytes, manifest says {shard.bytes}")
             continue
-        sha = _sha256(path)
+        sha = sha256_file(path)
         if sha != shard.sha256:
             problems.append(f"{shard.name}: sha256 {sha[:16]}... does not match the manifest's {shard.sha256[:16]}...")
     return problems

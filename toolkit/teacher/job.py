@@ -20,9 +20,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_pipelines.manifest import Manifest, ShardInfo, load_manifest
+from data_pipelines.manifest import Manifest, ShardInfo, load_manifest, sha256_file
 from data_pipelines.stream import ReadStats, read_shard
-from data_pipelines.writer import TAR_MTIME, _sha256
+from data_pipelines.writer import TAR_MTIME
 from toolkit.atomic import atomic_write_text
 from toolkit.teacher.scoring import TeacherPrompt
 
@@ -113,7 +113,7 @@ def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) ->
             group = samples[g : g + job.group_size]
             for record in _score_group(teacher, group, f"{shard.name}/{g // job.group_size}", symmetric, job):
                 sink.write({"__key__": sample_key(record["id"]), "json": json.dumps(record).encode("utf-8")})
-    info = ShardInfo(shard.name, len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp), task=shard.task)
+    info = ShardInfo(shard.name, len(samples), bytes=tmp.stat().st_size, sha256=sha256_file(tmp), task=shard.task)
     os.replace(tmp, out / shard.name)
     atomic_write_text(out / DONE_DIR / f"{shard.name}.json", json.dumps(asdict(info)) + "\n")
     if stats.num_bad:
