@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from toolkit.config import ConfigError, load_config
+
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 1, 2, 3
 
 
@@ -41,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.workdir:
         os.chdir(args.workdir)
-    from toolkit.config import ConfigError, load_config
 
     try:
         load_config(args.config, args.overrides)
@@ -49,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster.ray_train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    import ray
+    import ray  # lazy: ray, only once the recipe is known to be valid
 
-    from cluster.ray_group import TrainingFailed, run_training
+    from cluster.ray_group import TrainingFailed, run_training  # lazy: imports ray
 
     ray.init(address=args.address)
     try:

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest, sha256_file
 from data_pipelines.records import BadRecord, sample_key, text_fields, validate
 from toolkit.asset_splits import wordnet_training_pairs
+from toolkit.assets import cache_dir, nlp_corpus_sentences
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(2**31 - 1)  # CSV cells may hold documents longer than the 128 KiB default
@@ -125,8 +126,6 @@ def _parquet(path: Path) -> Rows:
 
 def _asset(name: str, text_field: str) -> Rows:
     if name == "nlp-corpus":
-        from toolkit.assets import nlp_corpus_sentences
-
         return ((i, {"id": f"nlp-corpus:{i}", text_field: t}) for i, t in enumerate(nlp_corpus_sentences()))
     return enumerate(wordnet_training_pairs(None))  # each pair carries its own id
 
@@ -350,8 +349,6 @@ def _write_all(sources, folder: Path, kind: str, tok, text_field: str, max_chars
 
 def ensure_asset_shards(name: str) -> Path:
     """`cache_dir()/shards/<name>` for a packaged dataset, built once (a lock keeps ranks from racing)."""
-    from toolkit.assets import cache_dir
-
     if name not in ASSET_SHARDS:
         raise ValueError(f"asset:{name}: unknown dataset; packaged datasets are {[f'asset:{n}' for n in ASSET_SHARDS]}")
     folder = cache_dir() / "shards" / name

@@ -168,9 +168,19 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 def _cmd_data_mine(args: argparse.Namespace) -> int:
     from data_pipelines.mining import mine
 
-    m = mine(args.input, args.output, method=args.method, k=args.k, corpus_dir=args.corpus,
-             encoder_path=args.encoder, keep_existing=args.keep_existing, batch_size=args.batch_size,
-             overwrite=args.overwrite)
+    encode = None
+    if args.encoder:
+        from toolkit.models.encoder import Encoder
+
+        loaded = []  # the encoder loads on first use, after mine() has checked its arguments
+
+        def encode(texts: list[str], instruction: str | None):
+            if not loaded:
+                loaded.append(Encoder.from_pretrained(args.encoder))
+            return loaded[0].encode(texts, instruction=instruction, batch_size=args.batch_size)
+
+    m = mine(args.input, args.output, method=args.method, k=args.k, corpus_dir=args.corpus, encode=encode,
+             keep_existing=args.keep_existing, overwrite=args.overwrite)
     print(f"mined {args.k} {args.method} negatives for {m.num_samples} samples into {args.output} ({len(m.shards)} shards)")
     return 0
 

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from toolkit.assets import cache_dir
+from toolkit.checkpoint.consolidate import merged_stage_encoder
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
 from toolkit.engines.base import StepResult, register
@@ -39,8 +41,6 @@ log = logging.getLogger(__name__)
 
 def _import_deepspeed():
     """deepspeed, with its JIT-built CPU ops cached across runs (the shared-memory comm op takes ~30 s once)."""
-    from toolkit.assets import cache_dir
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
     import deepspeed
 
@@ -222,8 +222,6 @@ class DeepSpeedEngine(HFEngine):
     def end_stage(self, final_dir: Path) -> Path:
         """Gather the trainable tensors, then one rank rebuilds the stage's starting model unsharded,
         loads them, merges the adapter and writes the encoder folder."""
-        from toolkit.checkpoint.consolidate import merged_stage_encoder
-
         trainable = self.trainable_state()
         self._release()  # partitions, masters and moments go before rank 0 rebuilds the model unsharded
         if self.dims.rank == 0:

@@ -35,6 +35,7 @@ from toolkit.asset_splits import (
     wordnet_families,
     wordnet_is_heldout,
 )
+from toolkit.assets import wordnet_synsets
 from toolkit.eval.local_tasks import RTSentiment, WordNetRetrieval
 
 WORDNET_REF = "https://wordnet.princeton.edu/"
@@ -122,8 +123,6 @@ def same_sense_pairs(n_pairs: int = 600, pos: tuple[str, ...] = WN_POS) -> list[
     """(sentence1, sentence2, label) from held-out families: a positive per synset with two examples, and a
     negative with the same first sentence and a sibling's example; examples also found in training
     synsets are dropped. Fixed hash order, positives and negatives balanced."""
-    from toolkit.assets import wordnet_synsets
-
     seen_in_training = {e for p in pos for s in wordnet_synsets(p) if not wordnet_is_heldout(s) for e in s.examples}
     pairs: list[tuple[str, str, int]] = []
     for fam, members in sorted(wordnet_families(heldout=True, pos=pos).items(),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from toolkit.atomic import atomic_dir
+from toolkit.models.encoder import Encoder
 
 META = "index.json"
 EMBEDDINGS, PROJECTIONS, PASSAGES = "embeddings.npy", "projections.npy", "passages.jsonl"
@@ -28,8 +29,6 @@ EMBEDDINGS, PROJECTIONS, PASSAGES = "embeddings.npy", "projections.npy", "passag
 def build_index(student_dir: str | Path, passages: Sequence[str], output: str | Path, *, ids: Sequence[str] | None = None,
                 batch_size: int = 32, overwrite: bool = False) -> Path:
     """Encode `passages` with the student and write the index folder (atomically)."""
-    from toolkit.models.encoder import Encoder
-
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"{output}: already exists; pass --overwrite to replace it")
@@ -63,8 +62,6 @@ class Hit:
 
 class SearchIndex:
     def __init__(self, folder: str | Path, student_dir: str | Path | None = None):
-        from toolkit.models.encoder import Encoder
-
         self.folder = Path(folder)
         meta_file = self.folder / META
         if not meta_file.is_file():

@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_pipelines.manifest import Manifest, ShardInfo, load_manifest, sha256_file
+from data_pipelines.records import sample_key
 from data_pipelines.stream import ReadStats, read_shard
 from data_pipelines.writer import TAR_MTIME
 from toolkit.atomic import atomic_write_text
-from toolkit.teacher.scoring import TeacherPrompt
+from toolkit.models.loading import DTYPES, resolve_model_path
+from toolkit.teacher.scoring import Teacher, TeacherPrompt
 
 log = logging.getLogger(__name__)
 DONE_DIR = ".scored"
@@ -89,9 +91,6 @@ def _done(out: Path, shard: ShardInfo) -> ShardInfo | None:
 def load_teacher(job: ScoreJob):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit.models.loading import DTYPES, resolve_model_path
-    from toolkit.teacher.scoring import Teacher
-
     path = resolve_model_path(job.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype])
     return Teacher(model, AutoTokenizer.from_pretrained(path), job.prompt)
@@ -100,8 +99,6 @@ def load_teacher(job: ScoreJob):
 def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) -> ShardInfo:
     """Score one input shard into `job.output/<shard.name>` (+ its sidecar); returns the output info."""
     import webdataset as wds
-
-    from data_pipelines.records import sample_key
 
     out = Path(job.output)
     stats = ReadStats()
