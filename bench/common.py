@@ -20,8 +20,8 @@ REF_PY = ROOT / ".venv-llm2vec" / "bin" / "python"
 def prepare(model_spec: str, n_texts: int, workdir: Path) -> tuple[Path, Path, Path]:
     """(HF model folder, texts JSONL, triples JSONL) from the packaged real assets."""
     sys.path.insert(0, str(ROOT))
+    from toolkit.asset_splits import wordnet_training_pairs
     from toolkit.assets import nlp_corpus_sentences, resolve_model_path
-    from toolkit.eval.local_tasks import wordnet_training_pairs
 
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_path(model_spec)

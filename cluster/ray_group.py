@@ -31,6 +31,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from toolkit.config import load_config
 from toolkit.errors import EmbedforgeError, InputError
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,7 @@ class RankWorker:
 
     def train(self, config: str, overrides: Sequence[str], resume: str) -> list[dict]:
         """`embedforge train` for this rank (rank 0 keeps the STOPPED marker launchers requeue on)."""
-        from toolkit.config import load_config
-        from toolkit.train import run_recipe
+        from toolkit.train import run_recipe  # lazy: imports torch, which must see setup()'s environment
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         outcomes, _, _ = run_recipe(load_config(config, list(overrides)), resume=resume, clear_markers=False)
@@ -332,8 +332,7 @@ def run_training(config: str | os.PathLike, overrides: Sequence[str] = (), *, wo
     failure (up to `max_failures` times). Needs `ray.init` done. A run stopped by a preemption signal
     (checkpoint saved) is returned as is: resubmitting it continues; retrying here would fight the
     scheduler that asked it to stop. `on_start(group, attempt)` sees each group once it is up."""
-    from toolkit.config import load_config
-    from toolkit.train import clear_run_markers
+    from toolkit.train import clear_run_markers  # lazy: torch (see the module docstring)
 
     workdir = os.path.abspath(workdir or os.getcwd())
     config = os.path.join(workdir, os.fspath(config))

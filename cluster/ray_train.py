@@ -14,6 +14,9 @@ import logging
 import os
 import sys
 
+from toolkit.config import load_config
+from toolkit.errors import EmbedforgeError
+
 EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 1, 2, 3
 
 
@@ -41,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.workdir:
         os.chdir(args.workdir)
-    from toolkit.config import load_config
-    from toolkit.errors import EmbedforgeError
 
     try:
         load_config(args.config, args.overrides)
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cluster.ray_train: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    import ray
+    import ray  # lazy: ray, only once the recipe is known to be valid
 
-    from cluster.ray_group import TrainingFailed, run_training
+    from cluster.ray_group import TrainingFailed, run_training  # lazy: imports ray
 
     ray.init(address=args.address)
     try:

@@ -30,6 +30,7 @@ from data_pipelines.batching import window_batches
 from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.records import text_fields
 from data_pipelines.stream import DataError, Position, ReadStats, SlotConfig, SlotStream, _rng
+from data_pipelines.writer import ensure_asset_shards
 from toolkit.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ STATE_VERSION = 1
 def open_dataset(path: str) -> Manifest:
     """The manifest of `data.path`: a shard folder, or a packaged `asset:NAME` built into the cache once."""
     if path.startswith("asset:"):
-        from data_pipelines.writer import ensure_asset_shards
-
         return load_manifest(ensure_asset_shards(path[len("asset:"):]))
     return load_manifest(path)
 

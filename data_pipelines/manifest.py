@@ -12,6 +12,7 @@ re-points all shards at another store without editing the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,12 @@ KINDS = ("text", "pair", "scored")
 
 class ManifestError(EmbedforgeError, ValueError):
     """A missing or malformed manifest; the message names the file and the field."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file (a shard), read in chunks: what `ShardInfo.sha256` holds."""
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Hard-negative mining: for each (query, positive) of a pair dataset, the top-k passages of a corpus
 by BM25 or by a dense encoder, the positive itself excluded, written as a new pair dataset.
 
-The corpus is a text dataset, or (by default) every positive and negative of the input. Mined
+The corpus is a text dataset, or (by default) every positive and negative of the input. Dense mining
+takes the encoder as a function (`encode(texts, instruction) -> normalised embeddings`, e.g. a bound
+`Encoder.encode`): the data layer knows no model code. Mined
 negatives replace (or, with `keep_existing`, follow, never repeating) the input's; a query whose corpus holds fewer
 than k other passages keeps what there is, so its sample has fewer negatives (the writer groups
 samples by task only, so supervised / D2LLM batches must then share a count: mine with k below the
@@ -15,15 +17,17 @@ import re
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from data_pipelines.manifest import Manifest, load_manifest
 from data_pipelines.stream import DataError, ReadStats, read_shard
+from data_pipelines.writer import build_shards
 from toolkit.errors import InputError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+EncodeFn = Callable[[list[str], "str | None"], np.ndarray]  # texts, instruction -> [n, dim], L2-normalised
 
 
 def words(text: str) -> list[str]:
@@ -87,16 +91,15 @@ def top_k_excluding(scores: np.ndarray, corpus: Sequence[str], positives: Sequen
 
 
 def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: str | None = None,
-         encoder_path: str | None = None, keep_existing: bool = False, batch_size: int = 32,
-         overwrite: bool = False) -> Manifest:
-    """Mine k hard negatives per sample of the pair dataset `input_dir` into `output_dir`."""
-    from data_pipelines.writer import build_shards
+         encode: EncodeFn | None = None, keep_existing: bool = False, overwrite: bool = False) -> Manifest:
+    """Mine k hard negatives per sample of the pair dataset `input_dir` into `output_dir`.
 
+    `method="dense"` ranks by `encode(queries, instruction) @ encode(corpus, None).T`."""
     if k < 1:
         raise InputError(f"data mine: --k must be >= 1, got {k}")
     if method not in ("bm25", "dense"):
         raise InputError(f"data mine: --method must be bm25 or dense, got {method!r}")
-    if method == "dense" and not encoder_path:
+    if method == "dense" and encode is None:
         raise InputError("data mine --method dense needs --encoder (an encoder folder)")
     samples = _read(load_manifest(input_dir), "pair", input_dir)
     if corpus_dir:
@@ -112,10 +115,7 @@ def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: st
     if method == "bm25":
         index = BM25(corpus)
     else:
-        from toolkit.models.encoder import Encoder
-
-        encoder = Encoder.from_pretrained(encoder_path)
-        passages = encoder.encode(corpus, batch_size=batch_size)  # once, for every task
+        passages = np.asarray(encode(corpus, None))  # once, for every task
     for (task, instruction), rows in by_task.items():
         for start in range(0, len(rows), 1024):  # bounded [queries, corpus] score blocks
             chunk = rows[start : start + 1024]
@@ -123,7 +123,7 @@ def mine(input_dir: str, output_dir: str, *, method: str, k: int, corpus_dir: st
             if method == "bm25":
                 scores = index.scores(queries)
             else:
-                scores = encoder.encode(queries, instruction=instruction or None, batch_size=batch_size) @ passages.T
+                scores = np.asarray(encode(queries, instruction or None)) @ passages.T
             existing = [samples[i]["negatives"] for i in chunk] if keep_existing else None
             picks = top_k_excluding(scores, corpus, [samples[i]["positive"] for i in chunk], k, existing)
             for i, picked in zip(chunk, picks):

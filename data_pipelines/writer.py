@@ -23,8 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest
+from data_pipelines.manifest import KINDS, Manifest, ManifestError, ShardInfo, load_manifest, sha256_file
 from data_pipelines.records import BadRecord, sample_key, text_fields, validate
+from toolkit.asset_splits import wordnet_training_pairs
+from toolkit.assets import cache_dir, nlp_corpus_sentences
 from toolkit.errors import EmbedforgeError, InputError, MissingPathError, PathExistsError
 
 log = logging.getLogger(__name__)
@@ -125,11 +127,7 @@ def _parquet(path: Path) -> Rows:
 
 def _asset(name: str, text_field: str) -> Rows:
     if name == "nlp-corpus":
-        from toolkit.assets import nlp_corpus_sentences
-
         return ((i, {"id": f"nlp-corpus:{i}", text_field: t}) for i, t in enumerate(nlp_corpus_sentences()))
-    from toolkit.eval.local_tasks import wordnet_training_pairs
-
     return enumerate(wordnet_training_pairs(None))  # each pair carries its own id
 
 
@@ -156,11 +154,6 @@ def open_input(spec: str, kind: str, text_field: str) -> tuple[str, str, Callabl
 
 
 # ----------------------------------------------------------------------------- shards
-def _sha256(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 class _Shards:
     """One open shard per task; a shard closes at `shard_bytes` (member bytes) or `shard_samples`."""
 
@@ -196,7 +189,7 @@ class _Shards:
         writer, name, samples, _ = self.open.pop(task)
         writer.close()
         path = self.folder / name
-        self.done.append(ShardInfo(name, samples, bytes=path.stat().st_size, sha256=_sha256(path), task=task))
+        self.done.append(ShardInfo(name, samples, bytes=path.stat().st_size, sha256=sha256_file(path), task=task))
 
     def finish(self) -> list[ShardInfo]:
         for task in list(self.open):
@@ -357,8 +350,6 @@ def _write_all(sources, folder: Path, kind: str, tok, text_field: str, max_chars
 
 def ensure_asset_shards(name: str) -> Path:
     """`cache_dir()/shards/<name>` for a packaged dataset, built once (a lock keeps ranks from racing)."""
-    from toolkit.assets import cache_dir
-
     if name not in ASSET_SHARDS:
         raise InputError(f"asset:{name}: unknown dataset; packaged datasets are {[f'asset:{n}' for n in ASSET_SHARDS]}")
     folder = cache_dir() / "shards" / name
@@ -394,7 +385,7 @@ def verify_shards(folder: str | Path) -> list[str]:
         if size != shard.bytes:
             problems.append(f"{shard.name}: size {size} bytes, manifest says {shard.bytes}")
             continue
-        sha = _sha256(path)
+        sha = sha256_file(path)
         if sha != shard.sha256:
             problems.append(f"{shard.name}: sha256 {sha[:16]}... does not match the manifest's {shard.sha256[:16]}...")
     return problems

@@ -9,7 +9,6 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -23,8 +22,8 @@ EXIT_USAGE = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from toolkit.run_layout import STOPPED
     from toolkit.config import load_config
+    from toolkit.run_layout import STOPPED
     from toolkit.train import preflight, run_recipe
 
     cfg = load_config(args.config, args.overrides)
@@ -171,9 +170,19 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 def _cmd_data_mine(args: argparse.Namespace) -> int:
     from data_pipelines.mining import mine
 
-    m = mine(args.input, args.output, method=args.method, k=args.k, corpus_dir=args.corpus,
-             encoder_path=args.encoder, keep_existing=args.keep_existing, batch_size=args.batch_size,
-             overwrite=args.overwrite)
+    encode = None
+    if args.encoder:
+        from toolkit.models.encoder import Encoder
+
+        loaded = []  # the encoder loads on first use, after mine() has checked its arguments
+
+        def encode(texts: list[str], instruction: str | None):
+            if not loaded:
+                loaded.append(Encoder.from_pretrained(args.encoder))
+            return loaded[0].encode(texts, instruction=instruction, batch_size=args.batch_size)
+
+    m = mine(args.input, args.output, method=args.method, k=args.k, corpus_dir=args.corpus, encode=encode,
+             keep_existing=args.keep_existing, overwrite=args.overwrite)
     print(f"mined {args.k} {args.method} negatives for {m.num_samples} samples into {args.output} ({len(m.shards)} shards)")
     return 0
 

@@ -27,7 +27,7 @@ from toolkit.errors import EmbedforgeError
 def _prepare_data(cfg, out: Path, n_train: int, group: int, log) -> Path:
     from data_pipelines.mining import mine
     from data_pipelines.writer import build_shards
-    from toolkit.eval.local_tasks import wordnet_training_pairs
+    from toolkit.asset_splits import wordnet_training_pairs
     from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local
 
     data = out / "data"
@@ -53,7 +53,8 @@ def _prepare_data(cfg, out: Path, n_train: int, group: int, log) -> Path:
 def _heldout(n_queries: int, n_candidates: int) -> list[dict]:
     """Held-out queries, each with its own document and the BM25 top others (held-out documents only)."""
     from data_pipelines.mining import BM25, top_k_excluding
-    from toolkit.eval.local_tasks import WordNetRetrieval, wordnet_document
+    from toolkit.asset_splits import wordnet_document
+    from toolkit.eval.local_tasks import WordNetRetrieval
 
     synsets = WordNetRetrieval(n_queries=n_queries).synsets()
     docs = [wordnet_document(s) for s in synsets]
@@ -106,7 +107,7 @@ def run_d2llm_quickstart(config: Path, overrides: list[str], *, n_train: int = 1
                          n_candidates: int = 8, resume: str = "auto") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit.eval.local_tasks import WN_INSTRUCTION
+    from toolkit.asset_splits import WN_INSTRUCTION
     from toolkit.models.encoder import Encoder
     from toolkit.models.loading import build_encoder, resolve_model_path
     from toolkit.teacher.scoring import Teacher

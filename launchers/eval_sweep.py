@@ -68,7 +68,8 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from toolkit.eval.sweep import expand_models, plan_jobs, read_jobs, run_job, write_jobs
+    from toolkit.eval.mteb_run import run_job
+    from toolkit.eval.sweep import expand_models, plan_jobs, read_jobs, write_jobs
     from toolkit.eval.sweep_report import write_report
 
     output = Path(args.output).resolve()

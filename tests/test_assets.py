@@ -72,9 +72,7 @@ def test_gemma_asset_is_assembled_into_cache_then_imported(tmp_cache, tmp_path, 
     )
     monkeypatch.syspath_prepend(str(pkg.parent))
     calls = []
-    import toolkit.models.gguf as gguf_mod
-
-    monkeypatch.setattr(gguf_mod, "import_gguf", lambda src, out: calls.append((src, out)) or out)
+    monkeypatch.setattr(assets, "import_gguf", lambda src, out: calls.append((src, out)) or out)
     try:
         out = resolve_model_path("asset:gemma3-270m")
     finally:

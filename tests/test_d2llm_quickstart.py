@@ -26,7 +26,7 @@ def test_spearman_per_query_mean():
 
 
 def test_heldout_candidates():
-    from toolkit.eval.local_tasks import wordnet_training_pairs
+    from toolkit.asset_splits import wordnet_training_pairs
 
     evalset = _heldout(12, 5)
     assert len(evalset) == 12 and all(len(e["candidates"]) == 5 for e in evalset)

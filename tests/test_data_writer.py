@@ -293,7 +293,7 @@ def test_duplicate_id_is_an_error(tmp_path):
 
 
 def test_ensure_asset_shards_builds_once(tmp_path, monkeypatch):
-    import toolkit.eval.local_tasks as lt
+    import data_pipelines.writer as writer
 
     calls = []
 
@@ -304,7 +304,7 @@ def test_ensure_asset_shards_builds_once(tmp_path, monkeypatch):
                 for i in range(7)]
 
     monkeypatch.setenv("EMBEDFORGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(lt, "wordnet_training_pairs", fake_pairs)
+    monkeypatch.setattr(writer, "wordnet_training_pairs", fake_pairs)
     folder = ensure_asset_shards("wordnet-pairs")
     assert folder == tmp_path / "cache" / "shards" / "wordnet-pairs"
     m = load_manifest(folder)

@@ -23,7 +23,7 @@ import yaml
 
 from launchers.cli import main
 from tests.helpers import free_port, save_tiny_decoder
-from toolkit.config import ConfigError, config_from_dict
+from toolkit.config import config_from_dict
 from toolkit.engines.spec import EngineSpec, engine_names, engine_spec, register_engine
 from toolkit.models.arch import ModelArgs
 from toolkit.models.tiny import tiny_config

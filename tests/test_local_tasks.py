@@ -8,12 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from toolkit.errors import InputError
-from toolkit.eval.local_tasks import (
-    TASKS,
-    evaluate_tasks,
-    get_task,
-    retrieval_metrics,
+from toolkit.asset_splits import (
     rt_is_heldout,
     stable_hash,
     wordnet_document,
@@ -21,6 +16,8 @@ from toolkit.eval.local_tasks import (
     wordnet_is_heldout,
     wordnet_training_pairs,
 )
+from toolkit.errors import InputError
+from toolkit.eval.local_tasks import TASKS, evaluate_tasks, get_task, retrieval_metrics
 
 SMALL = {"rt-sentiment": {"n_train": 300, "n_test": 300}, "wordnet-retrieval": {"n_queries": 300}}
 

@@ -11,9 +11,9 @@ from toolkit.config import ConfigError, ParallelConfig, config_from_dict
 from toolkit.distributed import megatron_shims
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
-from toolkit.models.arch import ModelArgs
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.errors import CheckpointError
+from toolkit.models.arch import ModelArgs
 from toolkit.models.tiny import tiny_config, tiny_model
 
 

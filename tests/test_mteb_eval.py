@@ -65,8 +65,9 @@ def test_real_mteb_tasks_resolve_by_name_type_and_benchmark_without_download():
 
 # ----------------------------------------------------------------------------- local tasks
 def test_local_tasks_are_real_and_held_out():
+    from toolkit.asset_splits import rt_is_heldout, wordnet_is_heldout
     from toolkit.assets import wordnet_synsets
-    from toolkit.eval.local_tasks import rt_is_heldout, rt_snippets, wordnet_is_heldout
+    from toolkit.eval.local_tasks import rt_snippets
 
     rt = EmbedforgeRTSentiment()
     rt.load_data()
@@ -98,7 +99,8 @@ def _meta(name: str, kind: str, prompt=None):
 def test_instructions_per_task_passages_none_and_file_override(tmp_path):
     from mteb.types import PromptType
 
-    from toolkit.eval.local_tasks import WN_INSTRUCTION, RTSentiment
+    from toolkit.asset_splits import WN_INSTRUCTION
+    from toolkit.eval.local_tasks import RTSentiment
 
     table = Instructions()
     assert table.resolve(_meta(RETRIEVAL, "Retrieval"), PromptType.query) == WN_INSTRUCTION

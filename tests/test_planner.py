@@ -46,8 +46,8 @@ import yaml
 from launchers.cli import main
 from tests.helpers import ROOT, free_port, subprocess_env
 from toolkit.config import ConfigError, LoraConfig, PoolingConfig, config_from_dict, load_config
-from toolkit.models.tiny import tiny_config, tiny_model
 from toolkit.models.arch import ModelArgs
+from toolkit.models.tiny import tiny_config, tiny_model
 from toolkit.planner import Layout, layer_activation_bytes, plan_run, plan_stage, pooling_params
 
 SCALE = ROOT / "configs" / "scale"

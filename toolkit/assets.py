@@ -21,6 +21,7 @@ from pathlib import Path
 
 from toolkit.atomic import atomic_dir
 from toolkit.errors import EmbedforgeError, MissingPathError
+from toolkit.models.gguf import import_gguf, is_imported
 
 NLP_CORPUS = "nlp-corpus@4.4.0"
 GGUF_ASSETS = {
@@ -48,8 +49,6 @@ def package_dir(module: str, pip_cmd: str) -> Path:
 # ----------------------------------------------------------------------------- models
 def resolve_model_path(spec: str) -> Path:
     """`asset:NAME`, a `.gguf` file or an HF folder -> an HF folder loadable with from_pretrained."""
-    from toolkit.models.gguf import import_gguf, is_imported
-
     if spec.startswith("asset:"):
         name = spec[len("asset:"):]
         if name not in GGUF_ASSETS:

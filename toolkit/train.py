@@ -31,18 +31,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file
 
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.assets import model_config_file
 from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_complete, read_meta
-from toolkit.config import ConfigError, RunConfig, ScheduleConfig, StageConfig, to_dict
+from toolkit.config import ConfigError, RunConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
 from toolkit.models.arch import ModelArgs, read_model_args
+from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import STOP_REQUEST, STOPPED, RunLayout
 from toolkit.seeds import mask_seed, seed_everything, stage_seed
-from toolkit.models.encoder import SPEC_FILE, Encoder, load_iem_weights, load_spec
 from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
@@ -57,20 +56,6 @@ class StageOutcome:
     last_loss: float | None
 
 
-def lr_lambda(schedule: ScheduleConfig, total_steps: int):
-    """Multiplier on the base lr: linear warmup, then linear / cosine decay to min_lr_ratio."""
-
-    def fn(step: int) -> float:
-        if schedule.warmup_steps and step < schedule.warmup_steps:
-            return (step + 1) / schedule.warmup_steps
-        if schedule.decay == "constant":
-            return 1.0
-        span = max(1, total_steps - schedule.warmup_steps)
-        progress = min(1.0, (step - schedule.warmup_steps) / span)
-        decay = 1 - progress if schedule.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * decay
-
-    return fn
 
 
 def stage_fingerprint(stage: StageConfig) -> str:
@@ -296,29 +281,6 @@ def _set_rng_state(rng: dict, generator: torch.Generator) -> None:
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     generator.set_state(rng["generator"])
-
-
-def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
-    """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
-    encoder.backbone.load_state_dict(load_file(str(folder / "model.safetensors")))
-    load_head_weights(encoder, folder)
-
-
-def load_head_weights(encoder: Encoder, folder: Path) -> None:
-    """The heads beside the backbone: the pooling head and, for a D2LLM student, its IEM."""
-    load_pooling_weights(encoder.pooling, folder)
-    spec = load_spec(folder / SPEC_FILE)
-    if spec.iem_hidden:
-        encoder.add_iem(spec.iem_hidden)
-        load_iem_weights(encoder, folder)
-
-
-def load_pooling_weights(pooling, folder: Path) -> None:
-    """A trained pooling head from an encoder folder (no-op for parameter-free heads)."""
-    pooling_file = folder / "1_Pooling" / "model.safetensors"
-    if pooling.has_parameters and pooling_file.is_file():
-        state = {k.removeprefix("pooling."): v for k, v in load_file(str(pooling_file)).items()}
-        pooling.load_state_dict(state)
 
 
 def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:

@@ -19,7 +19,6 @@ from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.run_layout import COMPLETE, STEP_RE, step_dir_name
 
 
-
 def complete_steps(stage_dir: Path) -> list[tuple[int, Path]]:
     if not stage_dir.is_dir():
         return []

@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from toolkit.config import ConfigError, ParallelConfig
+from toolkit.distributed import megatron_shims
 
 
 @dataclass(kw_only=True)
@@ -121,8 +122,6 @@ class ParallelDims:
 
     def initialize_megatron(self, seed: int) -> None:
         """megatron-core's parallel_state for these dims (+ CPU shims without CUDA), seeded TP RNG."""
-        from toolkit.distributed import megatron_shims
-
         megatron_shims.apply()
         from megatron.core import parallel_state
 

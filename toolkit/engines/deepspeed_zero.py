@@ -25,14 +25,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from toolkit.assets import cache_dir
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
 from toolkit.engines.base import StepResult
 from toolkit.engines.hf import HFEngine
 from toolkit.engines.spec import EngineSpec, PlannerTraits, register_engine
-from toolkit.models.stage_encoder import merged_stage_encoder
-from toolkit.run_layout import RunLayout
 from toolkit.errors import CheckpointError, MissingPathError
+from toolkit.models.stage_encoder import merged_stage_encoder
+from toolkit.optim import lr_lambda
+from toolkit.run_layout import RunLayout
 
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
@@ -42,8 +44,6 @@ log = logging.getLogger(__name__)
 
 def _import_deepspeed():
     """deepspeed, with its JIT-built CPU ops cached across runs (the shared-memory comm op takes ~30 s once)."""
-    from toolkit.assets import cache_dir
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
     import deepspeed
 
@@ -122,8 +122,6 @@ class DeepSpeedEngine(HFEngine):
         super().load_stage_output(final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.train import lr_lambda
-
         deepspeed = _import_deepspeed()
         if stage.precision == "bf16" and self.cfg.zero.stage == 0 and self.dims.rank == 0:
             log.warning("stage %s: ZeRO-0 with bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed has "

@@ -16,12 +16,18 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from toolkit.config import RunConfig, StageConfig
+from toolkit.distributed.gather import make_gather
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, stage_attention_dropout
 from toolkit.engines.spec import EngineSpec, register_engine
+from toolkit.errors import CheckpointError, MissingPathError
+from toolkit.models.folder import load_encoder_weights
+from toolkit.models.loading import build_encoder, set_attention_dropout
+from toolkit.models.lora import add_lora, merge_lora
 from toolkit.models.stage_encoder import merged_stage_encoder
+from toolkit.objectives.steps import build_step
+from toolkit.optim import lr_lambda
 from toolkit.run_layout import RunLayout
 from toolkit.seeds import iem_seed
-from toolkit.errors import CheckpointError, MissingPathError
 
 TRAINABLE = "trainable.safetensors"
 STATE = "state.pt"
@@ -37,8 +43,6 @@ class HFEngine(Engine):
         self._build_encoder()
 
     def _build_encoder(self) -> None:
-        from toolkit.models.loading import build_encoder
-
         self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
                                                    add_mask_token=self.add_mask_token)
         if self.cfg.model.gradient_checkpointing:  # non-reentrant: gradient hooks fire once per parameter
@@ -46,13 +50,9 @@ class HFEngine(Engine):
                 activation_checkpointing_kwargs={"use_reentrant": False})
 
     def load_stage_output(self, final_dir: Path) -> None:
-        from toolkit.train import load_encoder_weights
-
         load_encoder_weights(self.encoder, final_dir)
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.train import lr_lambda
-
         self._prepare_trainable(index, stage)
         self.optimizer = self._make_optimizer(stage)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
@@ -65,9 +65,6 @@ class HFEngine(Engine):
 
     def _prepare_trainable(self, index: int, stage: StageConfig) -> None:
         """The stage's dropout, a fresh adapter (or the whole backbone) and the pooling head trainable."""
-        from toolkit.models.loading import set_attention_dropout
-        from toolkit.models.lora import add_lora
-
         encoder, base = self.encoder, self.encoder.backbone
         set_attention_dropout(base, stage_attention_dropout(stage, self.cfg, base.config))
         if stage.lora.enabled:
@@ -85,9 +82,6 @@ class HFEngine(Engine):
         self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
 
     def _build_step(self, stage: StageConfig, data_kind: str, generator: torch.Generator) -> None:
-        from toolkit.distributed.gather import make_gather
-        from toolkit.objectives.steps import build_step
-
         gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
         self.step_fn = build_step(stage, self.encoder, self.lm_head, generator, gather, data_kind=data_kind)
 
@@ -149,8 +143,6 @@ class HFEngine(Engine):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def end_stage(self, final_dir: Path) -> Path:
-        from toolkit.models.lora import merge_lora
-
         self.encoder.backbone = merge_lora(self.encoder.backbone)
         self.encoder.backbone.requires_grad_(False)
         if self.dims.rank == 0:

@@ -7,6 +7,8 @@ from typing import Callable
 
 import numpy as np
 
+from toolkit.assets import minilm_dir
+
 EncodeFn = Callable[[list[str], "str | None"], np.ndarray]
 
 
@@ -17,8 +19,6 @@ def minilm_encoder(batch_size: int = 64, device: str = "cpu") -> EncodeFn:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never fall back to the hub
     from sentence_transformers import SentenceTransformer
-
-    from toolkit.assets import minilm_dir
 
     model = SentenceTransformer(str(minilm_dir()), device=device)
 

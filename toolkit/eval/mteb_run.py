@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import mteb
 from mteb.abstasks import AbsTask
 from mteb.cache import ResultCache
 from mteb.models.model_meta import ScoringFunction
 
+from toolkit.assets import cache_dir, minilm_dir
+from toolkit.engines.export import consolidate
 from toolkit.errors import InputError, MissingPathError
 from toolkit.eval.mteb_model import (
     EmbedforgeModel,
@@ -31,7 +34,15 @@ from toolkit.eval.mteb_model import (
     sentence_transformer_backend,
 )
 from toolkit.eval.mteb_tasks import ALIASES, LOCAL_MTEB_TASKS, local_task
+from toolkit.eval.sweep_report import ResultRow
+from toolkit.models.encoder import Encoder
+from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
+
+if TYPE_CHECKING:
+    from toolkit.eval.sweep import SweepJob
+
+log = logging.getLogger(__name__)
 
 MINILM = "minilm"
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -116,17 +127,12 @@ def _training_key(path: Path) -> str:
 
 
 def default_work_dir() -> Path:
-    from toolkit.assets import cache_dir
-
     return cache_dir() / "eval-checkpoints"
 
 
 def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
     """A `step-N/` checkpoint as an encoder folder, built once (keyed by the checkpoint's absolute path)."""
     import torch.distributed as dist
-
-    from toolkit.engines.export import consolidate
-    from toolkit.models.encoder import SPEC_FILE
 
     step_dir = step_dir.resolve()
     key = _training_key(step_dir)  # a retrained step-N/ is consolidated anew
@@ -148,14 +154,10 @@ def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
 def load_model(spec: str, *, instructions: Instructions | str | Path | None = None, batch_size: int = 32,
                work_dir: Path | None = None, device: str = "cpu") -> EmbedforgeModel:
     """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily."""
-    from toolkit.models.encoder import SPEC_FILE
-
     table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)
     if spec == MINILM:
         def load_minilm():
             from sentence_transformers import SentenceTransformer
-
-            from toolkit.assets import minilm_dir
 
             return sentence_transformer_backend(SentenceTransformer(str(minilm_dir()), device=device))
 
@@ -173,8 +175,6 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
     student = folder is not None and json.loads((folder / SPEC_FILE).read_text()).get("iem_hidden", 0) > 0
 
     def load_encoder():
-        from toolkit.models.encoder import Encoder
-
         return encoder_backend(Encoder.from_pretrained(folder or consolidated_folder(path, work_dir), device=device))
 
     meta = make_meta(name, revision, instructions=table, similarity=None if student else ScoringFunction.COSINE,
@@ -214,3 +214,21 @@ def evaluate(model_spec: str | EmbedforgeModel, tasks: Iterable[AbsTask], cache_
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # rank 0 has written the cache before anyone moves on
     return {r.task_name: round(float(r.get_score()), SCORE_DIGITS) for r in result.task_results}
+
+
+def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None, batch_size: int = 32,
+            cache_only: bool = False) -> list[ResultRow]:
+    """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
+    results are all cached loads no model) and return its rows, scores x 100. `cache_only`: read
+    what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed)."""
+    tasks = select_tasks(list(job.tasks))
+    metric = {t.metadata.name: t.metadata.main_score for t in tasks}
+    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size)  # weights load lazily
+    if cache_only:
+        scores = evaluate(model, tasks, cache_dir, "only-cache", batch_size=batch_size, raise_error=False)
+    else:
+        scores = evaluate(model, tasks, cache_dir, batch_size=batch_size)
+    m = job.model
+    log.info("%s on %s: %s", m.label, ", ".join(job.tasks), "evaluated" if model.loaded else "all cached")
+    return [ResultRow(m.label, name, round(100 * score, 4), metric[name], m.run, m.stage, m.step)
+            for name, score in scores.items()]

@@ -1,6 +1,7 @@
 """Offline mteb tasks from the real local assets, so `mteb.evaluate` runs here (no dataset hub) and in CI.
 
-They reuse `local_tasks`' fixed hash splits and texts, so what is held out of training stays held out:
+They reuse the fixed hash splits (`toolkit.asset_splits`) and `local_tasks`' texts, so what is held out
+of training stays held out:
 
 - `EmbedforgeRTSentiment` (Classification): Rotten Tomatoes snippets, fresh vs rotten; train and test
   movies disjoint (split by movie); mteb's few-shot logistic regression (n_experiments undersamplings).
@@ -25,17 +26,17 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 from mteb.abstasks.task_metadata import TaskMetadata
 
-from toolkit.eval.local_tasks import (
+from toolkit.asset_splits import (
     SEED,
     WN_INSTRUCTION,
     WN_POS,
-    RTSentiment,
-    WordNetRetrieval,
     stable_hash,
     wordnet_document,
     wordnet_families,
     wordnet_is_heldout,
 )
+from toolkit.assets import wordnet_synsets
+from toolkit.eval.local_tasks import RTSentiment, WordNetRetrieval
 
 WORDNET_REF = "https://wordnet.princeton.edu/"
 WORDNET_BIB = """@book{fellbaum1998wordnet,
@@ -122,8 +123,6 @@ def same_sense_pairs(n_pairs: int = 600, pos: tuple[str, ...] = WN_POS) -> list[
     """(sentence1, sentence2, label) from held-out families: a positive per synset with two examples, and a
     negative with the same first sentence and a sibling's example; examples also found in training
     synsets are dropped. Fixed hash order, positives and negatives balanced."""
-    from toolkit.assets import wordnet_synsets
-
     seen_in_training = {e for p in pos for s in wordnet_synsets(p) if not wordnet_is_heldout(s) for e in s.examples}
     pairs: list[tuple[str, str, int]] = []
     for fam, members in sorted(wordnet_families(heldout=True, pos=pos).items(),

@@ -7,6 +7,8 @@ from typing import Callable, Mapping, Union
 
 import numpy as np
 
+from toolkit.eval.baselines import minilm_encoder
+from toolkit.eval.local_tasks import get_task
 from toolkit.models.encoder import Encoder
 
 EncodeFn = Callable[[list[str], Union[str, None]], np.ndarray]
@@ -20,8 +22,6 @@ def as_encode_fn(spec: ModelSpec, batch_size: int = 32) -> EncodeFn:
     if callable(spec):
         return spec
     if spec == "minilm":
-        from toolkit.eval.baselines import minilm_encoder
-
         return minilm_encoder()
     return as_encode_fn(Encoder.from_pretrained(spec), batch_size)
 
@@ -30,8 +30,6 @@ def evaluate_models(
     models: Mapping[str, ModelSpec], tasks: list[str], batch_size: int = 32, task_sizes: Mapping[str, dict] | None = None
 ) -> dict:
     """{label: {task: {metric: value, ..., "seconds": wall time}}}; models are loaded one at a time."""
-    from toolkit.eval.local_tasks import get_task
-
     results: dict = {}
     for label, spec in models.items():
         encode = as_encode_fn(spec, batch_size)
@@ -47,8 +45,6 @@ def evaluate_models(
 
 def format_table(results: dict, tasks: list[str]) -> str:
     """Markdown table of each task's main metric (x100) per model."""
-    from toolkit.eval.local_tasks import get_task
-
     metrics = {t: get_task(t).main_metric for t in tasks}
     header = "| model | " + " | ".join(f"{t} ({metrics[t]})" for t in tasks) + " |"
     lines = [header, "|" + "---|" * (len(tasks) + 1)]

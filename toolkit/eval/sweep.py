@@ -2,7 +2,7 @@
 in training (stage, global step) so results can be plotted against it.
 
 Planning and gathering only: the jobs run wherever a launcher puts them (in this process, Ray tasks,
-a SLURM array); each job writes through mteb's result cache, so a rerun after an interruption
+a SLURM array) through `toolkit.eval.mteb_run.run_job`; each job writes through mteb's result cache, so a rerun after an interruption
 computes only what is missing and the gathered table is the same.
 """
 
@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
 from toolkit.errors import InputError, MissingPathError
-from toolkit.eval.sweep_report import ResultRow
-from toolkit.models.encoder import SPEC_FILE
+from toolkit.models.folder import SPEC_FILE
+from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
 
-log = logging.getLogger(__name__)
 BASELINES = ("minilm",)
 
 
@@ -85,26 +82,6 @@ def write_jobs(jobs: list[SweepJob], path: Path) -> None:
 
 def read_jobs(path: Path) -> list[SweepJob]:
     return [SweepJob.from_dict(d) for d in json.loads(Path(path).read_text())]
-
-
-def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None, batch_size: int = 32,
-            cache_only: bool = False) -> list[ResultRow]:
-    """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
-    results are all cached loads no model) and return its rows, scores x 100. `cache_only`: read
-    what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed)."""
-    from toolkit.eval.mteb_run import evaluate, load_model, select_tasks
-
-    tasks = select_tasks(list(job.tasks))
-    metric = {t.metadata.name: t.metadata.main_score for t in tasks}
-    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size)  # weights load lazily
-    if cache_only:
-        scores = evaluate(model, tasks, cache_dir, "only-cache", batch_size=batch_size, raise_error=False)
-    else:
-        scores = evaluate(model, tasks, cache_dir, batch_size=batch_size)
-    m = job.model
-    log.info("%s on %s: %s", m.label, ", ".join(job.tasks), "evaluated" if model.loaded else "all cached")
-    return [ResultRow(m.label, name, round(100 * score, 4), metric[name], m.run, m.stage, m.step)
-            for name, score in scores.items()]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

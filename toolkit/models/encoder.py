@@ -7,9 +7,7 @@ reads the same folder back.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -18,23 +16,13 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from toolkit.config import ConfigError, PoolingConfig, config_from_dict
+from toolkit.config import ConfigError
 from toolkit.errors import CheckpointError, InputError, MissingPathError
+from toolkit.models.bidirectional import check_bidirectional, make_bidirectional
+from toolkit.models.export import write_sentence_transformers_folder
+from toolkit.models.folder import SPEC_FILE, EncoderSpec, load_iem_weights, load_pooling_weights, load_spec
+from toolkit.models.iem import InteractionEmulation
 from toolkit.models.pooling import Pooling, exclude_prefix
-
-SPEC_FILE = "embedforge.json"
-FORMAT_VERSION = 1
-
-
-@dataclass(kw_only=True)
-class EncoderSpec:
-    """What `embedforge.json` records beyond the HF config: how to pool and how to tokenise."""
-
-    pooling: PoolingConfig = field(default_factory=PoolingConfig)
-    max_length: int = 512
-    bidirectional: bool = True
-    iem_hidden: int = 0  # > 0: a D2LLM student, with its Interaction Emulation Module (iem.safetensors)
-    format_version: int = FORMAT_VERSION
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -61,8 +49,6 @@ class Encoder(nn.Module):
 
     def add_iem(self, hidden: int) -> nn.Module:
         """Attach a D2LLM Interaction Emulation Module over the pooled embeddings (kept if present)."""
-        from toolkit.models.iem import InteractionEmulation
-
         if self.iem is None:
             self.iem = InteractionEmulation(self.pooling.output_dim, hidden)
             self.spec.iem_hidden = hidden
@@ -158,8 +144,6 @@ class Encoder(nn.Module):
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write a sentence-transformers folder atomically (temp dir, then rename)."""
-        from toolkit.models.export import write_sentence_transformers_folder
-
         return write_sentence_transformers_folder(self, Path(path))
 
     @classmethod
@@ -179,47 +163,13 @@ class Encoder(nn.Module):
         spec = load_spec(spec_file)
         backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         if spec.bidirectional:
-            from toolkit.models.bidirectional import check_bidirectional, make_bidirectional
-
             make_bidirectional(backbone)
             check_bidirectional(backbone)
         tokenizer = AutoTokenizer.from_pretrained(path)
         pooling = Pooling(spec.pooling, backbone.config.hidden_size)
-        weights = path / "1_Pooling" / "model.safetensors"
-        if pooling.has_parameters:
-            if not weights.is_file():
-                raise MissingPathError(f"{weights}: pooling mode {spec.pooling.mode!r} needs its trained weights")
-            from safetensors.torch import load_file
-
-            state = {k.removeprefix("pooling."): v for k, v in load_file(weights).items()}
-            pooling.load_state_dict(state)
+        load_pooling_weights(pooling, path, required=True)
         encoder = cls(backbone, tokenizer, pooling, spec)
         if encoder.iem is not None:
             load_iem_weights(encoder, path)
         return encoder.to(device).eval()
 
-
-def load_iem_weights(encoder: "Encoder", folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    from toolkit.models.export import IEM_FILE
-
-    weights = Path(folder) / IEM_FILE
-    if not weights.is_file():
-        raise MissingPathError(f"{weights}: {SPEC_FILE} declares a D2LLM IEM (iem_hidden) but its weights are missing")
-    encoder.iem.load_state_dict(load_file(weights))
-
-
-def load_spec(spec_file: Path) -> EncoderSpec:
-    try:
-        data = json.loads(spec_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{spec_file}: invalid JSON ({exc})") from None
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{spec_file}: format_version={version!r}, this Embedforge reads {FORMAT_VERSION}")
-    return config_from_dict(data, EncoderSpec, source=str(spec_file))
-
-
-def spec_to_json(spec: EncoderSpec) -> str:
-    return json.dumps(asdict(spec), indent=2)

@@ -18,19 +18,21 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors.torch import save_file
+
 from toolkit.atomic import atomic_dir
+from toolkit.models.folder import IEM_FILE, POOLING_DIR, SPEC_FILE, spec_to_json
 
 if TYPE_CHECKING:
     from toolkit.models.encoder import Encoder
 
 NATIVE_MODES = {"mean": "mean", "last": "lasttoken"}
-IEM_FILE = "iem.safetensors"
 
 
 def modules_json(pooling_type: str) -> list[dict]:
     return [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": pooling_type},
+        {"idx": 1, "name": "1", "path": POOLING_DIR, "type": pooling_type},
     ]
 
 
@@ -40,11 +42,9 @@ def needs_trust_remote_code(mode: str) -> bool:
 
 def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
     from peft import PeftModel
-
     from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
 
-    from toolkit.models.encoder import SPEC_FILE, spec_to_json
-    from toolkit.models.st_pooling import EmbedforgePooling
+    from toolkit.models.st_pooling import EmbedforgePooling  # lazy: sentence-transformers (~8 s import)
 
     if isinstance(encoder.backbone, PeftModel):
         raise ValueError("encoder backbone still has LoRA adapters: merge them (toolkit.models.lora.merge) before saving")
@@ -65,12 +65,10 @@ def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
         (tmp / "config_sentence_transformers.json").write_text(
             json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
         )
-        pool_dir = tmp / "1_Pooling"
+        pool_dir = tmp / POOLING_DIR
         pool_dir.mkdir()
         pool.save(str(pool_dir))
         if encoder.iem is not None:  # D2LLM student: the pair scorer beside the embedding model
-            from safetensors.torch import save_file
-
             save_file({k: v.detach().contiguous().cpu() for k, v in encoder.iem.state_dict().items()},
                       str(tmp / IEM_FILE))
         (tmp / SPEC_FILE).write_text(spec_to_json(encoder.spec))

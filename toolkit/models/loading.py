@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from toolkit.assets import resolve_model_path
 from toolkit.config import ConfigError, ModelConfig, PoolingConfig
-from toolkit.models.encoder import Encoder, EncoderSpec, prepare_tokenizer
+from toolkit.models.bidirectional import check_bidirectional, make_bidirectional
+from toolkit.models.encoder import Encoder, prepare_tokenizer
+from toolkit.models.folder import EncoderSpec
 from toolkit.models.pooling import Pooling
+from toolkit.objectives.mntp import resolve_mask_token
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_model_path(spec: str) -> Path:
-    from toolkit.assets import resolve_model_path as resolve
-
-    return resolve(spec)
 
 
 def load_causal_lm(cfg: ModelConfig, bidirectional: bool | None = None):
@@ -28,8 +24,6 @@ def load_causal_lm(cfg: ModelConfig, bidirectional: bool | None = None):
     if cfg.attention_dropout is not None:
         hf_cfg.attention_dropout = cfg.attention_dropout
     if cfg.bidirectional if bidirectional is None else bidirectional:
-        from toolkit.models.bidirectional import make_bidirectional
-
         make_bidirectional(hf_cfg)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=hf_cfg, dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation
@@ -52,15 +46,11 @@ def build_encoder(
     """
     causal, tokenizer = load_causal_lm(model_cfg, bidirectional)
     if add_mask_token:
-        from toolkit.objectives.mntp import resolve_mask_token
-
         if resolve_mask_token(tokenizer, "new")[1]:
             causal.resize_token_embeddings(len(tokenizer))
     bidir = model_cfg.bidirectional if bidirectional is None else bidirectional
     backbone = causal.get_decoder()
     if bidir:
-        from toolkit.models.bidirectional import check_bidirectional
-
         check_bidirectional(backbone)
     lm_head = causal.get_output_embeddings()
     if lm_head.weight is backbone.get_input_embeddings().weight:

@@ -21,6 +21,7 @@ import torch
 
 from toolkit.atomic import atomic_dir
 from toolkit.errors import CheckpointError, InputError, MissingPathError, PathExistsError
+from toolkit.models.encoder import Encoder
 
 META = "index.json"
 EMBEDDINGS, PROJECTIONS, PASSAGES = "embeddings.npy", "projections.npy", "passages.jsonl"
@@ -29,8 +30,6 @@ EMBEDDINGS, PROJECTIONS, PASSAGES = "embeddings.npy", "projections.npy", "passag
 def build_index(student_dir: str | Path, passages: Sequence[str], output: str | Path, *, ids: Sequence[str] | None = None,
                 batch_size: int = 32, overwrite: bool = False) -> Path:
     """Encode `passages` with the student and write the index folder (atomically)."""
-    from toolkit.models.encoder import Encoder
-
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise PathExistsError(f"{output}: already exists; pass --overwrite to replace it")
@@ -64,8 +63,6 @@ class Hit:
 
 class SearchIndex:
     def __init__(self, folder: str | Path, student_dir: str | Path | None = None):
-        from toolkit.models.encoder import Encoder
-
         self.folder = Path(folder)
         meta_file = self.folder / META
         if not meta_file.is_file():

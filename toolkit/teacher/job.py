@@ -20,12 +20,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_pipelines.manifest import Manifest, ShardInfo, load_manifest
+from data_pipelines.manifest import Manifest, ShardInfo, load_manifest, sha256_file
+from data_pipelines.records import sample_key
 from data_pipelines.stream import ReadStats, read_shard
-from data_pipelines.writer import TAR_MTIME, _sha256
+from data_pipelines.writer import TAR_MTIME
 from toolkit.atomic import atomic_write_text
 from toolkit.errors import InputError
-from toolkit.teacher.scoring import TeacherPrompt
+from toolkit.models.loading import DTYPES, resolve_model_path
+from toolkit.teacher.scoring import Teacher, TeacherPrompt
 
 log = logging.getLogger(__name__)
 DONE_DIR = ".scored"
@@ -90,9 +92,6 @@ def _done(out: Path, shard: ShardInfo) -> ShardInfo | None:
 def load_teacher(job: ScoreJob):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit.models.loading import DTYPES, resolve_model_path
-    from toolkit.teacher.scoring import Teacher
-
     path = resolve_model_path(job.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype])
     return Teacher(model, AutoTokenizer.from_pretrained(path), job.prompt)
@@ -101,8 +100,6 @@ def load_teacher(job: ScoreJob):
 def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) -> ShardInfo:
     """Score one input shard into `job.output/<shard.name>` (+ its sidecar); returns the output info."""
     import webdataset as wds
-
-    from data_pipelines.records import sample_key
 
     out = Path(job.output)
     stats = ReadStats()
@@ -114,7 +111,7 @@ def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) ->
             group = samples[g : g + job.group_size]
             for record in _score_group(teacher, group, f"{shard.name}/{g // job.group_size}", symmetric, job):
                 sink.write({"__key__": sample_key(record["id"]), "json": json.dumps(record).encode("utf-8")})
-    info = ShardInfo(shard.name, len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp), task=shard.task)
+    info = ShardInfo(shard.name, len(samples), bytes=tmp.stat().st_size, sha256=sha256_file(tmp), task=shard.task)
     os.replace(tmp, out / shard.name)
     atomic_write_text(out / DONE_DIR / f"{shard.name}.json", json.dumps(asdict(info)) + "\n")
     if stats.num_bad:

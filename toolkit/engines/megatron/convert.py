@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from toolkit.models.arch import ModelArgs
 from toolkit.errors import CheckpointError
+from toolkit.models.arch import ModelArgs
 
 _HF_LAYER = "model.layers.{i}."
 _MG_LAYER = "decoder.layers.{i}."

@@ -26,18 +26,25 @@ from torch import Tensor
 
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
+from toolkit.distributed.megatron_shims import seed_model_parallel_rng
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.base import Engine, StepResult, allreduce, allreduce_mean, stage_attention_dropout
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from toolkit.engines.megatron.lora import MegatronLora
 from toolkit.engines.megatron.model import build_backbone, padding_mask, transformer_config
 from toolkit.engines.megatron.validate import validate
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.arch import ModelArgs
-from toolkit.models.loading import DTYPES
+from toolkit.models.bidirectional import make_bidirectional
+from toolkit.models.encoder import Encoder
+from toolkit.models.folder import EncoderSpec, load_head_weights
+from toolkit.models.loading import DTYPES, resolve_model_path
+from toolkit.models.pooling import Pooling
 from toolkit.objectives.gradcache import rng_state, set_rng_state
 from toolkit.objectives.mntp import IGNORE_INDEX
-from toolkit.objectives.steps import autocast
+from toolkit.objectives.steps import autocast, build_step
+from toolkit.optim import lr_lambda
 from toolkit.seeds import head_seed, iem_seed, pipeline_dropout_seed, stage_seed
 
 
@@ -56,10 +63,6 @@ class MegatronEngine(Engine):
     # ------------------------------------------------------------------ build
     def build(self, *, add_mask_token: bool) -> None:
         from transformers import AutoConfig, AutoTokenizer
-
-        from toolkit.models.encoder import Encoder, EncoderSpec
-        from toolkit.models.loading import resolve_model_path
-        from toolkit.models.pooling import Pooling
 
         cfg, dims = self.cfg, self.dims
         path = resolve_model_path(cfg.model.path)
@@ -121,8 +124,6 @@ class MegatronEngine(Engine):
 
         The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
         """
-        from toolkit.train import load_head_weights
-
         backbone = HFWeights(final_dir, prefix="model.")  # lazy: this rank's tensors only, sharded folders too
         self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
         load_head_weights(self.encoder, final_dir)
@@ -132,14 +133,9 @@ class MegatronEngine(Engine):
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
         from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-        from toolkit.objectives.steps import build_step
-        from toolkit.train import lr_lambda
-
         self.stage = stage
         # Dropout streams per stage (independent of earlier stages in this process) and per pipeline
         # stage (layer k of stage 0 and of stage 1 must not share masks), as Megatron-LM seeds them.
-        from toolkit.distributed.megatron_shims import seed_model_parallel_rng
-
         dropout_seed = pipeline_dropout_seed(self.cfg.seed, index, self.dims.pp_rank)
         torch.manual_seed(dropout_seed)
         seed_model_parallel_rng(dropout_seed, self.dims.tp_rank)
@@ -149,8 +145,6 @@ class MegatronEngine(Engine):
                 module.attention_dropout.p = dropout
         self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
         if stage.lora.enabled:
-            from toolkit.engines.megatron.lora import MegatronLora
-
             self.model.requires_grad_(False)
             self.lora = MegatronLora(self.model, self.arch, stage.lora, tp=self.dims.tp, tp_rank=self.dims.tp_rank,
                                      pp_rank=self.dims.pp_rank, seed=stage_seed(self.cfg.seed, index),
@@ -427,10 +421,6 @@ class MegatronEngine(Engine):
     def _write_encoder(self, hf: dict[str, Tensor], pooling_state: dict[str, Tensor],
                        iem_state: dict[str, Tensor] | None, final_dir: Path) -> None:
         from transformers import AutoModel
-
-        from toolkit.models.bidirectional import make_bidirectional
-        from toolkit.models.encoder import Encoder
-        from toolkit.models.pooling import Pooling
 
         with torch.device("meta"):  # no random init of a second full model: the weights are in `hf`
             backbone = AutoModel.from_config(self.hf_config, dtype=DTYPES[self.cfg.model.dtype])

@@ -96,7 +96,6 @@ class MegatronLora(nn.Module):
                 reduce_from_tensor_model_parallel_region,
                 reduce_scatter_to_sequence_parallel_region,
             )
-
             from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
             out, bias = output

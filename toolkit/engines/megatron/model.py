@@ -18,6 +18,7 @@ from torch import Tensor
 
 from toolkit.models.arch import ModelArgs
 
+
 def transformer_config(arch: ModelArgs, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        attention_dropout: float = 0.0, hidden_dropout: float = 0.0,
                        sequence_parallel: bool = False, recompute: str = "none"):

@@ -1,0 +1,95 @@
+"""The encoder folder format: file names, the `embedforge.json` spec and the weight loaders.
+
+An encoder folder is a sentence-transformers folder (HF backbone + tokenizer at the root,
+`1_Pooling/`, `modules.json`) plus `embedforge.json` (EncoderSpec) and, for a D2LLM student, its
+Interaction Emulation Module (`iem.safetensors`). `toolkit.models.export` writes it,
+`Encoder.from_pretrained` reads it whole; the loaders here put a folder's weights into a live encoder
+(the engines' stage chaining, consolidation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors.torch import load_file
+
+from toolkit.config import PoolingConfig, config_from_dict
+from toolkit.errors import CheckpointError, MissingPathError
+
+if TYPE_CHECKING:
+    from toolkit.models.encoder import Encoder
+    from toolkit.models.pooling import Pooling
+
+SPEC_FILE = "embedforge.json"
+FORMAT_VERSION = 1
+IEM_FILE = "iem.safetensors"
+BACKBONE_FILE = "model.safetensors"
+POOLING_DIR = "1_Pooling"
+POOLING_FILE = f"{POOLING_DIR}/model.safetensors"
+
+
+@dataclass(kw_only=True)
+class EncoderSpec:
+    """What `embedforge.json` records beyond the HF config: how to pool and how to tokenise."""
+
+    pooling: PoolingConfig = field(default_factory=PoolingConfig)
+    max_length: int = 512
+    bidirectional: bool = True
+    iem_hidden: int = 0  # > 0: a D2LLM student, with its Interaction Emulation Module (iem.safetensors)
+    format_version: int = FORMAT_VERSION
+
+
+def load_spec(spec_file: Path) -> EncoderSpec:
+    try:
+        data = json.loads(spec_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{spec_file}: invalid JSON ({exc})") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{spec_file}: format_version={version!r}, this Embedforge reads {FORMAT_VERSION}")
+    return config_from_dict(data, EncoderSpec, source=str(spec_file))
+
+
+def spec_to_json(spec: EncoderSpec) -> str:
+    return json.dumps(asdict(spec), indent=2)
+
+
+def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
+    """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
+    encoder.backbone.load_state_dict(load_file(str(Path(folder) / BACKBONE_FILE)))
+    load_head_weights(encoder, folder)
+
+
+def load_head_weights(encoder: Encoder, folder: Path) -> None:
+    """The heads beside the backbone: the pooling head and, for a D2LLM student, its IEM."""
+    load_pooling_weights(encoder.pooling, folder)
+    spec = load_spec(Path(folder) / SPEC_FILE)
+    if spec.iem_hidden:
+        encoder.add_iem(spec.iem_hidden)
+        load_iem_weights(encoder, folder)
+
+
+def load_pooling_weights(pooling: Pooling, folder: Path, *, required: bool = False) -> None:
+    """A trained pooling head from an encoder folder (no-op for parameter-free heads).
+
+    A missing weights file is skipped, or an error with `required`.
+    """
+    pooling_file = Path(folder) / POOLING_FILE
+    if not pooling.has_parameters:
+        return
+    if not pooling_file.is_file():
+        if required:
+            raise MissingPathError(f"{pooling_file}: pooling mode {pooling.cfg.mode!r} needs its trained weights")
+        return
+    state = {k.removeprefix("pooling."): v for k, v in load_file(str(pooling_file)).items()}
+    pooling.load_state_dict(state)
+
+
+def load_iem_weights(encoder: Encoder, folder: Path) -> None:
+    weights = Path(folder) / IEM_FILE
+    if not weights.is_file():
+        raise MissingPathError(f"{weights}: {SPEC_FILE} declares a D2LLM IEM (iem_hidden) but its weights are missing")
+    encoder.iem.load_state_dict(load_file(weights))
