@@ -228,15 +228,16 @@ def test_megatron_skips_non_finite_steps(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_deepspeed_zero2_skips_non_finite_steps(tmp_path):
-    """2 gloo ranks, ZeRO-2: DeepSpeed's step() takes its overflow path (no update, no LR step) on the
-    non-finite norm; the run stops with the error, step-1 (ZeRO partitions) is kept and finite."""
+@pytest.mark.parametrize("zero", [2, 3, 0])
+def test_deepspeed_zero2_skips_non_finite_steps(tmp_path, zero):
+    """2 gloo ranks, ZeRO-2 (and 3, 0): DeepSpeed's step() takes its overflow path (no update, no LR step)
+    on the non-finite norm; the run stops with the error, step-1 (ZeRO partitions) is kept and finite."""
     from tests.test_deepspeed_engine import recipe
     from toolkit.engines.deepspeed_zero import read_trainable
 
     cfg = recipe(tmp_path)
     run = tmp_path / "run"
-    args = ["train", str(cfg), f"output_dir={run}", "zero.stage=2", "stages.mntp.optimizer.lr=1e30",
+    args = ["train", str(cfg), f"output_dir={run}", f"zero.stage={zero}", "stages.mntp.optimizer.lr=1e30",
             "stages.mntp.steps=4", "checkpoint.every_steps=1", "train.max_skipped_steps=2"]
     r = torchrun(*args)
     assert r.returncode != 0 and "stage mntp: 2 consecutive non-finite steps" in r.stderr, r.stderr[-4000:]
