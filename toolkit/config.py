@@ -171,6 +171,24 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class TrainConfig:
+    """Run-wide guards of the training loop (outside the stages: changing them never blocks a resume)."""
+
+    # A step whose loss or global grad norm is non-finite is skipped (no update; it still consumes its
+    # batches, so the data order does not depend on it). This many consecutive skips stop the run with
+    # an error naming the newest good checkpoint.
+    max_skipped_steps: int = 5
+    # A warning (not an error) when the grad norm is exactly 0, or the loss equals the previous step's
+    # (1e-7 relative), for this many consecutive steps: a collapsed run. 0 disables it.
+    collapse_window: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_skipped_steps < 1 or self.collapse_window < 0:
+            raise ConfigError(f"train: max_skipped_steps must be >= 1 and collapse_window >= 0, got "
+                              f"max_skipped_steps={self.max_skipped_steps}, collapse_window={self.collapse_window}")
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
@@ -263,6 +281,7 @@ class RunConfig:
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     stages: list[StageConfig]
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

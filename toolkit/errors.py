@@ -27,3 +27,7 @@ class PathExistsError(EmbedforgeError, FileExistsError):
 
 class CheckpointError(EmbedforgeError, ValueError):
     """A checkpoint or model folder that does not fit: another engine, layout, model or format."""
+
+
+class NonFiniteError(EmbedforgeError, FloatingPointError):
+    """Training stopped on non-finite steps (loss / grad norm / weights); the newest good checkpoint is kept."""

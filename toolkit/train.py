@@ -38,6 +38,7 @@ from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_c
 from toolkit.config import ConfigError, RunConfig, StageConfig, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
+from toolkit.errors import NonFiniteError
 from toolkit.models.arch import ModelArgs, read_model_args
 from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import STOP_REQUEST, STOPPED, RunLayout
@@ -154,6 +155,10 @@ class Trainer:
             log.info("stage %s: resumed from %s (step %d)", stage.name, checkpoint, step)
 
         def save(at_step: int) -> Path:
+            if not engine.trainable_finite():  # never commit non-finite weights (all ranks agree)
+                raise NonFiniteError(f"stage {stage.name}: trainable weights are non-finite at step {at_step}; "
+                                     f"refusing to save a checkpoint; the newest good checkpoint is "
+                                     f"{_newest_good(stage_dir)}")
             tmp = begin_step_dir(stage_dir, at_step, dims.rank)
             engine.save(tmp)
             trainer_dir = tmp / "trainer"
@@ -175,22 +180,29 @@ class Trainer:
                            write_metrics=dims.is_logging_rank)
         batches = iter(loader)
         last_loss, steps_this_run = None, 0
+        guard = StepGuard(stage.name, self.cfg.train.max_skipped_steps, self.cfg.train.collapse_window)
         try:
             while step < stage.steps:
                 t0 = time.perf_counter()
+                # a skipped (non-finite) step still consumes its batches: the data order never depends on it
                 result = engine.train_step([next(batches) for _ in range(stage.grad_accum)])
                 step += 1
                 steps_this_run += 1
                 seconds = time.perf_counter() - t0
                 self.slowest_step = max(self.slowest_step, seconds)
-                last_loss = result.loss
-                tlog.step(step, result.loss, result.lr, result.tokens, seconds, result.grad_norm)
-                if not math.isfinite(result.loss):
-                    save(step)
-                    raise FloatingPointError(f"stage {stage.name}: loss is {result.loss} at step {step} (checkpoint saved)")
+                if not result.skipped:
+                    last_loss = result.loss
+                tlog.step(step, result.loss, result.lr, result.tokens, seconds, result.grad_norm, skipped=result.skipped)
+                if guard.observe(step, result) >= guard.max_skipped:
+                    raise NonFiniteError(
+                        f"stage {stage.name}: {guard.consecutive} consecutive non-finite steps (loss {result.loss:g}, "
+                        f"grad norm {result.grad_norm:g}) at step {step}; the newest good checkpoint is "
+                        f"{_newest_good(stage_dir)}; resume it with a lower learning rate (see --resume-with-changes)")
                 every = self.cfg.checkpoint.every_steps
                 preempted = self._agreed_stop(steps_this_run)
-                if step < stage.steps and (preempted or (every and step % every == 0)):
+                # no periodic checkpoint on a skipped step: the newest step-N/ is one whose update was finite
+                periodic = every and step % every == 0 and not result.skipped
+                if step < stage.steps and (preempted or periodic):
                     path = save(step)
                     if preempted:
                         log.warning("stage %s: stopped at step %d; resume from %s", stage.name, step, path)
@@ -198,6 +210,9 @@ class Trainer:
         finally:
             batches.close()  # stops loader workers
             tlog.close()
+            if guard.total:
+                log.warning("stage %s: skipped %d non-finite steps (%s)", stage.name, guard.total,
+                            ", ".join(map(str, guard.skipped_steps[:20])))
             bad = loader.stats()
             if bad.num_bad:
                 log.warning("stage %s: skipped %d bad records of %d read (%s)", stage.name, bad.num_bad,
@@ -269,6 +284,50 @@ class Trainer:
         elif engine_rng.is_file():
             self.engine.set_rng_state(torch.load(engine_rng, weights_only=False))
         return int(meta["step"])
+
+
+class StepGuard:
+    """Counts a stage's skipped (non-finite) steps and watches for a collapsed run.
+
+    `observe` logs each skipped step and returns the number of consecutive skips; a window of steps
+    with a grad norm of exactly 0, or a loss equal to the previous one (1e-7 relative), logs one warning."""
+
+    def __init__(self, stage: str, max_skipped: int, collapse_window: int):
+        self.stage, self.max_skipped, self.window = stage, max_skipped, collapse_window
+        self.consecutive = self.total = 0
+        self.skipped_steps: list[int] = []
+        self._flat_since: int | None = None
+        self._previous_loss: float | None = None
+        self._warned = False
+
+    def observe(self, step: int, result) -> int:
+        if result.skipped:
+            self.consecutive += 1
+            self.total += 1
+            self.skipped_steps.append(step)
+            log.warning("stage %s: step %d skipped: non-finite loss %g or grad norm %g (%d in a row, the limit "
+                        "is train.max_skipped_steps=%d)", self.stage, step, result.loss, result.grad_norm,
+                        self.consecutive, self.max_skipped)
+            self._flat_since, self._previous_loss = None, None
+            return self.consecutive
+        self.consecutive = 0
+        previous, self._previous_loss = self._previous_loss, result.loss
+        flat = result.grad_norm == 0 or (previous is not None
+                                         and abs(result.loss - previous) <= 1e-7 * max(abs(previous), 1e-12))
+        if not flat:
+            self._flat_since = None
+            return 0
+        self._flat_since = step if self._flat_since is None else self._flat_since
+        if self.window and not self._warned and step - self._flat_since + 1 >= self.window:
+            self._warned = True
+            log.warning("stage %s: the run looks collapsed: grad norm 0 or a constant loss (%g) for steps %d-%d; "
+                        "check the learning rate and the data", self.stage, result.loss, self._flat_since, step)
+        return 0
+
+
+def _newest_good(stage_dir: Path) -> str:
+    newest = latest_complete(stage_dir)
+    return str(newest) if newest is not None else f"none in {stage_dir} (the stage would restart from its start)"
 
 
 def _rng_state(generator: torch.Generator) -> dict:

@@ -29,17 +29,21 @@ class TrainingLog:
         self._window_tokens = 0
         self._window_time = 0.0
 
-    def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float, grad_norm: float) -> None:
+    def step(self, step: int, loss: float, lr: float, tokens: int, seconds: float, grad_norm: float,
+             skipped: bool = False) -> None:
+        """A skipped (non-finite) step is always written, with "skipped": true."""
         self._window_tokens += tokens
         self._window_time += seconds
         tps = tokens / max(seconds, 1e-9)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", refresh=False)
-        if step % max(1, self.cfg.every_steps) == 0 or step == 1:
+        if step % max(1, self.cfg.every_steps) == 0 or step == 1 or skipped:
             window_tps = self._window_tokens / max(self._window_time, 1e-9)
             record = {"stage": self.stage, "step": step, "loss": loss, "lr": lr, "tokens_per_s": window_tps,
                       "grad_norm": grad_norm}
+            if skipped:
+                record["skipped"] = True
             if self.metrics is not None:
                 self.metrics.write(json.dumps(record) + "\n")
                 self.metrics.flush()

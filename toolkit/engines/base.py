@@ -8,6 +8,7 @@ how a stage's result becomes an encoder folder. Each backend registers an `Engin
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ class StepResult:
     tokens: int  # real tokens processed by this DP replica
     grad_norm: float
     lr: float
+    # True when the loss or the global grad norm was non-finite: the update was not applied (weights,
+    # optimizer state and LR schedule untouched, gradients zeroed), on every rank alike
+    skipped: bool = False
 
 
 class Engine(ABC):
@@ -65,6 +69,16 @@ class Engine(ABC):
     def end_stage(self, final_dir: Path) -> Path:
         """Merge adapters and write the encoder folder (one writer); returns `final_dir`."""
 
+    def local_trainable_tensors(self) -> list[torch.Tensor]:
+        """This rank's copies (or shards) of the trainable tensors, for the finiteness check before a save."""
+        return list(getattr(self, "params", {}).values())
+
+    def trainable_finite(self) -> bool:
+        """Whether every trainable tensor is finite on every rank (a collective: every rank calls)."""
+        with torch.no_grad():
+            ok = all(bool(torch.isfinite(t).all()) for t in self.local_trainable_tensors() if t.numel())
+        return not any_rank(not ok)
+
     def rng_state(self) -> dict:
         return {}
 
@@ -79,6 +93,20 @@ def stage_attention_dropout(stage: StageConfig, cfg: RunConfig, hf_config) -> fl
     Set at every stage, so one stage's (SimCSE's 0.3) never leaks into the next."""
     return float(next(p for p in (stage.attention_dropout, cfg.model.attention_dropout,
                                   getattr(hf_config, "attention_dropout", 0.0), 0.0) if p is not None))
+
+
+def nonfinite(*values: float) -> bool:
+    return not all(math.isfinite(v) for v in values)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank of the world (all its DP, TP and PP ranks), so
+    no rank applies an update that another skips. A CPU tensor: gloo carries it, also beside nccl."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def allreduce(tensors: list[torch.Tensor], group, *, average: bool, bucket_elements: int = 1 << 26) -> None:

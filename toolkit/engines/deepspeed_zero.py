@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from toolkit.assets import cache_dir
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
-from toolkit.engines.base import StepResult
+from toolkit.engines.base import StepResult, any_rank, nonfinite
 from toolkit.engines.hf import HFEngine
 from toolkit.engines.spec import EngineSpec, PlannerTraits, register_engine
 from toolkit.errors import CheckpointError, MissingPathError
@@ -141,7 +141,51 @@ class DeepSpeedEngine(HFEngine):
         self._stage0_norm: float | None = None
         if self.cfg.zero.stage == 0:  # no ZeRO optimizer records the norm: keep the clip's return value
             self.ds.clip_fp32_gradients = self._clip_and_record
+        self._install_skip_gate()
         self.ds.train()
+
+    def _install_skip_gate(self) -> None:
+        """Make DeepSpeed's step() skip the update on a non-finite loss or grad norm, before it applies it.
+
+        The grad norm is only known inside step() (ZeRO 1-3 reduce / partition gradients in backward and
+        take the norm of the partitions there), so the skip goes through DeepSpeed's own overflow path:
+        gradients cleared, no optimizer step, `optimizer.overflow` set so the engine leaves the LR
+        schedule alone (and counts `skipped_steps`). DeepSpeed 0.19: ZeRO 1/2 flag a non-finite norm
+        themselves for fp32 and check raw gradients only with `check_grad_overflow` (turned on here, also
+        for bf16); ZeRO-3 flags an invalid norm for every dtype. A non-finite loss (known before step(),
+        reduced over DP) forces the same path. ZeRO-0 has no ZeRO optimizer: the torch optimizer's
+        step() is gated on the norm its clip recorded."""
+        opt = self.ds.optimizer
+        self._loss_bad = False
+        stage = self.cfg.zero.stage
+        if stage in (1, 2):
+            opt.check_grad_overflow = True
+            has_overflow = opt.has_overflow
+
+            def gated_has_overflow(*args, **kwargs):
+                return bool(has_overflow(*args, **kwargs)) or self._loss_bad
+
+            opt.has_overflow = gated_has_overflow
+        elif stage == 3:
+            check = opt._overflow_check_and_loss_scale_update
+
+            def gated_check(*args, **kwargs):
+                check(*args, **kwargs)
+                opt.overflow = bool(opt.overflow) or self._loss_bad
+                return opt.overflow
+
+            opt._overflow_check_and_loss_scale_update = gated_check
+        else:
+            step = opt.step
+
+            def gated_step(*args, **kwargs):
+                norm = self._stage0_norm if self._stage0_norm is not None else 0.0
+                opt.overflow = any_rank(self._loss_bad or nonfinite(norm))
+                if opt.overflow:  # the engine zeroes the gradients after step() and skips the LR schedule
+                    return None
+                return step(*args, **kwargs)
+
+            opt.step = gated_step
 
     def _make_optimizer(self, stage: StageConfig) -> torch.optim.Optimizer:
         if not self.cfg.zero.cpu_adam:
@@ -162,12 +206,24 @@ class DeepSpeedEngine(HFEngine):
         self.ds.backward(loss, scale_wrt_gas=False)  # the step already scaled by 1 / grad_accum
 
     def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
-        loss, tokens = self._forward_backward(micro_batches)
-        self.ds.step()  # reduce (stage 0/1) or finalize partitions (2/3), clip, update, lr schedule
-        norm = self.ds.get_global_grad_norm()  # ZeRO and bf16 optimizers record it; plain ZeRO-0 does not
+        loss, tokens = self._forward_backward(micro_batches)  # loss reduced over DP: the same on every rank
+        self._loss_bad = any_rank(nonfinite(loss))
+        self._stage0_norm = None
+        skipped_before = self.ds.skipped_steps
+        self.ds.step()  # reduce (stage 0/1) or finalize partitions (2/3), clip, update, lr schedule; or skip
+        skipped = any_rank(self.ds.skipped_steps > skipped_before or self._loss_bad)
+        self._loss_bad = False
+        norm = self.ds.get_global_grad_norm()  # ZeRO and bf16 optimizers record it (inf on a skip); ZeRO-0 not
         norm = self._stage0_norm if norm is None else norm
         grad_norm = float(norm) if norm is not None else float("nan")
-        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
+                          skipped=skipped)
+
+    def local_trainable_tensors(self) -> list[Tensor]:
+        """This rank's trainable values: the ZeRO-3 partition (the parameter itself is empty there), else
+        the parameter (ZeRO 0-2 keep full copies on every rank)."""
+        return [getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p
+                for p in self.params.values()]
 
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
-from toolkit.engines.base import Engine, StepResult, allreduce_mean, stage_attention_dropout
+from toolkit.engines.base import Engine, StepResult, allreduce_mean, any_rank, nonfinite, stage_attention_dropout
 from toolkit.engines.spec import EngineSpec, register_engine
 from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.folder import load_encoder_weights
@@ -89,11 +89,14 @@ class HFEngine(Engine):
         loss, tokens = self._forward_backward(micro_batches)
         if self.dims.dp > 1:
             allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
-        grad_norm = self._clip(self.stage.optimizer.clip_grad)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = self._clip(self.stage.optimizer.clip_grad)  # loss and norm are the same on every DP rank
+        skipped = any_rank(nonfinite(loss, grad_norm))
+        if not skipped:  # a non-finite step leaves weights, optimizer state and LR schedule as they were
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
+                          skipped=skipped)
 
     def _forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
         """Every micro-batch's forward and backward (gradients accumulate, each scaled by 1 / count);

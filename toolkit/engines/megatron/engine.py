@@ -28,7 +28,15 @@ from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
 from toolkit.distributed.megatron_shims import seed_model_parallel_rng
 from toolkit.distributed.parallel_dims import ParallelDims
-from toolkit.engines.base import Engine, StepResult, allreduce, allreduce_mean, stage_attention_dropout
+from toolkit.engines.base import (
+    Engine,
+    StepResult,
+    allreduce,
+    allreduce_mean,
+    any_rank,
+    nonfinite,
+    stage_attention_dropout,
+)
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from toolkit.engines.megatron.lora import MegatronLora
@@ -304,18 +312,24 @@ class MegatronEngine(Engine):
         if weight.grad is not None and 0 <= local < weight.shape[0]:
             weight.grad[local] = 0
 
-    def optimizer_step(self) -> float:
-        """Clip by the global norm, update, advance the LR schedule; returns the norm before clipping."""
+    def optimizer_step(self, loss: float = 0.0) -> tuple[float, bool]:
+        """Clip by the global norm, update, advance the LR schedule; returns (the norm before clipping,
+        skipped). A non-finite loss or norm skips the update (weights, Adam moments, LR schedule
+        untouched; gradients zeroed) on every rank: the loss is reduced over PP and DP, the norm over
+        TP x PP of DP-averaged gradients, and a flag all-reduced over the world settles any doubt."""
         grad_norm = self._clip(self.stage.optimizer.clip_grad)
-        self.optimizer.step()
-        self.scheduler.step()
+        skipped = any_rank(nonfinite(loss, grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, skipped
 
     def train_step(self, micro_batches: list[list[dict]]) -> StepResult:
         loss, tokens = self.forward_backward(micro_batches)
-        grad_norm = self.optimizer_step()
-        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0])
+        grad_norm, skipped = self.optimizer_step(loss)
+        return StepResult(loss=loss, tokens=tokens, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
+                          skipped=skipped)
 
     def _gradcache(self, samples: list[dict], scale: float) -> tuple[Tensor, int]:
         """GradCache through the pipeline: the batch size no longer bounds memory.
