@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import EMBEDFORGE, run_config, subprocess_env
+from tests.helpers import EMBEDFORGE, run_config, run_embedforge, subprocess_env
 from toolkit.config import ConfigError, load_config, to_dict
 from toolkit.errors import CheckpointError
 from toolkit.train import StopFlag, Trainer, stage_fingerprint
@@ -122,7 +122,10 @@ def test_checkpoint_with_only_the_old_stage_hash(tiny_llama_dir, tmp_path):
 def test_second_ctrl_c_aborts_at_once():
     flag = StopFlag().install()
     try:
-        signal.raise_signal(signal.SIGINT)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("a first Ctrl-C must only request a checkpoint and a stop")
         assert flag.requested
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
@@ -153,6 +156,9 @@ def test_ctrl_c_saves_a_checkpoint_and_auto_resume_continues(tiny_llama_dir, tmp
     steps = sorted((tmp_path / "run" / "00-mntp").glob("step-*"))
     assert len(steps) == 1 and (steps[0] / "COMPLETE").is_file(), output
     saved = json.loads((steps[0] / "meta.json").read_text())["step"]
+    refused = run_embedforge("train", str(recipe), "pooling.mode=last", "--resume-with-changes", "model.max_length")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert 'pooling.mode: "mean" -> "last"' in refused.stderr.strip().splitlines()[-1], refused.stderr
     trainer = Trainer(load_config(recipe), resume="auto")
     trainer.stop_after_steps = 1
     assert trainer.run()[0].steps_done == saved + 1
