@@ -373,6 +373,7 @@ class Trainer:
         """`export` rebuilds every step-N/ from config.yaml: while checkpoints exist, it is never replaced
         by different settings unless each change was listed (--resume-with-changes). Returns the old one."""
         file = self.layout.config_file
+        self.run_changes = []
         if not file.is_file():
             return None
         previous = load_config(file)
