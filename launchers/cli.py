@@ -33,7 +33,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         preflight(cfg)  # a refused recipe fails here, once, before any rank starts
         ParallelDims.from_config(cfg.parallel, args.nproc, 0)  # a layout that cannot fit fails here, once
         return _relaunch_with_torchrun(args, Path(cfg.output_dir) / STOPPED)
-    outcomes, finished, trainer = run_recipe(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps or None)
+    outcomes, finished, trainer = run_recipe(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps or None,
+                                             allow_changes=args.resume_with_changes)
     for o in outcomes if trainer.dims.is_logging_rank else ():
         state = f"final model: {o.final_dir}" if o.final_dir else f"stopped at step {o.steps_done} (checkpoint saved)"
         print(f"stage {o.name}: {state}")
@@ -52,6 +53,8 @@ def _relaunch_with_torchrun(args: argparse.Namespace, marker: Path) -> int:
     train = ["train", args.config, *args.overrides, "--resume", args.resume]
     if args.stop_after_steps:
         train += ["--stop-after-steps", str(args.stop_after_steps)]
+    if args.resume_with_changes:
+        train += ["--resume-with-changes", *args.resume_with_changes]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "launchers.rank", *(["-v"] if args.verbose else []), *train]
     marker.unlink(missing_ok=True)
@@ -195,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run the stages of a YAML recipe", description="Run a recipe's stages in order.")
     t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.mntp.steps=10")
-    t.add_argument("--resume", default="auto", help="auto (newest complete step-N), never, or a step-N path")
+    t.add_argument("--resume", default="auto", help="auto (newest complete step-N), never, or a step-N path of "
+                   "the stage to continue (anything else is refused)")
+    t.add_argument("--resume-with-changes", nargs="+", default=[], metavar="KEY",
+                   help="settings that may differ from the ones the checkpoints were written with, e.g. "
+                   "stages.mntp.optimizer.lr (a key also allows the keys under it); every other change is refused")
     t.add_argument("--stop-after-steps", type=int, default=0, help="save a checkpoint and stop after N steps (time slicing)")
     t.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun underneath); for several "
                    "nodes use `embedforge submit slurm|ray`")

@@ -38,8 +38,9 @@ from typing import Literal
 
 from toolkit.errors import EmbedforgeError
 
-SAFE = re.compile(r"^[A-Za-z0-9/_.][A-Za-z0-9._,:+=@/-]*$")  # what an #SBATCH value may contain
-TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")  # SLURM's time formats
+# Checked with fullmatch: `$` also matches before a trailing newline, which would start a new #SBATCH line.
+SAFE = re.compile(r"[A-Za-z0-9/_.][A-Za-z0-9._,:+=@/-]*")  # what an #SBATCH value may contain
+TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}|\d+-\d+")  # SLURM's time formats
 
 
 class SubmitError(EmbedforgeError, ValueError):
@@ -92,11 +93,11 @@ def check_sbatch_values(*, job_name: str, partition: str | None, account: str | 
                         log_dir: Path) -> None:
     """Values that go into `#SBATCH` lines, where sbatch parses no shell quotes: a strict pattern."""
     for flag, value in (("job-name", job_name), ("partition", partition), ("account", account)):
-        if value is not None and not SAFE.match(value):
+        if value is not None and not SAFE.fullmatch(value):
             raise SubmitError(f"--{flag}={value!r}: only letters, digits and ._,:+=@/- are allowed")
-    if time is not None and not TIME.match(time):
+    if time is not None and not TIME.fullmatch(time):
         raise SubmitError(f"--time={time!r}: use MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
-    if not SAFE.match(str(log_dir)):
+    if not SAFE.fullmatch(str(log_dir)):
         raise SubmitError(f"{log_dir}: the log folder (from output_dir) must not contain spaces or "
                           "shell characters (it goes into an #SBATCH line)")
 

@@ -127,3 +127,12 @@ def test_nproc_runs_torchrun_and_resumes_at_another_world_size(tiny_llama_dir, t
     assert r.returncode == 0, r.stderr[-3000:]
     assert "saved at {'dp': 2" in r.stderr and "resampled streams restart" in r.stderr, r.stderr[-3000:]
     assert (tmp_path / "np" / "01-simcse" / "final" / "embedforge.json").is_file()
+
+
+def test_sbatch_values_reject_a_trailing_newline(tmp_path):
+    """`^...$` with re.match lets "name\\n" through: a second line in the #SBATCH header (issue 16)."""
+    for kw in (dict(job_name="ok\n"), dict(partition="gpu\n"), dict(account="a\n"), dict(time="10:00\n")):
+        with pytest.raises(SubmitError):
+            render(job(tmp_path, **kw))
+    with pytest.raises(SubmitError, match="log folder"):
+        render(dataclasses.replace(job(tmp_path), output_dir=tmp_path / "run\n"))

@@ -67,7 +67,7 @@ def test_resume_with_changed_config_is_refused(tiny_llama_dir, tmp_path):
     trainer.stop_after_steps = 2
     trainer.run()
     changed = run_config(tmp_path, tiny_llama_dir, mntp__optimizer={"lr": 5e-4})
-    with pytest.raises(ValueError, match="different configuration of stage 'mntp'"):
+    with pytest.raises(ValueError, match="stages.mntp.optimizer.lr: 0.001 -> 0.0005"):
         Trainer(changed).run()
 
 

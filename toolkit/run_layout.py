@@ -19,8 +19,9 @@ FINAL_DIR = "final"
 COMPLETE = "COMPLETE"  # a step-N/ directory's completion marker
 STOPPED = "STOPPED"  # the run stopped early with a checkpoint (launchers requeue)
 STOP_REQUEST = "STOP_REQUESTED"  # touch it: every rank saves and stops at the next step
-STAGE_RE = re.compile(r"^(\d+)-(.+)$")
-STEP_RE = re.compile(r"^step-(\d+)$")
+# \Z, not $: `$` matches before a trailing newline, so "step-2\n" would pass for a checkpoint folder.
+STAGE_RE = re.compile(r"^(\d+)-(.+)\Z")
+STEP_RE = re.compile(r"^step-(\d+)\Z")
 
 
 def stage_dir_name(index: int, name: str) -> str:

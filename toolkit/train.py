@@ -7,8 +7,8 @@ this DP rank's shards, hands the engine one optimizer step's batches, logs, and 
 checkpoints (engine state + per-DP-replica data order and RNG) with exact resume (weights
 bit-identical on CPU with the same layout; resharded by the megatron engine at another layout).
 
-This module knows no launcher: no Ray, no SLURM. A SIGTERM/SIGUSR2 only sets a flag; the loop
-saves at the next step boundary and returns. So does a near wall-time limit, given as a deadline in
+This module knows no launcher: no Ray, no SLURM. A SIGTERM/SIGUSR2 (or a first Ctrl-C) only sets a
+flag; the loop saves at the next step boundary and returns. So does a near wall-time limit, given as a deadline in
 EMBEDFORGE_DEADLINE by whichever launcher knows it.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -25,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -34,14 +33,15 @@ import yaml
 
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.assets import model_config_file
-from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, latest_complete, read_meta
-from toolkit.config import ConfigError, RunConfig, StageConfig, to_dict
+from toolkit.atomic import atomic_write_text
+from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, complete_steps, latest_complete, read_meta
+from toolkit.config import ConfigError, RunConfig, StageConfig, load_config, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
-from toolkit.errors import NonFiniteError
+from toolkit.errors import CheckpointError, NonFiniteError
 from toolkit.models.arch import ModelArgs, read_model_args
 from toolkit.models.folder import SPEC_FILE
-from toolkit.run_layout import STOP_REQUEST, STOPPED, RunLayout
+from toolkit.run_layout import COMPLETE, FINAL_DIR, STOP_REQUEST, STOPPED, RunLayout, parse_step_dir
 from toolkit.seeds import mask_seed, seed_everything, stage_seed
 from toolkit.training_log import TrainingLog
 
@@ -60,26 +60,95 @@ class StageOutcome:
 
 
 def stage_fingerprint(stage: StageConfig) -> str:
-    """Hash of everything that shapes a stage's trajectory except its length (`steps`)."""
+    """The stage-only hash checkpoints carried before `settings` were recorded in meta.json; kept so
+    such a checkpoint still resumes when its stage is unchanged."""
     data = {k: v for k, v in asdict(stage).items() if k != "steps"}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def fingerprint_settings(cfg: RunConfig, stages: Sequence[StageConfig] | None = None) -> dict[str, Any]:
+    """Every setting that changes the model or its trajectory, as flat `key.sub` names (the ones
+    overrides and --resume-with-changes use): seed, engine, model, pooling, ZeRO stage and each stage
+    but its `steps`. Operational settings stay out: output_dir, logging, checkpoint, eval, the parallel
+    layout (resume reshards) and a stage's length (`steps`: extending a run is allowed)."""
+    tree: dict[str, Any] = {"seed": cfg.seed, "engine": cfg.engine, "model": asdict(cfg.model),
+                            "pooling": asdict(cfg.pooling)}
+    if cfg.engine == "deepspeed":
+        tree["zero"] = {"stage": cfg.zero.stage}
+    tree["stages"] = {s.name: {k: v for k, v in asdict(s).items() if k not in ("name", "steps")}
+                      for s in (cfg.stages if stages is None else stages)}
+    return json.loads(json.dumps(_flatten(tree), default=str))  # tuples -> lists: comparable with meta.json
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """[{key, from, to}] for every key whose value differs (a missing key reads as None)."""
+    return [{"key": k, "from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new))
+            if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+
+
+def describe_change(change: dict[str, Any]) -> str:
+    return f"{change['key']}: {json.dumps(change['from'])} -> {json.dumps(change['to'])}"
+
+
+def _allowed(key: str, allowed: Sequence[str]) -> bool:
+    """A listed key allows itself and every key under it (`stages.extra` allows a whole new stage)."""
+    return any(key == a or key.startswith(a + ".") for a in allowed)
+
+
+def check_changes(what: str, old: dict[str, Any], new: dict[str, Any], allowed: Sequence[str]) -> list[dict[str, Any]]:
+    """Refuse (naming every differing key) unless each differing key was listed in `allowed`; return the
+    accepted changes, logged loudly: a resume that trains on other settings must never be silent."""
+    changes = settings_changes(old, new)
+    refused = [c for c in changes if not _allowed(c["key"], allowed)]
+    if refused:
+        raise ConfigError(
+            f"{what} was written with different settings: {'; '.join(map(describe_change, refused))}. Resume with "
+            "the same settings, start a new output_dir, or change them deliberately with --resume-with-changes "
+            + " ".join(c["key"] for c in refused))
+    for change in changes:
+        log.warning("RESUMING WITH A CHANGED SETTING (--resume-with-changes) in %s: %s", what, describe_change(change))
+    return changes
+
+
 class StopFlag:
-    """Set by SIGTERM / SIGUSR2 (preemption notices); checked at step boundaries."""
+    """Set by SIGTERM / SIGUSR2 (preemption notices) and a first Ctrl-C (SIGINT); checked at step
+    boundaries, so an interrupted stage keeps its steps. A second Ctrl-C aborts at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.interrupts = 0
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR2):
+            for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        log.warning("signal %s received: saving a checkpoint at the next step boundary", signum)
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # the user insists: the steps since the last checkpoint are lost
+            log.warning("Ctrl-C: saving a checkpoint at the next step boundary, then stopping "
+                        "(Ctrl-C again aborts at once, without saving)")
+        else:
+            log.warning("signal %s received: saving a checkpoint at the next step boundary", signum)
         self.requested = True
 
     def uninstall(self) -> None:
@@ -90,9 +159,15 @@ class StopFlag:
 class Trainer:
     """Runs the stages of a recipe on one rank; every rank of a torchrun / SLURM / Ray job runs one."""
 
-    def __init__(self, cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto"):
+    def __init__(self, cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",
+                 allow_changes: Sequence[str] = ()):
+        """`allow_changes`: setting names (`stages.mntp.optimizer.lr`) that may differ from the ones the
+        run's checkpoints were written with (--resume-with-changes); every other difference is refused."""
         self.cfg = cfg
         self.resume = resume
+        self.allow_changes = tuple(allow_changes)
+        self.run_changes: list[dict[str, Any]] = []  # accepted against config.yaml (noted in its header)
+        self.resume_target: tuple[int, Path] | None = None  # (stage index, step-N/) of --resume PATH
         self.out = Path(cfg.output_dir)
         self.layout = RunLayout(self.out)
         self.stop = StopFlag()
@@ -103,11 +178,12 @@ class Trainer:
     # ------------------------------------------------------------------ run
     def run(self) -> list[StageOutcome]:
         model_args = preflight(self.cfg)  # a refused recipe or a bad data path fails before any weight loads
+        self.resume_target = self._check_resume_path()
+        previous_config = self._check_run_config()
         rank, world = init_distributed()
         self.dims = ParallelDims.from_config(self.cfg.parallel, world, rank)
-        if self.dims.is_logging_rank:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.layout.config_file.write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        if self.dims.is_logging_rank:  # only now: a refused start leaves config.yaml as export needs it
+            self._write_config(previous_config)
         seed_everything(self.cfg.seed)
         needs_new_mask = any(
             s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in self.cfg.stages
@@ -148,11 +224,12 @@ class Trainer:
         generator = torch.Generator().manual_seed(mask_seed(self.cfg.seed, index, dims.dp_rank))
         engine.begin_stage(index, stage, data_kind=manifest.kind, generator=generator)
 
-        step = 0
-        checkpoint = self._resume_point(stage_dir)
+        step, changes = 0, []
+        checkpoint = self._resume_point(index, stage_dir)
         if checkpoint is not None:
-            step = self._restore(checkpoint, stage, generator, loader)
+            step, changes = self._restore(checkpoint, stage, generator, loader)
             log.info("stage %s: resumed from %s (step %d)", stage.name, checkpoint, step)
+        settings = fingerprint_settings(self.cfg, [stage])
 
         def save(at_step: int) -> Path:
             if not engine.trainable_finite():  # never commit non-finite weights (all ranks agree)
@@ -170,7 +247,8 @@ class Trainer:
             if engine_rng:
                 trainer_dir.mkdir(exist_ok=True)
                 torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
-            meta = {"stage": stage.name, "step": at_step, "fingerprint": stage_fingerprint(stage),
+            meta = {"stage": stage.name, "step": at_step, "fingerprint": settings_hash(settings),
+                    "settings": settings, "changes": changes,
                     "engine": engine.name, "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
             return commit_step_dir(tmp, meta, dims.rank, self.cfg.checkpoint.keep_last)
 
@@ -250,22 +328,92 @@ class Trainer:
         log.warning("%.0f s left before the job's time limit (%s): saving a checkpoint and stopping", left, DEADLINE_ENV)
         return True
 
-    def _resume_point(self, stage_dir: Path) -> Path | None:
+    def _resume_point(self, index: int, stage_dir: Path) -> Path | None:
         if self.resume == "never":
             return None
         if self.resume == "auto":
             return latest_complete(stage_dir)
-        path = Path(self.resume)
-        return path if path.parent == stage_dir else None
+        target = self.resume_target  # checked by _check_resume_path: a later stage starts fresh
+        return target[1] if target is not None and target[0] == index else None
 
-    def _restore(self, path: Path, stage: StageConfig, generator: torch.Generator, loader: StreamingLoader) -> int:
-        meta = read_meta(path)
-        if meta.get("fingerprint") != stage_fingerprint(stage):
+    def _check_resume_path(self) -> tuple[int, Path] | None:
+        """`--resume PATH` must be a complete step-N/ of the stage this start begins with (the first one
+        without final/), resolved, so a relative path or a typo is refused, never silently ignored (an
+        ignored path restarts at step 0, and the first save prunes the newer checkpoints)."""
+        if self.resume in ("auto", "never"):
+            return None
+        path = Path(self.resume).expanduser().resolve()
+        index = next((i for i, s in enumerate(self.cfg.stages)
+                      if not (self.layout.final_dir(i, s.name) / SPEC_FILE).is_file()), None)
+        if index is None:
+            raise CheckpointError(f"--resume {self.resume}: every stage of {self.out} is finished; nothing to resume")
+        expected = self.layout.stage_dir(index, self.cfg.stages[index].name).resolve()
+        if parse_step_dir(path) is None or path.parent != expected:
+            raise CheckpointError(f"--resume {self.resume} ({path}): {self._why_not_this_stage(path, index)}")
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"--resume {self.resume} ({path}): not a complete checkpoint (no {COMPLETE} "
+                                  f"marker); complete ones: {[p.name for _, p in complete_steps(expected)]}")
+        return index, path
+
+    def _why_not_this_stage(self, path: Path, index: int) -> str:
+        """What a refused --resume PATH was expected to be, in the run's own terms."""
+        first = self.cfg.stages[index].name
+        expected = f"expected a step-N/ folder of {self.layout.stage_dir(index, first).resolve()}"
+        for i, stage in enumerate(self.cfg.stages):
+            if parse_step_dir(path) is None or path.parent != self.layout.stage_dir(i, stage.name).resolve():
+                continue
+            if i > index:
+                return f"stage {first} is not finished (no {self.layout.final_dir(index, first)}); {expected}"
+            return f"stage {stage.name} is already finished; {expected}"
+        return f"{expected} (the stage this run starts with)"
+
+    def _check_run_config(self) -> RunConfig | None:
+        """`export` rebuilds every step-N/ from config.yaml: while checkpoints exist, it is never replaced
+        by different settings unless each change was listed (--resume-with-changes). Returns the old one."""
+        file = self.layout.config_file
+        self.run_changes = []
+        if not file.is_file():
+            return None
+        previous = load_config(file)
+        if self._has_checkpoints():
+            self.run_changes = check_changes(f"{file} (the run's checkpoints)", fingerprint_settings(previous),
+                                             fingerprint_settings(self.cfg), self.allow_changes)
+        return previous
+
+    def _has_checkpoints(self) -> bool:
+        return any(complete_steps(d) or (d / FINAL_DIR / SPEC_FILE).is_file() for d in self.layout.stage_dirs())
+
+    def _write_config(self, previous: RunConfig | None) -> None:
+        """The recipe as run; deliberate changes are kept as a comment header (history included)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        file = self.layout.config_file
+        header = [line for line in file.read_text().splitlines() if line.startswith("#")] if previous else []
+        if self.run_changes:
+            header.append(f"# resumed with changes (--resume-with-changes) at {time.strftime('%Y-%m-%d %H:%M:%S')}:")
+            header += [f"#   {describe_change(c)}" for c in self.run_changes]
+        body = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        atomic_write_text(file, "".join(line + "\n" for line in header) + body)
+
+    def _checkpoint_changes(self, path: Path, meta: dict[str, Any], stage: StageConfig) -> list[dict[str, Any]]:
+        """The checkpoint's own record of its settings against this run's: refused unless unchanged or
+        listed; returns every change since the stage began (kept in the next checkpoints' meta.json)."""
+        earlier = list(meta.get("changes", []))
+        saved = meta.get("settings")
+        if saved is None:  # written before settings were recorded: only the stage's hash to compare
+            if meta.get("fingerprint") == stage_fingerprint(stage):
+                return earlier
             raise ConfigError(
-                f"{path}: checkpoint was written with a different configuration of stage {stage.name!r} "
-                "(objective, data, lora, optimizer, schedule, batch or precision changed); "
-                "resume with the same config, or start a new output_dir"
-            )
+                f"{path / 'meta.json'}: has only a hash of stage {stage.name!r}'s settings (an older checkpoint), "
+                "and it does not match this config: resume with the config it was written with "
+                f"({self.layout.config_file} when it was not changed since), or start a new output_dir")
+        now = fingerprint_settings(self.cfg, [stage])
+        accepted = check_changes(f"{path} (checkpoint of stage {stage.name!r})", saved, now, self.allow_changes)
+        return earlier + [{**c, "resumed_from": str(path)} for c in accepted]
+
+    def _restore(self, path: Path, stage: StageConfig, generator: torch.Generator,
+                 loader: StreamingLoader) -> tuple[int, list[dict[str, Any]]]:
+        meta = read_meta(path)
+        changes = self._checkpoint_changes(path, meta, stage)
         written_by = meta.get("engine", DEFAULT_ENGINE)
         if written_by != self.engine.name:
             raise ConfigError(f"{path}: written by engine={written_by!r}, this run uses engine={self.engine.name!r}; "
@@ -283,7 +431,7 @@ class Trainer:
             log.warning("%s: saved at %s, resuming at %s (weights and optimizer resharded)", path, saved, layout)
         elif engine_rng.is_file():
             self.engine.set_rng_state(torch.load(engine_rng, weights_only=False))
-        return int(meta["step"])
+        return int(meta["step"]), changes
 
 
 class StepGuard:
@@ -356,8 +504,9 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
     return model_args
 
 
-def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto") -> list[StageOutcome]:
-    return Trainer(cfg, resume).run()
+def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",
+          allow_changes: Sequence[str] = ()) -> list[StageOutcome]:
+    return Trainer(cfg, resume, allow_changes).run()
 
 
 def _deadline_from_env() -> float | None:
@@ -376,7 +525,7 @@ def clear_run_markers(output_dir: Path) -> None:
 
 
 def run_recipe(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto", stop_after_steps: int | None = None,
-               clear_markers: bool = True) -> tuple[list[StageOutcome], bool, Trainer]:
+               clear_markers: bool = True, allow_changes: Sequence[str] = ()) -> tuple[list[StageOutcome], bool, Trainer]:
     """This rank's part of a whole run, as every launcher runs it: (outcomes, finished, trainer).
 
     Rank 0 keeps the run-level files in step with how the run ends: it clears stale markers at the
@@ -386,7 +535,7 @@ def run_recipe(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto", 
     rank0 = os.environ.get("RANK", "0") == "0"
     if rank0 and clear_markers:
         clear_run_markers(out)
-    trainer = Trainer(cfg, resume=resume)
+    trainer = Trainer(cfg, resume=resume, allow_changes=allow_changes)
     trainer.stop_after_steps = stop_after_steps
     outcomes = trainer.run()
     finished = len(outcomes) == len(cfg.stages) and all(o.final_dir for o in outcomes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class TrainingLog:
             if skipped:
                 record["skipped"] = True
             if self.metrics is not None:
-                self.metrics.write(json.dumps(record) + "\n")
+                self.metrics.write(json.dumps(_strict(record), allow_nan=False) + "\n")
                 self.metrics.flush()
             if self.writer is not None:
                 for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
@@ -59,3 +60,9 @@ class TrainingLog:
             self.writer.close()
         if self.metrics is not None:
             self.metrics.close()
+
+
+def _strict(record: dict) -> dict:
+    """NaN / inf as null: bare `NaN` is not JSON, and a strict reader (jq, json.loads with parse_constant,
+    other languages) would fail on the very line that records a diverging run."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
