@@ -191,3 +191,19 @@ def test_real_full_disk(tiny_llama_dir, tmp_path):
         assert not tmp.exists()
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+def test_old_format_rng_state_still_resumes(tiny_llama_dir, tmp_path):
+    import random
+
+    import numpy as np
+
+    cfg, stage = stopped_run(tmp_path, tiny_llama_dir, stop=2)
+    path = stage / "step-2" / "trainer" / "dp-0.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"]["numpy"], state["rng"]["python"] = np.random.get_state(), random.getstate()  # ndarray tuple
+    torch.save(state, path)
+    rerecord(stage / "step-2", "trainer/dp-0.pt")
+    trainer = Trainer(cfg, resume=str(stage / "step-2"))
+    trainer.stop_after_steps = 1
+    assert trainer.run()[0].steps_done == 3

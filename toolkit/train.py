@@ -346,7 +346,8 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
     validate_run(cfg, model_args)
     if check_data:
         for stage in cfg.stages:
-            open_dataset(stage.data.path)
+            d = stage.data  # a manifest's own pipe: command is refused here, before any weight loads
+            open_dataset(d.path).check_urls(d.shard_url_template, d.trust_manifest_commands)
     return model_args
 
 
