@@ -207,3 +207,18 @@ def test_old_format_rng_state_still_resumes(tiny_llama_dir, tmp_path):
     trainer = Trainer(cfg, resume=str(stage / "step-2"))
     trainer.stop_after_steps = 1
     assert trainer.run()[0].steps_done == 3
+
+
+@pytest.mark.parametrize("zero_stage,name", [(0, "mp_rank_00_model_states.pt"),
+                                             (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
+def test_poisoned_deepspeed_file_never_runs(tmp_path, zero_stage, name):
+    from toolkit.engines.deepspeed_zero import read_trainable
+
+    folder = tmp_path / "step-1" / "deepspeed"
+    (folder / "state").mkdir(parents=True)
+    (folder / "zero.json").write_text(json.dumps({"zero_stage": zero_stage, "trainable": ["w"]}))
+    marker = tmp_path / "MARKER"
+    torch.save({"module": _Poison(marker)}, folder / "state" / name)
+    with pytest.raises(CheckpointError, match=rf"{name}: holds .*refused"):
+        read_trainable(tmp_path / "step-1")
+    assert not marker.exists()

@@ -56,14 +56,14 @@ def first_mismatch(root: Path, recorded: dict[str, dict[str, Any]]) -> str | Non
     return None
 
 
-def load_torch(path: Path, allow: list | None = None) -> Any:
+def load_torch(path: Path, allow: list | None = None, mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)`: tensors and plain containers only (plus the `allow`ed
     classes); anything else, or a truncated file, is a CheckpointError naming the file."""
     try:
         if allow:
             with torch.serialization.safe_globals(allow):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = str(exc).split("GLOBAL", 1)[-1].split(" was not")[0].strip() if "GLOBAL" in str(exc) else "an object"
         raise CheckpointError(f"{path}: holds {found}, not only tensors and plain data; refused (loading it could "
