@@ -6,7 +6,6 @@ newest complete step intact."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
