@@ -137,7 +137,7 @@ class ShardBatches(IterableDataset):
                               num_slots=self.dp_world * self.num_workers, shuffle=d.shuffle,
                               shuffle_buffer=d.shuffle_buffer, verify=d.verify,
                               max_chars=d.max_chars, max_bad_fraction=d.max_bad_fraction,
-                              url_template=d.shard_url_template)
+                              url_template=d.shard_url_template, trust_commands=d.trust_manifest_commands)
         saved = self.worker_states.get(str(logical), {})
         stats = ReadStats(**saved.get("stats", {}))
         step = saved.get("next_step", logical)
@@ -177,6 +177,7 @@ class StreamingLoader:
         self.worker_states: dict[str, dict] = {}
         self.last_task: str | None = None
         ShardBatches(manifest, data, seed=seed, dp_rank=dp_rank, dp_world=dp_world)  # validate tasks early
+        manifest.check_urls(data.shard_url_template, data.trust_manifest_commands)  # before any shard opens
         if data.mode == "exact":  # fail now, not in a worker, when shards cannot cover the readers
             for task in manifest.tasks():
                 SlotStream(manifest, task, SlotConfig(mode="exact", seed=seed, slot=0, num_slots=dp_world * self.num_workers))

@@ -8,6 +8,10 @@ Shard URLs: an entry's `url` is a path relative to the manifest's folder, an abs
 `file://...`, or `pipe:COMMAND` (any command that writes the shard to stdout: how shards are read
 from S3 / GCS / Lustre). `DataConfig.shard_url_template` (e.g. `pipe:aws s3 cp s3://b/c/{name} -`)
 re-points all shards at another store without editing the manifest.
+
+A `pipe:` URL runs a shell command, and a manifest may come with a dataset someone sent: a manifest's
+own `pipe:` URLs are refused unless the recipe sets `data.trust_manifest_commands: true` (the
+recipe's template is the user's own and always allowed).
 """
 
 from __future__ import annotations
@@ -67,13 +71,33 @@ class Manifest:
             out[s.task] = out.get(s.task, 0) + s.samples
         return out
 
-    def shard_url(self, shard: ShardInfo, template: str = "") -> str:
+    def shard_url(self, shard: ShardInfo, template: str = "", trust_commands: bool = False) -> str:
+        """Where to read `shard`: the recipe's template, else the manifest's URL (a command only if trusted)."""
         if template:
             return template.format(name=shard.name, task=shard.task)
         url = shard.url or shard.name
+        if url.startswith("pipe:") and not trust_commands:
+            where = manifest_path(self.root) if self.root is not None else MANIFEST
+            raise ManifestError(f"{where}: shard {shard.name!r} has url {url!r}, a shell command; refused from a "
+                                "manifest (it may have come with the data). Set data.trust_manifest_commands: true "
+                                "if you wrote it, or data.shard_url_template in the recipe")
         if url.startswith(("pipe:", "file://", "/")) or "://" in url or self.root is None:
             return url
         return str(self.root / url)
+
+    def check_urls(self, template: str = "", trust_commands: bool = False) -> None:
+        """Refuse an untrusted manifest command before any shard is opened (`shard_url` on each)."""
+        for shard in self.shards:
+            self.shard_url(shard, template, trust_commands)
+
+    def url_schemes(self) -> dict[str, int]:
+        """Shards per URL scheme (`file` for paths): what reading this dataset will do."""
+        out: dict[str, int] = {}
+        for shard in self.shards:
+            url = shard.url or shard.name
+            scheme = "pipe" if url.startswith("pipe:") else url.split("://", 1)[0] if "://" in url else "file"
+            out[scheme] = out.get(scheme, 0) + 1
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)

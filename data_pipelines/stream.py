@@ -207,6 +207,7 @@ class SlotConfig:
     max_chars: int = 0
     max_bad_fraction: float = 0.0
     url_template: str = ""
+    trust_commands: bool = False  # data.trust_manifest_commands: a manifest's own pipe: URLs may run
 
 
 class SlotStream:
@@ -237,7 +238,7 @@ class SlotStream:
 
     def _shard_samples(self, shard: ShardInfo, epoch: int) -> Iterator[dict]:
         c = self.cfg
-        url = self.manifest.shard_url(shard, c.url_template)
+        url = self.manifest.shard_url(shard, c.url_template, c.trust_commands)
         samples = read_shard(url, shard, self.manifest.kind, self.stats, verify=c.verify,
                              max_chars=c.max_chars)
         if not c.shuffle:

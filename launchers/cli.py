@@ -163,6 +163,7 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
     print(f"kind: {m.kind}")
     print(f"samples: {m.num_samples}")
     print(f"shards: {len(m.shards)} ({sum(s.bytes for s in m.shards)} bytes)")
+    print("url schemes: " + ", ".join(f"{k}={v}" for k, v in sorted(m.url_schemes().items())))
     print("tasks: " + ", ".join(f"{task}={n}" for task, n in m.tasks().items()))
     print(f"tokenizer: {m.tokenizer or '-'}")
     print("bad records: " + (", ".join(f"{k}={v}" for k, v in m.bad_records.items()) or "none"))

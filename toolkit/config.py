@@ -118,6 +118,9 @@ class DataConfig:
     max_bad_fraction: float = 0.001  # bad records tolerated before the run stops
     verify: bool = True  # check each shard's sha256 against the manifest as it is read
     shard_url_template: str = ""  # e.g. "pipe:aws s3 cp s3://bucket/corpus/{name} -"
+    # A `pipe:COMMAND` shard URL runs a shell command. One from this recipe (shard_url_template) is
+    # yours; one inside a received dataset's manifest.json is refused unless this is true.
+    trust_manifest_commands: bool = False
 
 
 @dataclass(kw_only=True)

@@ -34,7 +34,17 @@ import yaml
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.assets import model_config_file
 from toolkit.atomic import atomic_write_text
-from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, complete_steps, latest_complete, read_meta
+from toolkit.checkpoint.integrity import NUMPY_ARRAY_GLOBALS, load_torch
+from toolkit.checkpoint.manager import (
+    begin_step_dir,
+    commit_step_dir,
+    complete_steps,
+    disk_full_guard,
+    latest_complete,
+    newest_verified,
+    read_meta,
+    verify_checkpoint,
+)
 from toolkit.config import ConfigError, RunConfig, StageConfig, load_config, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
@@ -73,8 +83,7 @@ def fingerprint_settings(cfg: RunConfig, stages: Sequence[StageConfig] | None = 
     layout (resume reshards) and a stage's length (`steps`: extending a run is allowed)."""
     tree: dict[str, Any] = {"seed": cfg.seed, "engine": cfg.engine, "model": asdict(cfg.model),
                             "pooling": asdict(cfg.pooling)}
-    if cfg.engine == "deepspeed":
-        tree["zero"] = {"stage": cfg.zero.stage}
+    tree.update(engine_spec(cfg.engine).trajectory_settings(cfg))  # e.g. DeepSpeed's ZeRO stage
     tree["stages"] = {s.name: {k: v for k, v in asdict(s).items() if k not in ("name", "steps")}
                       for s in (cfg.stages if stages is None else stages)}
     return json.loads(json.dumps(_flatten(tree), default=str))  # tuples -> lists: comparable with meta.json
@@ -236,21 +245,22 @@ class Trainer:
                 raise NonFiniteError(f"stage {stage.name}: trainable weights are non-finite at step {at_step}; "
                                      f"refusing to save a checkpoint; the newest good checkpoint is "
                                      f"{_newest_good(stage_dir)}")
-            tmp = begin_step_dir(stage_dir, at_step, dims.rank)
-            engine.save(tmp)
-            trainer_dir = tmp / "trainer"
-            if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
-                trainer_dir.mkdir(exist_ok=True)
-                torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
-                           trainer_dir / f"dp-{dims.dp_rank}.pt")
-            engine_rng = engine.rng_state()
-            if engine_rng:
-                trainer_dir.mkdir(exist_ok=True)
-                torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
-            meta = {"stage": stage.name, "step": at_step, "fingerprint": settings_hash(settings),
-                    "settings": settings, "changes": changes,
-                    "engine": engine.name, "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
-            return commit_step_dir(tmp, meta, dims.rank, self.cfg.checkpoint.keep_last)
+            tmp = begin_step_dir(stage_dir, at_step, dims.rank, self.cfg.checkpoint.keep_last)
+            with disk_full_guard(tmp):
+                engine.save(tmp)
+                trainer_dir = tmp / "trainer"
+                if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
+                    trainer_dir.mkdir(exist_ok=True)
+                    torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
+                               trainer_dir / f"dp-{dims.dp_rank}.pt")
+                engine_rng = engine.rng_state()
+                if engine_rng:
+                    trainer_dir.mkdir(exist_ok=True)
+                    torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
+                meta = {"stage": stage.name, "step": at_step, "fingerprint": settings_hash(settings),
+                        "settings": settings, "changes": changes,
+                        "engine": engine.name, "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
+                return commit_step_dir(tmp, meta, dims.rank, self.cfg.checkpoint.keep_last)
 
         logging_cfg = self.cfg.logging if dims.is_logging_rank else replace(
             self.cfg.logging, tensorboard=False, progress=False)
@@ -332,7 +342,7 @@ class Trainer:
         if self.resume == "never":
             return None
         if self.resume == "auto":
-            return latest_complete(stage_dir)
+            return newest_verified(stage_dir)
         target = self.resume_target  # checked by _check_resume_path: a later stage starts fresh
         return target[1] if target is not None and target[0] == index else None
 
@@ -412,6 +422,7 @@ class Trainer:
 
     def _restore(self, path: Path, stage: StageConfig, generator: torch.Generator,
                  loader: StreamingLoader) -> tuple[int, list[dict[str, Any]]]:
+        verify_checkpoint(path)  # every file as written, before anything reads one
         meta = read_meta(path)
         changes = self._checkpoint_changes(path, meta, stage)
         written_by = meta.get("engine", DEFAULT_ENGINE)
@@ -423,14 +434,14 @@ class Trainer:
         saved = meta.get("layout", {"dp": 1, "tp": 1, "pp": 1})
         layout = {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}
         own = path / "trainer" / f"dp-{dims.dp_rank}.pt"
-        state = torch.load(own if own.is_file() else path / "trainer" / "dp-0.pt", weights_only=False)
+        state = load_torch(own if own.is_file() else path / "trainer" / "dp-0.pt", allow=NUMPY_ARRAY_GLOBALS)
         _set_rng_state(state["rng"], generator)
         loader.load_state_dict(state["loader"], where=str(path))
         engine_rng = path / "trainer" / f"rank-{dims.rank}.pt"
         if saved != layout:
             log.warning("%s: saved at %s, resuming at %s (weights and optimizer resharded)", path, saved, layout)
         elif engine_rng.is_file():
-            self.engine.set_rng_state(torch.load(engine_rng, weights_only=False))
+            self.engine.set_rng_state(load_torch(engine_rng))
         return int(meta["step"]), changes
 
 
@@ -479,14 +490,25 @@ def _newest_good(stage_dir: Path) -> str:
 
 
 def _rng_state(generator: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "generator": generator.get_state()}
+    """Every RNG as tensors and plain values, so the file loads with `torch.load(weights_only=True)`
+    (numpy's state holds an ndarray: its keys are stored as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": [version, list(internal), gauss]}
 
 
 def _set_rng_state(rng: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    numpy_state = rng["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple: written before the tensor form (loaded via NUMPY_ARRAY_GLOBALS)
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
     generator.set_state(rng["generator"])
 
 
@@ -500,7 +522,8 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
     validate_run(cfg, model_args)
     if check_data:
         for stage in cfg.stages:
-            open_dataset(stage.data.path)
+            d = stage.data  # a manifest's own pipe: command is refused here, before any weight loads
+            open_dataset(d.path).check_urls(d.shard_url_template, d.trust_manifest_commands)
     return model_args
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from toolkit.assets import cache_dir
+from toolkit.checkpoint.integrity import load_torch
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
 from toolkit.engines.base import StepResult, any_rank, nonfinite
@@ -48,6 +49,24 @@ def _import_deepspeed():
     import deepspeed
 
     return deepspeed
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints (plain state holders, no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """DeepSpeed's `load_checkpoint` and `zero_to_fp32` read with `torch.load(weights_only=False)`
+    (DeepSpeed's code): each of its files is first proven plain data under weights_only=True, with
+    only DeepSpeed's own state classes allowed, so a crafted file is refused before DeepSpeed reads it."""
+    allow = _deepspeed_globals()
+    for path in sorted(folder.rglob("*.pt")):
+        load_torch(path, allow=allow, mmap=True)
 
 
 class _TrainModule(nn.Module):
@@ -254,6 +273,7 @@ class DeepSpeedEngine(HFEngine):
                 f"{layout_file}: this DeepSpeed checkpoint holds ZeRO partitions for another layout ({changes}); "
                 f"resume with zero.stage={saved['zero_stage']} on {saved['dp']} data-parallel ranks, or "
                 f"`embedforge export --checkpoint {step_dir}` and start a new stage from the exported folder")
+        check_deepspeed_files(folder)
         load_path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
@@ -300,12 +320,13 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
     layout = json.loads(layout_file.read_text())
     names = layout["trainable"]
     _import_deepspeed()
+    check_deepspeed_files(folder)
     prefix = "encoder."
     if layout["zero_stage"] == 0:
         states = folder / TAG / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise MissingPathError(f"{states}: missing from a ZeRO-0 checkpoint")
-        saved = torch.load(states, map_location="cpu", weights_only=False)
+        saved = load_torch(states, allow=_deepspeed_globals())
         masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups", []) for t in group]
         if masters:  # bf16: the fp32 master weights, in the optimizer's (= `trainable`'s) order
             if len(masters) != len(names):
@@ -355,4 +376,5 @@ SPEC = register_engine(EngineSpec(
     name="deepspeed", engine_cls=DeepSpeedEngine, parallel_dims=frozenset({"dp"}), export_step=export_step,
     planner=PlannerTraits(bf16_keeps_bf16_weights=True, partition=zero_partition,
                           gathers_layer_weights=lambda cfg: cfg.zero.stage == 3),
+    trajectory_settings=lambda cfg: {"zero": {"stage": cfg.zero.stage}},
 ))

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from toolkit.atomic import atomic_dir
-from toolkit.checkpoint.manager import read_meta
+from toolkit.checkpoint.manager import read_meta, verify_step
 from toolkit.config import RunConfig, load_config
 from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
 from toolkit.errors import CheckpointError, MissingPathError
@@ -56,5 +56,6 @@ def export_step(step_dir: Path, output: Path) -> Path:
     index, name = stage
     if index >= len(cfg.stages) or cfg.stages[index].name != name:
         raise CheckpointError(f"{step_dir}: stage {step_dir.parent.name} is not in {layout.config_file}")
+    verify_step(step_dir)  # a corrupt file fails here, named, not as garbage weights in the export
     spec = engine_spec(read_meta(step_dir).get("engine", DEFAULT_ENGINE))
     return spec.export_step(cfg, index, step_dir, output)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from toolkit.checkpoint.integrity import load_torch
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, any_rank, nonfinite, stage_attention_dropout
@@ -141,7 +142,7 @@ class HFEngine(Engine):
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(tensors[name])
-        state = torch.load(step_dir / STATE, weights_only=False)
+        state = load_torch(step_dir / STATE)  # tensors and plain data only: a received file runs no code
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

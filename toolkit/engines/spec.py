@@ -53,6 +53,8 @@ class EngineSpec:
     validate: Callable[[RunConfig, "ModelArgs | None"], None] = lambda cfg, args: None
     export_step: Callable[[RunConfig, int, Path, Path], Path]  # (run config, stage index, step dir, output)
     planner: PlannerTraits = PlannerTraits()
+    # engine settings that change a run's trajectory, fingerprinted with the recipe (resume refuses changes)
+    trajectory_settings: Callable[[RunConfig], dict] = lambda cfg: {}
 
     def build(self, cfg: RunConfig, dims: "ParallelDims") -> "Engine":
         return self.engine_cls(cfg, dims)
