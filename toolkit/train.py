@@ -495,6 +495,7 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
     model's config.json when it is on disk) and, unless a launcher submits for another machine, the
     data paths. Returns the model's ModelArgs when the engine needs them."""
     spec = engine_spec(cfg.engine)
+    _check_context(cfg)
     config_json = model_config_file(cfg.model.path) if spec.needs_model_args else None
     model_args = read_model_args(config_json) if config_json else None
     validate_run(cfg, model_args)
@@ -502,6 +503,26 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
         for stage in cfg.stages:
             open_dataset(stage.data.path)
     return model_args
+
+
+def _check_context(cfg: RunConfig) -> None:
+    """model.max_length and each stage's data.max_length fit the model's context (max_position_embeddings),
+    when its config.json is on disk (a folder, or an asset / .gguf already imported)."""
+    config_json = model_config_file(cfg.model.path)
+    if config_json is None:
+        return
+    try:
+        context = json.loads(config_json.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config.json is the model loader's to report
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        return
+    lengths = [("model.max_length", cfg.model.max_length)]
+    lengths += [(f"stages.{s.name}.data.max_length", s.data.max_length) for s in cfg.stages]
+    for name, value in lengths:
+        if value > context:
+            raise ConfigError(f"{name}: {value} is longer than the model's context ({context} tokens, "
+                              f"max_position_embeddings in {config_json})")
 
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",
