@@ -33,7 +33,7 @@ import yaml
 
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.assets import model_config_file
-from toolkit.atomic import atomic_write_text
+from toolkit.atomic import atomic_write_text, ensure_writable_dir, remove_stale_temps
 from toolkit.checkpoint.manager import begin_step_dir, commit_step_dir, complete_steps, latest_complete, read_meta
 from toolkit.config import ConfigError, RunConfig, StageConfig, load_config, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
@@ -183,6 +183,7 @@ class Trainer:
         rank, world = init_distributed()
         self.dims = ParallelDims.from_config(self.cfg.parallel, world, rank)
         if self.dims.is_logging_rank:  # only now: a refused start leaves config.yaml as export needs it
+            ensure_writable_dir(self.out)  # a read-only or impossible output_dir: one line naming it
             self._write_config(previous_config)
         seed_everything(self.cfg.seed)
         needs_new_mask = any(
@@ -197,6 +198,9 @@ class Trainer:
             for index, stage in enumerate(self.cfg.stages):
                 stage_dir = self.layout.stage_dir(index, stage.name)
                 final = self.layout.final_dir(index, stage.name)
+                if self.dims.is_logging_rank:
+                    for stale in remove_stale_temps(final):  # left by a process that died writing final/
+                        log.warning("removed %s (an interrupted write of %s)", stale, final)
                 if (final / SPEC_FILE).is_file() and self.resume != "never":
                     log.info("stage %s already complete: %s", stage.name, final)
                     outcomes.append(StageOutcome(stage.name, final, stage.steps, None))
@@ -541,6 +545,8 @@ def _deadline_from_env() -> float | None:
 def clear_run_markers(output_dir: Path) -> None:
     """A stale STOPPED must not make a crash look like a stop, a stale STOP_REQUESTED must not stop
     a resumed run at once."""
+    if not output_dir.is_dir():
+        return  # nothing to clear (and an impossible output_dir is reported by the trainer, naming it)
     for name in (STOPPED, STOP_REQUEST):
         (output_dir / name).unlink(missing_ok=True)
 
