@@ -18,6 +18,10 @@ _STARTED = time.time()  # about when this process started: a temp folder older t
 
 def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
     """`cannot write PATH: reason` for an OSError met while creating an output (not a programming error)."""
+    path = Path(path)
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # mkdir says "File exists" or "Not a directory"
+        return OutputError(f"cannot write {path}: {blocker} is a file, not a directory")
     return OutputError(f"cannot write {path}: {exc.strerror or exc}")
 
 
