@@ -430,7 +430,10 @@ def _build_dataclass(cls: type, data: dict, where: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+        message, section = str(exc), where.rsplit(".", 1)[-1]
+        if where and message.startswith(section + "."):  # `data.max_length: ...` under `stages[0].data`
+            raise ConfigError(where + message[len(section):]) from None
+        raise ConfigError(f"{where + ': ' if where else ''}{message}") from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
