@@ -9,6 +9,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 from launchers import d2llm, evaluate, plan, search, submit, teacher
-from toolkit.errors import EmbedforgeError, InputError, MissingPathError, PathExistsError
+from toolkit.errors import EmbedforgeError, InputError, MissingPathError, OutputError, PathExistsError
 
 EXIT_USAGE = 2
 
@@ -89,15 +90,25 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     from toolkit.models.encoder import Encoder
 
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.dim is not None and args.dim < 1:
+        raise InputError(f"--dim {args.dim}: must be >= 1")
     texts = _read_texts(Path(args.input))
     encoder = Encoder.from_pretrained(args.model)
     emb = encoder.encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
                          normalize=not args.no_normalize)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npy")
-    np.save(tmp, emb)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, emb)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves no .tmp.npy behind
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out}")
     return 0
 

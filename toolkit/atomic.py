@@ -4,12 +4,73 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
-from toolkit.errors import PathExistsError
+from toolkit.errors import OutputError, PathExistsError
+
+_STARTED = time.time()  # about when this process started: a temp folder older than this is not ours
+
+
+def output_error(path: str | os.PathLike, exc: OSError) -> OutputError:
+    """`cannot write PATH: reason` for an OSError met while creating an output (not a programming error)."""
+    path = Path(path)
+    blocker = next((p for p in path.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # mkdir says "File exists" or "Not a directory"
+        return OutputError(f"cannot write {path}: {blocker} is a file, not a directory")
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and its parents) and check a file can be created in it, else OutputError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(final: str | os.PathLike) -> list[Path]:
+    """Remove the temp / old siblings atomic_dir left next to `final` when a process died mid-write:
+    `.NAME.tmp-PID-*` and `.NAME.old-PID` of a process that is gone (or of an older one with this
+    pid), and pid-less `.NAME.tmp-*` older than this process. Returns what was removed."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:tmp|old)-(?:(\d+)(?:-|\Z))?")
+    removed = []
+    for entry in final.parent.iterdir():
+        match = pattern.match(entry.name)
+        if not match:
+            continue
+        try:
+            old = entry.stat().st_mtime < _STARTED
+        except FileNotFoundError:
+            continue
+        pid = int(match.group(1)) if match.group(1) else None
+        if not old or (pid is not None and pid != os.getpid() and _pid_alive(pid)):
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def current_umask() -> int:
@@ -42,8 +103,11 @@ def atomic_dir(final: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     final = Path(final)
     if final.exists() and not overwrite:
         raise PathExistsError(f"{final}: already exists (refusing to overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    except OSError as exc:
+        raise output_error(final, exc) from exc
     try:
         yield tmp
     except BaseException:

@@ -22,6 +22,14 @@ class ConfigError(EmbedforgeError, ValueError):
     """A configuration problem; the message names the file and the field."""
 
 
+def _check_sizes(section: str, obj: Any, minimums: dict[str, int | float]) -> None:
+    """ConfigError naming `section.field` for the first field below its minimum (a size, count or length)."""
+    for name, low in minimums.items():
+        value = getattr(obj, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{section}.{name}: must be >= {low}, got {value}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Sections
 
@@ -38,6 +46,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        _check_sizes("model", self, {"max_length": 1})
+        if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
+            raise ConfigError(f"model.attention_dropout: must be in [0, 1), got {self.attention_dropout}")
+
 
 @dataclass(kw_only=True)
 class PoolingConfig:
@@ -46,6 +59,9 @@ class PoolingConfig:
     num_latents: int = 512  # latent_attention
     num_seeds: int = 1  # pma
     instruction_template: str = "{instruction}\n"  # instruction tokens are attended, not pooled
+
+    def __post_init__(self) -> None:
+        _check_sizes("pooling", self, {"heads": 1, "num_latents": 1, "num_seeds": 1})
 
 
 @dataclass(kw_only=True)
@@ -57,6 +73,9 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+
+    def __post_init__(self) -> None:
+        _check_sizes("lora", self, {"r": 1, "alpha": 1, "dropout": 0})
 
 
 @dataclass(kw_only=True)
@@ -95,6 +114,11 @@ class ObjectiveConfig:
     d2llm: D2LLMConfig = field(default_factory=D2LLMConfig)
     gradcache_chunk_size: int = 0  # 0 = off; else embed in chunks of this many texts
 
+    def __post_init__(self) -> None:
+        _check_sizes("objective", self, {"gradcache_chunk_size": 0})
+        if self.temperature <= 0:
+            raise ConfigError(f"objective.temperature: must be > 0, got {self.temperature}")
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -122,6 +146,15 @@ class DataConfig:
     # yours; one inside a received dataset's manifest.json is refused unless this is true.
     trust_manifest_commands: bool = False
 
+    def __post_init__(self) -> None:
+        _check_sizes("data", self, {"max_length": 1, "batch_size": 1, "shuffle_buffer": 0, "bucket_batches": 1,
+                                    "max_tokens": 0, "num_workers": 0, "prefetch": 1, "max_chars": 0,
+                                    "max_bad_fraction": 0})
+        if self.max_bad_fraction > 1:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        if any(w < 0 for w in self.task_weights.values()):
+            raise ConfigError(f"data.task_weights: must be >= 0, got {self.task_weights}")
+
 
 @dataclass(kw_only=True)
 class OptimizerConfig:
@@ -131,12 +164,18 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_grad: float = 1.0  # max global grad norm; 0 disables
 
+    def __post_init__(self) -> None:
+        _check_sizes("optimizer", self, {"lr": 0, "weight_decay": 0, "eps": 0, "clip_grad": 0})
+
 
 @dataclass(kw_only=True)
 class ScheduleConfig:
     warmup_steps: int = 0
     decay: Literal["linear", "cosine", "constant"] = "linear"
     min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_sizes("schedule", self, {"warmup_steps": 0, "min_lr_ratio": 0})
 
 
 @dataclass(kw_only=True)
@@ -196,6 +235,9 @@ class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_sizes("logging", self, {"every_steps": 1})
 
 
 @dataclass(kw_only=True)
@@ -271,6 +313,9 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # local task names, see toolkit.eval.local_tasks
     batch_size: int = 32
     task_sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # e.g. {rt-sentiment: {n_test: 400}}
+
+    def __post_init__(self) -> None:
+        _check_sizes("eval", self, {"batch_size": 1})
 
 
 @dataclass(kw_only=True)
@@ -388,7 +433,10 @@ def _build_dataclass(cls: type, data: dict, where: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{where + ': ' if where else ''}{exc}") from None
+        message, section = str(exc), where.rsplit(".", 1)[-1]
+        if where and message.startswith(section + "."):  # `data.max_length: ...` under `stages[0].data`
+            raise ConfigError(where + message[len(section):]) from None
+        raise ConfigError(f"{where + ': ' if where else ''}{message}") from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

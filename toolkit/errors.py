@@ -31,3 +31,7 @@ class CheckpointError(EmbedforgeError, ValueError):
 
 class NonFiniteError(EmbedforgeError, FloatingPointError):
     """Training stopped on non-finite steps (loss / grad norm / weights); the newest good checkpoint is kept."""
+
+
+class OutputError(EmbedforgeError, OSError):
+    """An output path that cannot be written (read-only, below a file, disk full); the message names it."""

@@ -33,7 +33,7 @@ import yaml
 
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.assets import model_config_file
-from toolkit.atomic import atomic_write_text
+from toolkit.atomic import atomic_write_text, ensure_writable_dir, remove_stale_temps
 from toolkit.checkpoint.integrity import NUMPY_ARRAY_GLOBALS, load_torch
 from toolkit.checkpoint.manager import (
     begin_step_dir,
@@ -192,6 +192,7 @@ class Trainer:
         rank, world = init_distributed()
         self.dims = ParallelDims.from_config(self.cfg.parallel, world, rank)
         if self.dims.is_logging_rank:  # only now: a refused start leaves config.yaml as export needs it
+            ensure_writable_dir(self.out)  # a read-only or impossible output_dir: one line naming it
             self._write_config(previous_config)
         seed_everything(self.cfg.seed)
         needs_new_mask = any(
@@ -206,6 +207,9 @@ class Trainer:
             for index, stage in enumerate(self.cfg.stages):
                 stage_dir = self.layout.stage_dir(index, stage.name)
                 final = self.layout.final_dir(index, stage.name)
+                if self.dims.is_logging_rank:
+                    for stale in remove_stale_temps(final):  # left by a process that died writing final/
+                        log.warning("removed %s (an interrupted write of %s)", stale, final)
                 if (final / SPEC_FILE).is_file() and self.resume != "never":
                     log.info("stage %s already complete: %s", stage.name, final)
                     outcomes.append(StageOutcome(stage.name, final, stage.steps, None))
@@ -517,6 +521,7 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
     model's config.json when it is on disk) and, unless a launcher submits for another machine, the
     data paths. Returns the model's ModelArgs when the engine needs them."""
     spec = engine_spec(cfg.engine)
+    _check_context(cfg)
     config_json = model_config_file(cfg.model.path) if spec.needs_model_args else None
     model_args = read_model_args(config_json) if config_json else None
     validate_run(cfg, model_args)
@@ -525,6 +530,26 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
             d = stage.data  # a manifest's own pipe: command is refused here, before any weight loads
             open_dataset(d.path).check_urls(d.shard_url_template, d.trust_manifest_commands)
     return model_args
+
+
+def _check_context(cfg: RunConfig) -> None:
+    """model.max_length and each stage's data.max_length fit the model's context (max_position_embeddings),
+    when its config.json is on disk (a folder, or an asset / .gguf already imported)."""
+    config_json = model_config_file(cfg.model.path)
+    if config_json is None:
+        return
+    try:
+        context = json.loads(config_json.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable config.json is the model loader's to report
+    if not isinstance(context, int) or isinstance(context, bool) or context < 1:
+        return
+    lengths = [("model.max_length", cfg.model.max_length)]
+    lengths += [(f"stages.{s.name}.data.max_length", s.data.max_length) for s in cfg.stages]
+    for name, value in lengths:
+        if value > context:
+            raise ConfigError(f"{name}: {value} is longer than the model's context ({context} tokens, "
+                              f"max_position_embeddings in {config_json})")
 
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",
@@ -543,6 +568,8 @@ def _deadline_from_env() -> float | None:
 def clear_run_markers(output_dir: Path) -> None:
     """A stale STOPPED must not make a crash look like a stop, a stale STOP_REQUESTED must not stop
     a resumed run at once."""
+    if not output_dir.is_dir():
+        return  # nothing to clear (and an impossible output_dir is reported by the trainer, naming it)
     for name in (STOPPED, STOP_REQUEST):
         (output_dir / name).unlink(missing_ok=True)
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch.distributed as dist
 
+from toolkit.atomic import remove_stale_temps
 from toolkit.checkpoint.integrity import first_mismatch, tree_checksums
 from toolkit.errors import CheckpointError, EmbedforgeError, MissingPathError
 from toolkit.run_layout import COMPLETE, FINAL_DIR, STEP_RE, step_dir_name
@@ -31,7 +32,7 @@ from toolkit.run_layout import COMPLETE, FINAL_DIR, STEP_RE, step_dir_name
 log = logging.getLogger(__name__)
 META = "meta.json"
 FILES = "files"  # meta.json's field: {relative path: {"sha256", "bytes"}}
-STALE_GLOBS = (".step-*.partial", ".step-*.old", f".{FINAL_DIR}.tmp-*", f".{FINAL_DIR}.old-*")
+STALE_GLOBS = (".step-*.partial", ".step-*.old")
 T = TypeVar("T")
 _verified: set[str] = set()  # steps this process already verified (resume verifies once)
 _warned_unchecked: set[str] = set()
@@ -82,6 +83,8 @@ def clean_stale(stage_dir: Path) -> None:
         for path in stage_dir.glob(pattern):
             log.warning("%s: removing a leftover of an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in remove_stale_temps(stage_dir / FINAL_DIR):  # final/'s atomic temps of a dead process
+        log.warning("%s: removed a leftover of an interrupted write", path)
 
 
 def begin_step_dir(stage_dir: Path, step: int, rank: int, keep_last: int = 0) -> Path:

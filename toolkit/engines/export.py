@@ -7,16 +7,19 @@ it rebuilds the stage's starting model from the run's `config.yaml`, loads what 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from toolkit.atomic import atomic_dir
-from toolkit.checkpoint.manager import read_meta, verify_step
+from toolkit.checkpoint.manager import complete_steps, read_meta, verify_step
 from toolkit.config import RunConfig, load_config
 from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
 from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.folder import SPEC_FILE
-from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir
+from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
+
+PARTIAL_RE = re.compile(r"^\.step-(\d+)\.partial\Z")  # a step-N/ being written (begin_step_dir)
 
 
 def finished_stages(run_dir: Path) -> list[Path]:
@@ -27,6 +30,8 @@ def finished_stages(run_dir: Path) -> list[Path]:
 def consolidate(source: Path, output: Path) -> Path:
     """Write an Encoder folder for `source` (run dir, stage dir, stage `final/`, or `step-N/`)."""
     source = Path(source)
+    if not source.exists():
+        raise MissingPathError(f"{source}: no such file or directory")
     if (source / SPEC_FILE).is_file():  # already an encoder folder
         with atomic_dir(output) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
@@ -40,6 +45,13 @@ def consolidate(source: Path, output: Path) -> Path:
         return consolidate(finals[-1], output)
     if parse_stage_dir(source) and (source / FINAL_DIR / SPEC_FILE).is_file():
         return consolidate(source / FINAL_DIR, output)
+    step = PARTIAL_RE.match(source.name)
+    if parse_step_dir(source) is not None or step:
+        complete = [str(p) for _, p in complete_steps(source.parent)]
+        older = f"export an older complete step: {', '.join(complete)}" if complete else \
+            f"{source.parent} has no complete step-N checkpoint to export"
+        raise CheckpointError(f"{source}: an incomplete checkpoint (no {COMPLETE} marker: its save was "
+                              f"interrupted); {older}")
     raise MissingPathError(
         f"{source}: not an encoder folder, a run directory ({RunLayout(source).config_file.name}), a stage directory "
         "or a complete step-N checkpoint"

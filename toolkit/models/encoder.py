@@ -17,12 +17,13 @@ from torch import Tensor, nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from toolkit.config import ConfigError
-from toolkit.errors import CheckpointError, InputError, MissingPathError
+from toolkit.errors import CheckpointError, EmbedforgeError, InputError, MissingPathError
 from toolkit.models.bidirectional import check_bidirectional, make_bidirectional
 from toolkit.models.export import write_sentence_transformers_folder
 from toolkit.models.folder import SPEC_FILE, EncoderSpec, load_iem_weights, load_pooling_weights, load_spec
 from toolkit.models.iem import InteractionEmulation
 from toolkit.models.pooling import Pooling, exclude_prefix
+from toolkit.run_layout import COMPLETE, RunLayout, parse_stage_dir, parse_step_dir
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -122,6 +123,8 @@ class Encoder(nn.Module):
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of texts, not a single string")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size={batch_size!r} must be a positive integer")
         if dim is not None and not 0 < dim <= self.pooling.output_dim:
             raise InputError(f"dim={dim} must be in 1..{self.pooling.output_dim}")
         was_training = self.training
@@ -158,9 +161,9 @@ class Encoder(nn.Module):
         path = Path(path)
         spec_file = path / SPEC_FILE
         if not spec_file.is_file():
-            hint = " (a training checkpoint? run `embedforge export` on it first)" if (path / "trainer_state.json").exists() else ""
-            raise MissingPathError(f"{spec_file}: not an Embedforge encoder folder{hint}")
+            raise _not_an_encoder(path)
         spec = load_spec(spec_file)
+        check_safetensors(path)
         backbone = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
         if spec.bidirectional:
             make_bidirectional(backbone)
@@ -173,3 +176,28 @@ class Encoder(nn.Module):
             load_iem_weights(encoder, path)
         return encoder.to(device).eval()
 
+
+def _not_an_encoder(path: Path) -> EmbedforgeError:
+    """Why `path` is no encoder folder: missing, a training checkpoint / run / stage (export it first), or other."""
+    if not path.exists():
+        return MissingPathError(f"{path}: no such file or directory")
+    checkpoint = (parse_step_dir(path) is not None or (path / COMPLETE).is_file() or (path / "meta.json").is_file()
+                  or (path / "trainer_state.json").exists())
+    if checkpoint or RunLayout(path).is_run() or parse_stage_dir(path):
+        kind = "a training checkpoint" if checkpoint else "a run or stage folder"
+        return CheckpointError(f"{path}: {kind}, not an encoder folder; run `embedforge export --checkpoint {path} "
+                               "--output DIR` first, then use DIR")
+    return MissingPathError(f"{path / SPEC_FILE}: not an Embedforge encoder folder (no {SPEC_FILE})")
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every *.safetensors file of an encoder folder has a complete header and covers its data (a cheap
+    header read): a torn or truncated file fails here with one line naming it, not deep inside a loader."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file (truncated or corrupt: {exc})") from None
