@@ -20,7 +20,7 @@ from toolkit.config import to_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SEED = 20261206
-KILLS = 5
+KILLS = 6
 STAGES = ("00-mntp", "01-simcse")
 
 
@@ -41,21 +41,35 @@ def steps_logged(run: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
-def train_and_kill(cfg: Path, out: Path, rng: random.Random, log: Path) -> int | None:
-    """Start `train --resume auto`; once it logs a new step, wait a random 0-1.5 s and SIGKILL its process
-    group. Returns the exit code when it finished first, None when it was killed."""
-    before = steps_logged(out)
+def landed(out: Path) -> str:
+    """Where a kill landed, for the test's report: the newest step logged and any checkpoint being written."""
+    partial = sorted(p.parent.name + "/" + p.name for p in out.glob("*/.step-*.partial"))
+    return f"after {steps_logged(out)} logged steps" + (f", writing {', '.join(partial)}" if partial else "")
+
+
+def writing(out: Path) -> bool:
+    return any(out.glob("*/.step-*.partial"))
+
+
+def train_and_kill(cfg: Path, out: Path, rng: random.Random, log: Path, spots: list[str]) -> int | None:
+    """Start `train --resume auto` and SIGKILL its process group: either once it logs 1-3 new steps and a
+    random 0-1 s more (in a step, a save or a stage's end), or as soon as a checkpoint is being written.
+    Returns the exit code when it finished first, None when it was killed."""
+    before = steps_logged(out) + rng.randint(1, 3) - 1
+    in_save = rng.random() < 0.4
     with log.open("a") as sink:
         proc = subprocess.Popen([EMBEDFORGE, "train", str(cfg), f"output_dir={out}", "--resume", "auto"],
                                 stdout=sink, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while proc.poll() is None and steps_logged(out) == before and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                writing(out) if in_save else steps_logged(out) > before):
+            time.sleep(0.005 if in_save else 0.02)
+        time.sleep(0.0 if in_save else rng.uniform(0.0, 1.0))
         if proc.poll() is not None:
             return proc.returncode
         os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: the trainer and any loader workers
+        spots.append(landed(out))
         proc.wait(timeout=60)
         return None
     finally:
@@ -71,9 +85,9 @@ def test_repeated_sigkill_and_auto_resume_end_bit_identical(tiny_llama_dir, tmp_
     ref = run_embedforge("train", str(cfg), f"output_dir={tmp_path / 'ref'}")
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    out, rng, log, kills = tmp_path / "chaos", random.Random(SEED), tmp_path / "chaos.log", 0
+    out, rng, log, kills, spots = tmp_path / "chaos", random.Random(SEED), tmp_path / "chaos.log", 0, []
     for _ in range(KILLS):
-        code = train_and_kill(cfg, out, rng, log)
+        code = train_and_kill(cfg, out, rng, log, spots)
         if code is not None:  # finished before the kill landed
             assert code == 0, log.read_text()[-3000:]
             break
@@ -87,4 +101,4 @@ def test_repeated_sigkill_and_auto_resume_end_bit_identical(tiny_llama_dir, tmp_
     for stage in STAGES:
         a, b = (load_file(str(run / stage / "final" / "model.safetensors")) for run in (out, tmp_path / "ref"))
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), stage
-    print(f"{kills} SIGKILLs survived; {len(got)} steps, final weights bit-identical")
+    print(f"{kills} SIGKILLs survived ({'; '.join(spots)}); {len(got)} steps, final weights bit-identical")
