@@ -20,7 +20,7 @@ from toolkit.config import to_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SEED = 20261206
-KILLS = 6
+KILLS = 6  # attempts; at least 3 must be killed before the run finishes
 STAGES = ("00-mntp", "01-simcse")
 
 
@@ -41,35 +41,38 @@ def steps_logged(run: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
-def landed(out: Path) -> str:
-    """Where a kill landed, for the test's report: the newest step logged and any checkpoint being written."""
-    partial = sorted(p.parent.name + "/" + p.name for p in out.glob("*/.step-*.partial"))
+def landed(out: Path, stale: set[str]) -> str:
+    """Where a kill landed, for the test's report: the steps logged so far and any save under way."""
+    partial = sorted(p.parent.name + "/" + p.name for p in writes(out, "step") + writes(out, "final")
+                     if str(p) not in stale)
     return f"after {steps_logged(out)} logged steps" + (f", writing {', '.join(partial)}" if partial else "")
 
 
-def writing(out: Path) -> bool:
-    return any(out.glob("*/.step-*.partial"))
+def writes(out: Path, what: str) -> list[Path]:
+    """Saves under way: a step-N/ being written (`.step-N.partial`) or a stage's final/ (`.final.tmp-*`)."""
+    return list(out.glob("*/.step-*.partial" if what == "step" else "*/.final.tmp-*"))
 
 
 def train_and_kill(cfg: Path, out: Path, rng: random.Random, log: Path, spots: list[str]) -> int | None:
-    """Start `train --resume auto` and SIGKILL its process group: either once it logs 1-3 new steps and a
-    random 0-1 s more (in a step, a save or a stage's end), or as soon as a checkpoint is being written.
+    """Start `train --resume auto` and SIGKILL its process group: once it logs 1-3 new steps and a random
+    0-1 s more (in a step, a save or a stage's end), or as soon as a step-N/ or a final/ is being written.
     Returns the exit code when it finished first, None when it was killed."""
     before = steps_logged(out) + rng.randint(1, 3) - 1
-    in_save = rng.random() < 0.4
+    in_save = rng.choice([None, None, "step", "final"])
+    stale = {str(p) for p in writes(out, "step") + writes(out, "final")}  # left by earlier kills
     with log.open("a") as sink:
         proc = subprocess.Popen([EMBEDFORGE, "train", str(cfg), f"output_dir={out}", "--resume", "auto"],
                                 stdout=sink, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline and not (
-                writing(out) if in_save else steps_logged(out) > before):
+                {str(p) for p in writes(out, in_save)} - stale if in_save else steps_logged(out) > before):
             time.sleep(0.005 if in_save else 0.02)
         time.sleep(0.0 if in_save else rng.uniform(0.0, 1.0))
         if proc.poll() is not None:
             return proc.returncode
         os.killpg(proc.pid, signal.SIGKILL)  # the group this test started: the trainer and any loader workers
-        spots.append(landed(out))
+        spots.append(landed(out, stale))
         proc.wait(timeout=60)
         return None
     finally:
