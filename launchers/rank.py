@@ -6,12 +6,18 @@ Then `embedforge ARGS` runs in this process.
 Kept out of the training code (it never reads SLURM_*). Exit code 3 ("stopped with a checkpoint") is
 reported as 0: srun's --kill-on-bad-exit and torchrun must not kill the other ranks while rank 0
 still writes the run's STOPPED marker; launchers read the marker, not the exit code.
+
+A rank that fails (an exception, an error exit) in a run of several ranks prints why and leaves with
+`os._exit` at once: its peers wait in a collective, and only this process's end (gloo sees the
+connection close, torchrun / srun see the exit and end the others) releases them. A normal interpreter
+shutdown (atexit handlers, loader threads, the process group's destructor) can take seconds or hang.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from toolkit.errors import EmbedforgeError
 
@@ -38,8 +44,27 @@ def main(argv: list[str]) -> int:
         return 2
     from launchers.cli import main as cli_main
 
-    code = cli_main(argv)
+    try:
+        code = cli_main(argv)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # a bug or a second Ctrl-C: the traceback, then out at once
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        traceback.print_exc()
+        leave_now(130 if isinstance(exc, KeyboardInterrupt) else 1)
+    if code not in (0, 3) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_now(code)  # e.g. an EmbedforgeError on this rank only (its message is printed)
     return 0 if code == 3 else code
+
+
+def leave_now(code: int) -> None:
+    """End this rank now (see the module docstring); rank and exit code go to stderr for the job log."""
+    print(f"launchers.rank: rank {os.environ.get('RANK', '?')} failed (exit {code}); leaving at once so the "
+          "other ranks are ended instead of waiting in a collective", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

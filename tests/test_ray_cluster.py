@@ -254,6 +254,34 @@ def test_exhausted_restarts_raise_a_clear_error(ray_cluster, tiny_recipe, tmp_pa
     assert "rank 0:" in err.value.failures[0] and "no-such-model" in err.value.failures[0], err.value.failures
 
 
+@pytest.mark.parametrize("fail_at,last_step", [("1:mntp:3", 3), ("1:mntp:end", 6)])
+def test_a_rank_that_raises_ends_the_run_promptly(ray_cluster, tiny_recipe, tmp_path, fail_at, last_step):
+    """Rank 1 raises (the test hook EMBEDFORGE_TEST_FAIL_AT) in a step or at the stage's end while rank 0
+    waits in a collective: the driver kills the group and reports it within seconds, not after the
+    collective's 30-minute timeout, and does not retry (a raise is no lost process)."""
+    from cluster.ray_group import TrainingFailed, run_training
+
+    out, seen = tmp_path / "run", []
+
+    def watch() -> None:  # rank 0 logs the step, then waits for rank 1 in the next collective
+        end = time.monotonic() + 300
+        while time.monotonic() < end and not seen:
+            metrics = out / "metrics.jsonl"
+            if metrics.is_file() and f'"step": {last_step},' in metrics.read_text():
+                seen.append(time.monotonic())
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    with pytest.raises(TrainingFailed) as err:
+        run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=3,
+                     env={"EMBEDFORGE_TEST_FAIL_AT": fail_at})
+    seconds = time.monotonic() - seen[0]
+    assert len(err.value.failures) == 1 and "not retried" in str(err.value), str(err.value)
+    assert "rank 1: RuntimeError" in err.value.failures[0] and "injected failure" in err.value.failures[0]
+    assert seconds < 60, seconds
+    print(f"{fail_at}: reported {seconds:.1f} s after the failure")
+
+
 def test_preemption_signal_stops_with_a_checkpoint_without_retrying(ray_cluster, tiny_recipe, reference, tmp_path):
     from cluster.ray_group import run_training
 
