@@ -47,6 +47,7 @@ LAYERS = {
     "data_pipelines": SHARED,
     "toolkit.engines": ENGINES,
     "toolkit.train": APPS,
+    "toolkit.run_settings": APPS,
     "toolkit.eval": APPS,
     "toolkit.planner": APPS,
     "toolkit.teacher": APPS,

@@ -16,7 +16,8 @@ import yaml
 from tests.helpers import EMBEDFORGE, run_config, run_embedforge, subprocess_env
 from toolkit.config import ConfigError, load_config, to_dict
 from toolkit.errors import CheckpointError
-from toolkit.train import StopFlag, Trainer, stage_fingerprint
+from toolkit.run_settings import stage_fingerprint
+from toolkit.train import StopFlag, Trainer
 
 
 def stopped_run(tmp_path: Path, model: Path, **kw):
