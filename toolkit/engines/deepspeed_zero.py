@@ -11,7 +11,8 @@ Checkpoints are DeepSpeed's own (`step-N/deepspeed/`: per-rank partitions of the
 weights and Adam moments, frozen weights excluded) plus a `zero.json` naming the layout they need.
 Trainable weights are always read back as full fp32 tensors (gathered across partitions first: the
 known ZeRO-3 failure is LoRA tensors saved with size 0), so a stage's merged encoder and
-`embedforge export` equal what the unsharded model would give.
+`embedforge export` equal what the unsharded model would give. A checkpoint resumed at another DP size
+(same ZeRO stage) is converted to DeepSpeed's universal format first (`_load_universal`).
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ class DeepSpeedEngine(HFEngine):
 
     def load(self, step_dir: Path) -> None:
         """Resume from `step-N/deepspeed/`: directly at the saved layout, or through DeepSpeed's universal
-        checkpoint when the ZeRO-1/2 layout changed (DP size, or ZeRO stage 1 <-> 2)."""
+        checkpoint when only the DP size changed (ZeRO 1-3); other layout changes are refused (`universal_refusal`)."""
         folder = step_dir / DS_DIR
         layout_file = folder / LAYOUT_FILE
         if not layout_file.is_file():
@@ -332,23 +333,35 @@ class DeepSpeedEngine(HFEngine):
         return final_dir
 
 
-UNIVERSAL_STAGES = (1, 2)  # ZeRO stages whose checkpoints DeepSpeed 0.19.8's universal format converts and loads here
-
-
 def universal_refusal(saved: dict, now: dict) -> str | None:
-    """Why a saved ZeRO layout cannot be resumed at `now` through a universal checkpoint (None: it can)."""
+    """Why a saved ZeRO layout cannot be resumed at `now` through a universal checkpoint (None: it can).
+
+    DeepSpeed 0.19.8, measured with this trainer: a DP size change at ZeRO 2 and ZeRO 3 resumes exactly
+    (2 -> 4 ranks; the same code paths serve ZeRO 1). A ZeRO stage change does not: its model-state
+    files are named per stage (ZeRO-3 `zero_pp_rank_*_mp_rank_00_model_states.pt`, ZeRO 1/2
+    `mp_rank_00_model_states.pt`) and the universal loader at the other stage finds none (an
+    AssertionError in its state-dict loader); ZeRO 2 -> 1 hung. ZeRO-0 has no ZeRO optimizer."""
     a, b = saved["zero_stage"], now["zero_stage"]
-    if 0 in (a, b):
-        return ("ZeRO-0 has no ZeRO optimizer, so DeepSpeed neither writes partitioned optimizer states there "
-                "nor loads universal ones (zero.stage 0 <-> 1-3)")
-    if 3 in (a, b):
-        return ("ZeRO-3 checkpoints are partitioned per parameter; their universal conversion and loading are "
-                "not verified with this trainer (only ZeRO 1 <-> 2 and DP size changes at ZeRO 1/2 are)")
+    if a != b:
+        if 0 in (a, b):
+            return ("ZeRO-0 has no ZeRO optimizer: DeepSpeed neither writes partitioned optimizer states there nor "
+                    "loads universal ones")
+        return (f"DeepSpeed {_ds_version()} cannot load a universal checkpoint at another ZeRO stage "
+                f"({a} -> {b}); it can at another DP size at the same stage")
     if saved.get("bf16") != now["bf16"]:
         return "bf16 <-> fp32 changes the optimizer DeepSpeed builds (and the fingerprinted stage precision)"
     if saved.get("trainable") is not None and saved["trainable"] != now["trainable"]:
         return "the trainable tensors differ"
     return None
+
+
+def _ds_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("deepspeed")
+    except Exception:  # noqa: BLE001 - only for a message
+        return "(this version)"
 
 
 def convert_to_universal(tag_dir: Path, output: Path) -> Path:
