@@ -340,7 +340,8 @@ def universal_refusal(saved: dict, now: dict) -> str | None:
     (2 -> 4 ranks; the same code paths serve ZeRO 1). A ZeRO stage change does not: its model-state
     files are named per stage (ZeRO-3 `zero_pp_rank_*_mp_rank_00_model_states.pt`, ZeRO 1/2
     `mp_rank_00_model_states.pt`) and the universal loader at the other stage finds none (an
-    AssertionError in its state-dict loader); ZeRO 2 -> 1 hung. ZeRO-0 has no ZeRO optimizer."""
+    AssertionError in its state-dict loader). Resuming on 1 rank (ZeRO 2, DP 2 -> 1, and ZeRO 2 -> 1)
+    hung. ZeRO-0 has no ZeRO optimizer."""
     a, b = saved["zero_stage"], now["zero_stage"]
     if a != b:
         if 0 in (a, b):
@@ -348,6 +349,9 @@ def universal_refusal(saved: dict, now: dict) -> str | None:
                     "loads universal ones")
         return (f"DeepSpeed {_ds_version()} cannot load a universal checkpoint at another ZeRO stage "
                 f"({a} -> {b}); it can at another DP size at the same stage")
+    if now["dp"] == 1:
+        return ("resuming on a single rank through the universal checkpoint hung in our tests with DeepSpeed "
+                f"{_ds_version()} (not diagnosed), so it is not attempted; resume on 2 or more ranks")
     if saved.get("bf16") != now["bf16"]:
         return "bf16 <-> fp32 changes the optimizer DeepSpeed builds (and the fingerprinted stage precision)"
     if saved.get("trainable") is not None and saved["trainable"] != now["trainable"]:
