@@ -84,3 +84,16 @@ def test_zero_resumes_at_another_data_parallel_size(tmp_path):
         diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
         print(name, "max final weight difference", diff)
         assert diff <= 2e-5, name
+
+
+def test_universal_refusals_name_the_reason():
+    from toolkit.engines.deepspeed_zero import universal_refusal
+
+    base = {"zero_stage": 2, "dp": 2, "bf16": False, "trainable": ["a", "b"]}
+    assert universal_refusal(base, {**base, "dp": 4}) is None
+    assert universal_refusal({**base, "zero_stage": 3}, {**base, "zero_stage": 3, "dp": 8}) is None
+    assert "another ZeRO stage (2 -> 3)" in universal_refusal(base, {**base, "zero_stage": 3, "dp": 4})
+    assert "ZeRO-0" in universal_refusal({**base, "zero_stage": 0}, {**base, "dp": 4})
+    assert "single rank" in universal_refusal(base, {**base, "dp": 1})
+    assert "bf16" in universal_refusal(base, {**base, "dp": 4, "bf16": True})
+    assert "trainable" in universal_refusal(base, {**base, "dp": 4, "trainable": ["a"]})
