@@ -62,7 +62,7 @@ def sliced_run(cfg: Path, run: Path, *overrides: str) -> None:
 @pytest.mark.timeout(1800)
 def test_zero_resumes_at_another_data_parallel_size(tmp_path):
     """ZeRO-2 and ZeRO-3, DP 2 -> 4 (same global batch): losses and final weights equal the hf reference's
-    (measured: identical losses, weights within 2e-7)."""
+    (measured: identical losses; weights within 1.5e-7 (ZeRO-2), 4.5e-7 (ZeRO-3))."""
     cfg = recipe(tmp_path)
     runs = {"hf": ["engine=hf"], "zero2": ["zero.stage=2"], "zero3": ["zero.stage=3"]}
     for name, overrides in runs.items():
