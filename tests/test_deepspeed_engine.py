@@ -12,7 +12,8 @@ What the slow tests prove, through the CLI and the trainer under torchrun (world
   and its checkpoints hold (and export) fp32 master weights.
 - LoRA export: a ZeRO-3 LoRA step checkpoint (adapters partitioned over 2 ranks) exports an encoder
   whose embeddings equal the hf engine's export of the same step (unsharded).
-- A checkpoint resumed at another data-parallel size fails naming the file and the layout.
+- A checkpoint resumed at another ZeRO stage fails naming the file and the layout (another DP size alone
+  resumes: tests/test_deepspeed_universal.py).
 """
 
 from __future__ import annotations
@@ -249,15 +250,19 @@ def test_zero3_resume_equals_uninterrupted(runs, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(RUNS_TIMEOUT)
-def test_resume_at_another_data_parallel_size_fails_clearly(runs, tmp_path):
+def test_resume_at_another_zero_stage_fails_clearly(runs, tmp_path):
+    """A DP size change alone resumes through DeepSpeed's universal checkpoint (tests/test_deepspeed_universal.py);
+    a ZeRO stage change cannot (DeepSpeed 0.19.8) and is refused naming the file and the layout."""
     cfg, out = runs
     import shutil
 
     run = tmp_path / "copy"
     shutil.copytree(out["zero2"], run)
     shutil.rmtree(run / "02-supervised" / "final")  # resume the supervised stage from its step-2
-    r = subprocess.run([EMBEDFORGE, "train", str(cfg), f"output_dir={run}", "zero.stage=2"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([EMBEDFORGE, "train", str(cfg), f"output_dir={run}", "zero.stage=3",
+                        "--resume-with-changes", "zero.stage"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stderr[-4000:]
-    assert "zero.json" in r.stderr and "dp 2 -> 1" in r.stderr and "embedforge export" in r.stderr, r.stderr[-3000:]
+    for part in ("zero.json", "zero_stage 2 -> 3", "dp 2 -> 1", "another ZeRO stage", "embedforge export"):
+        assert part in r.stderr, (part, r.stderr[-3000:])
     assert (run / "02-supervised" / "step-2" / "COMPLETE").is_file()  # nothing already written is lost
+    assert not [p.name for p in (run / "02-supervised").iterdir() if p.name.startswith(".")]  # nothing converted

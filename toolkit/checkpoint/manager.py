@@ -32,7 +32,7 @@ from toolkit.run_layout import COMPLETE, FINAL_DIR, STEP_RE, step_dir_name
 log = logging.getLogger(__name__)
 META = "meta.json"
 FILES = "files"  # meta.json's field: {relative path: {"sha256", "bytes"}}
-STALE_GLOBS = (".step-*.partial", ".step-*.old")
+STALE_GLOBS = (".step-*.partial", ".step-*.old", ".step-*.deepspeed-universal")  # crashed saves, conversions
 T = TypeVar("T")
 _verified: set[str] = set()  # steps this process already verified (resume verifies once)
 _warned_unchecked: set[str] = set()

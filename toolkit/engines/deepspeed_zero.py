@@ -11,7 +11,8 @@ Checkpoints are DeepSpeed's own (`step-N/deepspeed/`: per-rank partitions of the
 weights and Adam moments, frozen weights excluded) plus a `zero.json` naming the layout they need.
 Trainable weights are always read back as full fp32 tensors (gathered across partitions first: the
 known ZeRO-3 failure is LoRA tensors saved with size 0), so a stage's merged encoder and
-`embedforge export` equal what the unsharded model would give.
+`embedforge export` equal what the unsharded model would give. A checkpoint resumed at another DP size
+(same ZeRO stage) is converted to DeepSpeed's universal format first (`_load_universal`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -260,6 +264,8 @@ class DeepSpeedEngine(HFEngine):
             (folder / LAYOUT_FILE).write_text(json.dumps(self._layout(), indent=2, sort_keys=True))
 
     def load(self, step_dir: Path) -> None:
+        """Resume from `step-N/deepspeed/`: directly at the saved layout, or through DeepSpeed's universal
+        checkpoint when only the DP size changed (ZeRO 1-3); other layout changes are refused (`universal_refusal`)."""
         folder = step_dir / DS_DIR
         layout_file = folder / LAYOUT_FILE
         if not layout_file.is_file():
@@ -267,17 +273,55 @@ class DeepSpeedEngine(HFEngine):
         saved, now = json.loads(layout_file.read_text()), self._layout()
         fixed = ("zero_stage", "dp", "bf16") if saved["zero_stage"] > 0 else ("zero_stage", "bf16")
         differ = {k: (saved.get(k), now[k]) for k in fixed if saved.get(k) != now[k]}
-        if differ:
-            changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())
+        if not differ:
+            check_deepspeed_files(folder)  # plain data before DeepSpeed unpickles it
+            load_path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise MissingPathError(f"{folder}: DeepSpeed found no checkpoint tagged {TAG!r}")
+            return
+        changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in differ.items())
+        why = universal_refusal(saved, now)
+        if why:
             raise CheckpointError(
-                f"{layout_file}: this DeepSpeed checkpoint holds ZeRO partitions for another layout ({changes}); "
-                f"resume with zero.stage={saved['zero_stage']} on {saved['dp']} data-parallel ranks, or "
+                f"{layout_file}: this DeepSpeed checkpoint holds ZeRO partitions for another layout ({changes}) and "
+                f"DeepSpeed's universal checkpoint cannot convert it here: {why}; resume with "
+                f"zero.stage={saved['zero_stage']} on {saved['dp']} data-parallel ranks, or "
                 f"`embedforge export --checkpoint {step_dir}` and start a new stage from the exported folder")
-        check_deepspeed_files(folder)
-        load_path, _ = self.ds.load_checkpoint(str(folder), tag=TAG, load_module_strict=False,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        log.warning("%s: resuming a ZeRO checkpoint at another layout (%s) through DeepSpeed's universal checkpoint",
+                    step_dir, changes)
+        check_deepspeed_files(folder)  # plain data before DeepSpeed's converter unpickles it
+        self._load_universal(step_dir)
+
+    def _load_universal(self, step_dir: Path) -> None:
+        """Rank 0 converts `step-N/deepspeed/` into DeepSpeed's universal format (full fp32 masters and Adam
+        moments per parameter), in a hidden sibling of the step folder (the step folder stays as committed);
+        every rank then loads and re-partitions it for this layout; the conversion is removed afterwards."""
+        universal = step_dir.parent / f".{step_dir.name}.deepspeed-universal"
+        error = None
+        if self.dims.rank == 0:
+            try:
+                convert_to_universal(step_dir / DS_DIR / TAG, universal / TAG)
+            except Exception as e:  # noqa: BLE001 - told to every rank below, raised on all of them
+                error = e
+        failed = any_rank(error is not None)  # also the barrier: the conversion is complete before anyone reads it
+        if failed:
+            if error is not None:
+                raise error
+            raise CheckpointError(f"{step_dir}: rank 0 failed to convert the DeepSpeed checkpoint to a universal one")
+        config = self.ds._config
+        config.load_universal_checkpoint = True
+        try:
+            load_path, _ = self.ds.load_checkpoint(str(universal), tag=TAG, load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            config.load_universal_checkpoint = False
+            if dist.is_initialized():
+                dist.barrier()
+            if self.dims.rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
         if load_path is None:
-            raise MissingPathError(f"{folder}: DeepSpeed found no checkpoint tagged {TAG!r}")
+            raise MissingPathError(f"{universal}: DeepSpeed found no universal checkpoint tagged {TAG!r}")
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Full fp32 values of the trainable tensors (a collective under ZeRO-3: every rank calls).
@@ -308,6 +352,61 @@ class DeepSpeedEngine(HFEngine):
         if dist.is_initialized():
             dist.barrier()
         return final_dir
+
+
+def universal_refusal(saved: dict, now: dict) -> str | None:
+    """Why a saved ZeRO layout cannot be resumed at `now` through a universal checkpoint (None: it can).
+
+    DeepSpeed 0.19.8, measured with this trainer: a DP size change at ZeRO 2 and ZeRO 3 resumes exactly
+    (2 -> 4 ranks; the same code paths serve ZeRO 1). A ZeRO stage change does not: its model-state
+    files are named per stage (ZeRO-3 `zero_pp_rank_*_mp_rank_00_model_states.pt`, ZeRO 1/2
+    `mp_rank_00_model_states.pt`) and the universal loader at the other stage finds none (an
+    AssertionError in its state-dict loader). Resuming on 1 rank (ZeRO 2, DP 2 -> 1, and ZeRO 2 -> 1)
+    hung. ZeRO-0 has no ZeRO optimizer."""
+    a, b = saved["zero_stage"], now["zero_stage"]
+    if a != b:
+        if 0 in (a, b):
+            return ("ZeRO-0 has no ZeRO optimizer: DeepSpeed neither writes partitioned optimizer states there nor "
+                    "loads universal ones")
+        return (f"DeepSpeed {_ds_version()} cannot load a universal checkpoint at another ZeRO stage "
+                f"({a} -> {b}); it can at another DP size at the same stage")
+    if now["dp"] == 1:
+        return ("resuming on a single rank through the universal checkpoint hung in our tests with DeepSpeed "
+                f"{_ds_version()} (not diagnosed), so it is not attempted; resume on 2 or more ranks")
+    if saved.get("bf16") != now["bf16"]:
+        return "bf16 <-> fp32 changes the optimizer DeepSpeed builds (and the fingerprinted stage precision)"
+    if saved.get("trainable") is not None and saved["trainable"] != now["trainable"]:
+        return "the trainable tensors differ"
+    return None
+
+
+def _ds_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("deepspeed")
+    except Exception:  # noqa: BLE001 - only for a message
+        return "(this version)"
+
+
+def convert_to_universal(tag_dir: Path, output: Path) -> Path:
+    """DeepSpeed's converter (`deepspeed.checkpoint.ds_to_universal`) on one tag folder, in a subprocess,
+    written to `output.tmp` and renamed to `output` (a half-written conversion is never read)."""
+    tmp = output.with_name(output.name + ".tmp")
+    for stale in (tmp, output):
+        shutil.rmtree(stale, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _import_deepspeed()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]  # our module records no universal-checkpoint info (no TP / PP to merge)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{tag_dir}: DeepSpeed's universal checkpoint conversion failed: "
+                              f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    os.replace(tmp, output)
+    return output
 
 
 def read_trainable(step_dir: Path) -> dict[str, Tensor]:
