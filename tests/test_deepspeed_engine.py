@@ -266,3 +266,21 @@ def test_resume_at_another_zero_stage_fails_clearly(runs, tmp_path):
         assert part in r.stderr, (part, r.stderr[-3000:])
     assert (run / "02-supervised" / "step-2" / "COMPLETE").is_file()  # nothing already written is lost
     assert not [p.name for p in (run / "02-supervised").iterdir() if p.name.startswith(".")]  # nothing converted
+
+
+def test_a_build_lock_left_by_a_killed_compile_is_removed(tmp_path):
+    """torch's JIT build waits forever on another build's `lock`; a kill -9 mid-build leaves one behind
+    (seen here: every later DeepSpeed run hung at its first op load)."""
+    import os
+    import time
+
+    from toolkit.engines.deepspeed_zero import STALE_BUILD_LOCK_S, remove_stale_build_locks
+
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    past = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(old, (past, past))
+    assert remove_stale_build_locks(tmp_path) == [old]
+    assert not old.exists() and fresh.exists()  # a build under way keeps its lock

@@ -17,12 +17,14 @@ known ZeRO-3 failure is LoRA tensors saved with size 0), so a stage's merged enc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -44,15 +46,31 @@ from toolkit.run_layout import RunLayout
 DS_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside step-N/
 TAG = "state"  # its one tag (step-N/ already names the step)
 LAYOUT_FILE = "zero.json"
+STALE_BUILD_LOCK_S = 20 * 60  # a JIT build of a DeepSpeed CPU op takes 1-3 minutes on 2 cores
 log = logging.getLogger(__name__)
 
 
 def _import_deepspeed():
     """deepspeed, with its JIT-built CPU ops cached across runs (the shared-memory comm op takes ~30 s once)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    for lock in remove_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"])):
+        log.warning("%s: removed a build lock left by a process killed while compiling a DeepSpeed op", lock)
     import deepspeed
 
     return deepspeed
+
+
+def remove_stale_build_locks(extensions_dir: Path, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """torch's JIT build waits, without end, for the `lock` file of whoever builds an op; a process killed
+    mid-build (kill -9, a preempted job) leaves it behind and every later run hangs. A build takes a few
+    minutes, so a lock far older than that has no owner left."""
+    stale = []
+    for lock in extensions_dir.glob("*/lock") if extensions_dir.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - lock.stat().st_mtime > older_than_s:
+                lock.unlink()
+                stale.append(lock)
+    return stale
 
 
 def _deepspeed_globals() -> list:
