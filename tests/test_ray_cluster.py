@@ -315,7 +315,7 @@ def test_submit_ray_job_end_to_end(ray_cluster, tiny_recipe, reference, tmp_path
     bad = subprocess.run([*base, "stages.mntp.steps=many", *opts], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and "stages" in bad.stderr and "steps" in bad.stderr, bad.stderr[-2000:]
-    layout = subprocess.run([*base, "parallel.tp=4", *opts], capture_output=True, text=True, env=env,
+    layout = subprocess.run([*base, "parallel.dp=4", *opts], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=300)
     assert layout.returncode == 2 and "world size 2" in layout.stderr, layout.stderr[-2000:]
     leak = subprocess.run([*base, f"output_dir={tmp_path / secret}", *opts], capture_output=True, text=True, env=env,
