@@ -166,9 +166,8 @@ def check_parallel(cfg: RunConfig, arch: ModelArgs, gpus: int) -> tuple[int, int
     """(tp, pp, dp) for `gpus` GPUs after the engine's own checks, or the ConfigError the run would get."""
     if gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {gpus}")
-    validate_run(cfg, arch)
+    validate_run(cfg, arch)  # the engine's own refusals, shape checks of its TP x PP included
     dims = ParallelDims.from_config(cfg.parallel, gpus, 0)
-    arch.check_parallel(dims.tp, dims.pp)  # every engine's layers split this way (hf / deepspeed: tp = pp = 1)
     return dims.tp, dims.pp, dims.dp
 
 
