@@ -97,12 +97,12 @@ def test_sliced_loading_is_bit_identical_to_whole_tensor_conversion(tmp_path, co
     arch = ModelArgs.from_hf_config(model.config)
     assert arch.qkv_bias == (model_type == "qwen2")
     pp, first, last = split["pp"], split["first"], split["last"]
-    for folder in ("single", "sharded"):
+    for folder, reader in (("single", "pread"), ("sharded", "pread"), ("single", "mmap"), ("sharded", "mmap")):
         for tp in (1, 2, 4):
             for p in range(pp):
                 for t in range(tp):
                     count_opens.clear()
-                    with HFWeights(tmp_path / folder) as weights:
+                    with HFWeights(tmp_path / folder, reader=reader) as weights:
                         got = hf_to_megatron(weights, arch, tp=tp, tp_rank=t, pp=pp, pp_rank=p,
                                              first_stage_layers=first, last_stage_layers=last)
                         asked = weights.requested_bytes
@@ -133,12 +133,29 @@ def test_encoder_folder_with_prefix_loads_sliced(tmp_path, count_opens):
             _assert_identical(got, _whole_tensor_reference(hf, arch, tp, t, range(2), head=False), (tp, t))
 
 
-def test_weights_close_their_handles(tmp_path):
+def test_weights_read_slices_and_close_their_handles(tmp_path):
+    """Every dtype / rank of tensor, row and column slices, empty slices; both readers agree."""
+    from safetensors.torch import save_file
+
+    tensors = {"m": torch.randn(7, 5), "v": torch.arange(6, dtype=torch.int64), "s": torch.tensor(2.5),
+               "b": torch.randn(4, 3).to(torch.bfloat16), "z": torch.zeros(0, 3)}
+    (tmp_path / "m").mkdir()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    for reader in ("pread", "mmap"):
+        weights = HFWeights(tmp_path / "m", reader=reader)
+        for name, t in tensors.items():
+            assert torch.equal(weights[name], t) and weights[name].dtype == t.dtype, (reader, name)
+        assert torch.equal(weights.read("m", rows=(2, 5), cols=(1, 3)), tensors["m"][2:5, 1:3])
+        assert torch.equal(weights.read("m", cols=(4, 5)), tensors["m"][:, 4:5])
+        assert torch.equal(weights.read("b", rows=(1, 3)), tensors["b"][1:3])
+        assert torch.equal(weights.read("v", rows=(2, 2)), tensors["v"][2:2])
+        weights.close()
+        assert torch.equal(weights.read("v", rows=(1, 4)), tensors["v"][1:4])  # reopened on demand
+        weights.close()
     model = tiny_model("llama", num_hidden_layers=2)
     model.save_pretrained(tmp_path / "m")
     weights = HFWeights(tmp_path / "m")
     assert weights.read("model.norm.weight").shape == (model.config.hidden_size,)
-    assert weights.read("model.embed_tokens.weight", rows=(2, 5), cols=(1, 3)).shape == (3, 2)
     weights.close()
     assert weights.read("model.norm.weight").shape == (model.config.hidden_size,)  # reopened on demand
     weights.close()
