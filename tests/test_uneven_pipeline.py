@@ -184,3 +184,31 @@ def test_uneven_pp2_lora_matches_peft(tmp_path):
                     for k in w["grads"])
         assert worst <= TOL, (stage, worst)
         assert max((g["merged"][k] - w["merged"][k]).abs().max().item() for k in w["merged"]) <= TOL, stage
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # 3 megatron runs under torchrun + an export
+def test_uneven_run_resumes_at_an_even_split_and_exports(tmp_path):
+    """Checkpoints are keyed by megatron's global layer numbers: a PP2 run with 3 + 1 layers stopped
+    mid-MNTP resumes at the even 2 + 2 split (full weights + Adam moments, then LoRA) to the losses of
+    an uninterrupted 3 + 1 run, and its step checkpoint exports into one process."""
+    import subprocess
+
+    from tests.helpers import EMBEDFORGE, losses, torchrun, two_stage_recipe
+
+    cfg = two_stage_recipe(tmp_path)  # a 4-layer tiny llama
+    full, sliced = tmp_path / "full", tmp_path / "sliced"
+    uneven = ("parallel.pp=2", "parallel.first_stage_layers=3")
+    a = torchrun("train", str(cfg), f"output_dir={full}", *uneven)
+    assert a.returncode == 0, a.stderr[-4000:]
+    b = torchrun("train", str(cfg), f"output_dir={sliced}", *uneven, "--stop-after-steps", "2")
+    assert b.returncode != 0 and "stopped at step 2" in b.stderr, b.stderr[-4000:]
+    x = subprocess.run([EMBEDFORGE, "export", "--checkpoint", str(sliced / "00-mntp" / "step-2"), "--output",
+                        str(tmp_path / "exported")], capture_output=True, text=True, timeout=600)
+    assert x.returncode == 0, x.stderr[-4000:]
+    c = torchrun("train", str(cfg), f"output_dir={sliced}", "parallel.pp=2")
+    assert c.returncode == 0, c.stderr[-4000:]
+    want, got = losses(full), losses(sliced)
+    assert len(want) == 7 and set(got) == set(want)
+    for key, value in want.items():
+        assert abs(got[key] - value) <= 1e-4 * max(1.0, abs(value)), (key, got[key], value)
