@@ -333,7 +333,11 @@ def test_deepspeed_zero_partitions_over_dp():
 @pytest.mark.parametrize("preset,gpus,overrides,message", [
     ("llama3-8b", 24, ["parallel.tp=3"], "parallel.tp=3: num_attention_heads=32 is not divisible by tp"),
     ("llama3-8b", 16, ["parallel.tp=16"], "parallel.tp=16: num_key_value_heads=8 is not divisible by tp"),
-    ("llama3.1-405b", 64, ["parallel.pp=8"], "parallel.pp=8: num_hidden_layers=126 is not divisible by pp"),
+    ("llama3.1-405b", 64, ["parallel.first_stage_layers=0", "parallel.last_stage_layers=0"],
+     "parallel.pp=8: num_hidden_layers=126 is not divisible by pp"),
+    ("llama3.1-405b", 64, ["parallel.first_stage_layers=10"], "parallel.first_stage_layers=10 "
+     "parallel.last_stage_layers=16: the other 100 of num_hidden_layers=126 do not split evenly over the other 6 "
+     "of pp=8 stages"),
     ("llama3-70b", 24, [], "parallel: world size 24 is not divisible by tp(8) x pp(2) x cp(1)"),
     ("llama3-8b", 8, ["parallel.dp=4"], "parallel: dp(4) x tp(1) x pp(1) x cp(1) = 4 != world size 8"),
     ("llama3-70b", 64, ["engine=hf"], "parallel.tp/pp: engine=hf is data-parallel only"),
@@ -353,7 +357,7 @@ def test_validation_errors(preset, gpus, overrides, message, capsys):
     assert err.startswith("embedforge plan: error:") and message in err and "\n" not in err
 
 
-PRESETS = {"llama3-8b": 8, "mistral-7b": 8, "llama3-70b": 64, "qwen2.5-72b": 64, "llama3.1-405b": 72}
+PRESETS = {"llama3-8b": 8, "mistral-7b": 8, "llama3-70b": 64, "qwen2.5-72b": 64, "llama3.1-405b": 64}
 PUBLISHED = {"llama3-8b": 8_030_261_248, "mistral-7b": 7_241_732_096, "llama3-70b": 70_553_706_496,
              "qwen2.5-72b": 72_706_203_648, "llama3.1-405b": 405_853_388_800}
 

@@ -255,6 +255,9 @@ class ParallelConfig:
     micro_batch_size: int = 0  # pipeline micro-batch (texts); 0 = the whole per-rank batch at once
     sequence_parallel: bool = False  # megatron sequence parallelism (needs tp > 1)
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron)
+    # uneven pipeline stages (megatron): layers on the first / last stage, the rest split evenly; 0 = even
+    first_stage_layers: int = 0
+    last_stage_layers: int = 0
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -266,6 +269,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.cp: context parallelism is reserved and must be 1, got {self.cp}")
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tp > 1")
+        for name in ("first_stage_layers", "last_stage_layers"):
+            n = getattr(self, name)
+            if n < 0 or (n and self.pp == 1):
+                raise ConfigError(f"parallel.{name}={n}: must be >= 0 and needs parallel.pp > 1 (0 = an even split)")
 
 
 @dataclass(kw_only=True)

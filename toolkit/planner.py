@@ -3,7 +3,8 @@
 Why: a 70B recipe that cannot fit should fail on a laptop in a second, not on 64 GPUs after the
 weights loaded. The numbers describe megatron-core on GPUs (the engine used at scale) per pipeline
 stage: the first holds the embedding and the most in-flight micro-batches, the last the final
-norm, LM head, pooling head and MNTP logits. Assumptions, stated:
+norm, LM head, pooling head and MNTP logits; `parallel.first_stage_layers` / `last_stage_layers`
+give those two fewer (or more) layers than the others (`ModelArgs.stage_layer_counts`). Assumptions, stated:
 
 - Weights are stored in `model.dtype` (bf16: 2 bytes). With LoRA the base is frozen; the adapters
   (and a trainable pooling head) are fp32 with fp32 grads and Adam m, v: 4 + 4 + 8 = 16 bytes/param,
@@ -220,8 +221,8 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
     head = pooling_params(cfg.pooling.mode, arch.hidden_size, cfg.pooling.num_seeds, cfg.pooling.num_latents)
     per_layer = layer_activation_bytes(arch, lay, tokens, seq)
     working = sum(layer_activation_bytes(arch, lay, tokens, seq, stored=False).values()) if recompute == "full" else 0.0
-    stages, n_layers = [], arch.num_layers // pp
-    for p in range(pp):
+    stages, counts = [], arch.stage_layer_counts(pp, cfg.parallel.first_stage_layers, cfg.parallel.last_stage_layers)
+    for p, n_layers in enumerate(counts):
         first, last = p == 0, p == pp - 1
         base = n_layers * per_layer_params + (vocab_rows * arch.hidden_size if first else 0)
         lm_head = vocab_rows * arch.hidden_size  # a frozen copy even when tied (toolkit.models.loading)
@@ -300,6 +301,8 @@ def format_plan(plan: Plan) -> str:
     lay, cap = plan.layout, plan.gpu_mem_gib * GIB
     cols = [plan.stages[0], plan.stages[-1]] if plan.pp > 1 else plan.stages
     names = ["stage 0 (first)", f"stage {plan.pp - 1} (last)"] if plan.pp > 1 else ["per GPU"]
+    if plan.peak not in cols:  # uneven stages: a middle stage can be the largest
+        cols, names = cols + [plan.peak], names + [f"stage {plan.peak.pp_rank} (peak)"]
 
     def fits(s: StageMemory) -> str:
         return f"yes (+{(cap - s.total) / GIB:.1f} GiB)" if s.total <= cap else f"NO (-{(s.total - cap) / GIB:.1f} GiB)"

@@ -119,15 +119,37 @@ class ModelArgs:
         return total
 
     # ------------------------------------------------------------------ layouts
-    def check_parallel(self, tp: int, pp: int) -> None:
+    def stage_layer_counts(self, pp: int, first: int = 0, last: int = 0) -> list[int]:
+        """Layers of each pipeline stage: `first` / `last` layers on the first / last stage (0 = not
+        fixed), the rest split evenly over the other stages, as megatron-core's
+        num_layers_in_{first,last}_pipeline_stage split them."""
+        fixed = {0: first, pp - 1: last} if pp > 1 else {}
+        fixed = {p: n for p, n in fixed.items() if n > 0}
+        middle = pp - len(fixed)
+        rest = self.num_layers - sum(fixed.values())
+        if rest < 0 or (middle == 0 and rest) or (middle and (rest <= 0 or rest % middle)):
+            fields = " ".join(f"parallel.{name}_stage_layers={n}" for name, n in (("first", first), ("last", last)) if n)
+            raise ConfigError(f"{fields or f'parallel.pp={pp}'}: the other {rest} of num_hidden_layers="
+                              f"{self.num_layers} do not split evenly over the other {middle} of pp={pp} stages")
+        per = rest // middle if middle else 0
+        return [fixed.get(p, per) for p in range(pp)]
+
+    def stage_layers(self, pp: int, pp_rank: int, first: int = 0, last: int = 0) -> range:
+        """The global layer numbers (0-based) pipeline stage `pp_rank` holds."""
+        counts = self.stage_layer_counts(pp, first, last)
+        start = sum(counts[:pp_rank])
+        return range(start, start + counts[pp_rank])
+
+    def check_parallel(self, tp: int, pp: int, first: int = 0, last: int = 0) -> None:
         """Refuse a TP x PP layout these shapes cannot be split into (the vocabulary is padded instead)."""
         for name, n in (("num_attention_heads", self.num_heads), ("num_key_value_heads", self.num_kv_heads),
                         ("intermediate_size", self.ffn_hidden_size)):
             if n % tp:
                 raise ConfigError(f"parallel.tp={tp}: {name}={n} is not divisible by tp")
-        if self.num_layers % pp:
-            raise ConfigError(f"parallel.pp={pp}: num_hidden_layers={self.num_layers} is not divisible by pp")
-
+        if not (first or last) and self.num_layers % pp:
+            raise ConfigError(f"parallel.pp={pp}: num_hidden_layers={self.num_layers} is not divisible by pp "
+                              "(parallel.first_stage_layers / last_stage_layers give uneven stages)")
+        self.stage_layer_counts(pp, first, last)
 
 def read_model_args(config_json: Path) -> ModelArgs:
     """ModelArgs from an HF config.json file (no weights read)."""

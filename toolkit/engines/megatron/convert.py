@@ -7,7 +7,10 @@ Megatron layouts handled here:
 - `linear_fc1` (SwiGLU): each TP rank's rows are [its gate slice ; its up slice].
 - column-parallel (qkv, fc1, embedding, output layer) split rows; row-parallel (proj, fc2) columns;
   norms are replicated. Vocabulary rows are zero-padded to a multiple of tp.
-- pipeline stage p holds global layers [p*L/pp, (p+1)*L/pp) as local layers 0..L/pp-1.
+- pipeline stage p holds global layers `ModelArgs.stage_layers(pp, p, first, last)` (even, or
+  megatron's uneven first / last stage) as local layers 0..n-1.
+Loading reads only this rank's rows / columns when the source can slice (`HFWeights.read`: one
+`get_slice` per piece); a plain dict of tensors is sliced in memory, with the same result.
 """
 
 from __future__ import annotations
@@ -22,20 +25,11 @@ _HF_LAYER = "model.layers.{i}."
 _MG_LAYER = "decoder.layers.{i}."
 
 
-def _stage_layers(arch: ModelArgs, pp: int, pp_rank: int) -> range:
-    per = arch.num_layers // pp
-    return range(pp_rank * per, (pp_rank + 1) * per)
-
-
-def _pad_vocab(w: Tensor, arch: ModelArgs, tp: int) -> Tensor:
-    extra = arch.padded_vocab(tp) - w.shape[0]
-    return torch.cat([w, w.new_zeros(extra, *w.shape[1:])]) if extra else w
-
-
 def _fuse_qkv(q: Tensor, k: Tensor, v: Tensor, arch: ModelArgs) -> Tensor:
-    """[q;k;v] in megatron's per-KV-group order (works for weights [*, h] and biases [*])."""
-    groups, per_group, hd = arch.num_kv_heads, arch.num_heads // arch.num_kv_heads, arch.head_dim
-    tail = q.shape[1:]
+    """[q;k;v] in megatron's per-KV-group order (works for weights [*, h] and biases [*]); q, k, v may
+    hold any whole number of KV groups (a TP rank's)."""
+    per_group, hd = arch.num_heads // arch.num_kv_heads, arch.head_dim
+    groups, tail = k.shape[0] // hd, q.shape[1:]
     q = q.reshape(groups, per_group * hd, *tail)
     k = k.reshape(groups, hd, *tail)
     v = v.reshape(groups, hd, *tail)
@@ -52,57 +46,90 @@ def _split_qkv(qkv: Tensor, arch: ModelArgs) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-def _rows(t: Tensor, tp: int, rank: int) -> Tensor:
-    return t.chunk(tp, dim=0)[rank].clone()
+class _Reader:
+    """Pieces of the source's tensors: sliced on read when the source can (`HFWeights`), else cut
+    from the whole tensor."""
+
+    def __init__(self, hf, arch: ModelArgs, source: str):
+        self.hf, self.arch, self.source = hf, arch, source
+        self.sliced = callable(getattr(hf, "read", None))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.hf
+
+    def __call__(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> Tensor:
+        if name not in self.hf:
+            raise CheckpointError(f"{self.source}: tensor {name!r} is missing (is this a {self.arch.model_type} checkpoint?)")
+        if self.sliced:
+            return self.hf.read(name, rows=rows, cols=cols)
+        t = self.hf[name]
+        t = t[rows[0]:rows[1]] if rows else t
+        return (t[:, cols[0]:cols[1]] if cols else t).clone()
 
 
-def _cols(t: Tensor, tp: int, rank: int) -> Tensor:
-    return t.chunk(tp, dim=1)[rank].clone()
+def _part(n: int, tp: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s [start, stop) of n rows or columns split evenly over tp."""
+    per = n // tp
+    return rank * per, (rank + 1) * per
+
+
+def _vocab_rows(read: _Reader, name: str, arch: ModelArgs, tp: int, rank: int) -> Tensor:
+    """This rank's rows of the vocabulary padded to a multiple of tp (pad rows are zeros)."""
+    start, stop = _part(arch.padded_vocab(tp), tp, rank)
+    real = read(name, rows=(min(start, arch.vocab_size), min(stop, arch.vocab_size)))
+    extra = stop - start - real.shape[0]
+    return torch.cat([real, real.new_zeros(extra, *real.shape[1:])]) if extra else real
 
 
 def hf_to_megatron(hf, arch: ModelArgs, *, tp: int, tp_rank: int, pp: int, pp_rank: int, include_head: bool = True,
-                   source: str = "HF checkpoint") -> dict[str, Tensor]:
+                   source: str = "HF checkpoint", first_stage_layers: int = 0, last_stage_layers: int = 0
+                   ) -> dict[str, Tensor]:
     """The megatron state dict of rank (tp_rank, pp_rank) from a full HF `*ForCausalLM` state dict.
 
-    `hf` is any mapping of HF names to tensors (a lazy one reads only this rank's tensors from disk).
+    `hf` is any mapping of HF names to tensors; an `HFWeights` reads only this rank's bytes from disk.
     """
+    arch.check_parallel(tp, pp, first_stage_layers, last_stage_layers)
+    read = _Reader(hf, arch, source)
+    per_group, hd, groups = arch.num_heads // arch.num_kv_heads, arch.head_dim, arch.num_kv_heads // tp
+    g0 = tp_rank * groups  # this rank's first KV group
+    q_rows, kv_rows = (g0 * per_group * hd, (g0 + groups) * per_group * hd), (g0 * hd, (g0 + groups) * hd)
+    f_rows, q_cols = _part(arch.ffn_hidden_size, tp, tp_rank), _part(arch.dim("q"), tp, tp_rank)
 
-    def get(name: str) -> Tensor:
-        if name not in hf:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing (is this a {arch.model_type} checkpoint?)")
-        return hf[name]
+    def qkv(attn: str, suffix: str) -> Tensor:
+        return _fuse_qkv(read(attn + f"q_proj.{suffix}", rows=q_rows), read(attn + f"k_proj.{suffix}", rows=kv_rows),
+                         read(attn + f"v_proj.{suffix}", rows=kv_rows), arch)
 
     out: dict[str, Tensor] = {}
     if pp_rank == 0:
-        out["embedding.word_embeddings.weight"] = _rows(_pad_vocab(get("model.embed_tokens.weight"), arch, tp), tp, tp_rank)
-    for local, i in enumerate(_stage_layers(arch, pp, pp_rank)):
+        out["embedding.word_embeddings.weight"] = _vocab_rows(read, "model.embed_tokens.weight", arch, tp, tp_rank)
+    layers = arch.stage_layers(pp, pp_rank, first_stage_layers, last_stage_layers)
+    for local, i in enumerate(layers):
         h, m = _HF_LAYER.format(i=i), _MG_LAYER.format(i=local)
         attn = h + "self_attn."
-        qkv = _fuse_qkv(get(attn + "q_proj.weight"), get(attn + "k_proj.weight"), get(attn + "v_proj.weight"), arch)
-        out[m + "self_attention.linear_qkv.weight"] = _rows(qkv, tp, tp_rank)
+        out[m + "self_attention.linear_qkv.weight"] = qkv(attn, "weight")
         if arch.qkv_bias:
-            bias = _fuse_qkv(get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), arch)
-            out[m + "self_attention.linear_qkv.bias"] = _rows(bias, tp, tp_rank)
-        out[m + "self_attention.linear_proj.weight"] = _cols(get(attn + "o_proj.weight"), tp, tp_rank)
-        gate, up = get(h + "mlp.gate_proj.weight"), get(h + "mlp.up_proj.weight")
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([_rows(gate, tp, tp_rank), _rows(up, tp, tp_rank)])
-        out[m + "mlp.linear_fc2.weight"] = _cols(get(h + "mlp.down_proj.weight"), tp, tp_rank)
-        out[m + "input_layernorm.weight"] = get(h + "input_layernorm.weight").clone()
-        out[m + "pre_mlp_layernorm.weight"] = get(h + "post_attention_layernorm.weight").clone()
+            out[m + "self_attention.linear_qkv.bias"] = qkv(attn, "bias")
+        out[m + "self_attention.linear_proj.weight"] = read(attn + "o_proj.weight", cols=q_cols)
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([read(h + "mlp.gate_proj.weight", rows=f_rows),
+                                                      read(h + "mlp.up_proj.weight", rows=f_rows)])
+        out[m + "mlp.linear_fc2.weight"] = read(h + "mlp.down_proj.weight", cols=f_rows)
+        out[m + "input_layernorm.weight"] = read(h + "input_layernorm.weight")
+        out[m + "pre_mlp_layernorm.weight"] = read(h + "post_attention_layernorm.weight")
     if pp_rank == pp - 1:
-        out["decoder.final_layernorm.weight"] = get("model.norm.weight").clone()
+        out["decoder.final_layernorm.weight"] = read("model.norm.weight")
     if pp_rank == pp - 1 and include_head:
-        head = hf.get("lm_head.weight")
-        if head is None:
+        head = "lm_head.weight"
+        if head not in read:
             if not arch.tied_embeddings:
                 raise CheckpointError(f"{source}: lm_head.weight is missing and the config does not tie embeddings")
-            head = get("model.embed_tokens.weight")
-        out["output_layer.weight"] = _rows(_pad_vocab(head, arch, tp), tp, tp_rank)
+            head = "model.embed_tokens.weight"
+        out["output_layer.weight"] = _vocab_rows(read, head, arch, tp, tp_rank)
     return out
 
 
 def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: ModelArgs, *, tp: int, pp: int,
-                   include_head: bool = True) -> dict[str, Tensor]:
+                   include_head: bool = True, first_stage_layers: int = 0, last_stage_layers: int = 0
+                   ) -> dict[str, Tensor]:
     """A full HF state dict from every rank's megatron state dict, keyed by (tp_rank, pp_rank).
 
     Tensors missing from the shards (e.g. frozen weights when mapping gradients) are skipped, so the
@@ -125,10 +152,9 @@ def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: Model
 
     emb = gather(0, "embedding.word_embeddings.weight", 0)
     put("model.embed_tokens.weight", None if emb is None else emb[: arch.vocab_size])
-    per = arch.num_layers // pp
     for p in range(pp):
-        for local in range(per):
-            h, m = _HF_LAYER.format(i=p * per + local), _MG_LAYER.format(i=local)
+        for local, i in enumerate(arch.stage_layers(pp, p, first_stage_layers, last_stage_layers)):
+            h, m = _HF_LAYER.format(i=i), _MG_LAYER.format(i=local)
             attn = h + "self_attn."
             for suffix in ("weight", "bias"):
                 qkv = gather(p, m + f"self_attention.linear_qkv.{suffix}", 0)

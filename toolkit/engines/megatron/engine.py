@@ -83,10 +83,12 @@ class MegatronEngine(Engine):
             self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype],
             sequence_parallel=cfg.parallel.sequence_parallel,
             recompute="full" if cfg.model.gradient_checkpointing and cfg.parallel.recompute == "none" else cfg.parallel.recompute,
+            first_stage_layers=cfg.parallel.first_stage_layers, last_stage_layers=cfg.parallel.last_stage_layers,
         )
         self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
-                                    post_process=dims.is_last_stage).to(self.device)
-        self.load_hf_weights(HFWeights(path), source=str(path))
+                                    post_process=dims.is_last_stage, pp_rank=dims.pp_rank).to(self.device)
+        with HFWeights(path) as weights:  # one open per file, this rank's slices only
+            self.load_hf_weights(weights, source=str(path))
         with torch.random.fork_rng():  # the same initial head as the hf engine
             torch.manual_seed(head_seed(cfg.seed))
             pooling = Pooling(cfg.pooling, self.arch.hidden_size)
@@ -96,7 +98,7 @@ class MegatronEngine(Engine):
     def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
         dims = self.dims
         state = hf_to_megatron(hf, self.arch, tp=dims.tp, tp_rank=dims.tp_rank, pp=dims.pp, pp_rank=dims.pp_rank,
-                               include_head=include_head, source=source)
+                               include_head=include_head, source=source, **self._stage_split)
         own = self.model.state_dict()
         skip = ("_extra_state",) if include_head else ("_extra_state", "output_layer.weight")
         missing = sorted(k for k in own if k not in state and not k.endswith(skip))
@@ -125,15 +127,21 @@ class MegatronEngine(Engine):
         if self.dims.rank != 0:
             return None
         shards = {(t, p): sd for t, p, d, sd in gathered if d == 0}
-        return megatron_to_hf(shards, self.arch, tp=self.dims.tp, pp=self.dims.pp)
+        return megatron_to_hf(shards, self.arch, tp=self.dims.tp, pp=self.dims.pp, **self._stage_split)
+
+    @property
+    def _stage_split(self) -> dict[str, int]:
+        """The uneven pipeline split, as the conversion takes it."""
+        par = self.cfg.parallel
+        return {"first_stage_layers": par.first_stage_layers, "last_stage_layers": par.last_stage_layers}
 
     def load_stage_output(self, final_dir: Path) -> None:
         """A finished stage's encoder folder (HF backbone + heads) into this rank's shards.
 
         The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
         """
-        backbone = HFWeights(final_dir, prefix="model.")  # lazy: this rank's tensors only, sharded folders too
-        self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
+        with HFWeights(final_dir, prefix="model.") as backbone:  # this rank's slices only, sharded folders too
+            self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
         load_head_weights(self.encoder, final_dir)
         self.encoder.to(self.device)
 

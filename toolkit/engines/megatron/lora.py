@@ -54,9 +54,9 @@ class MegatronLora(nn.Module):
         self.adapters = nn.ModuleDict()
         self._hooks = []
         layers = model.decoder.layers
-        self.layers_per_stage = len(layers)
+        self.layer_offset = layers[0].layer_number - 1 if len(layers) else 0  # megatron's (uneven stages too)
         for local, layer in enumerate(layers):
-            global_layer = pp_rank * len(layers) + local
+            global_layer = self.layer_offset + local
             by_module: dict[str, list[str]] = {}
             for target in cfg.target_modules:
                 by_module.setdefault(TARGETS[target][0], []).append(target)
@@ -165,7 +165,7 @@ class MegatronLora(nn.Module):
 
     # ------------------------------------------------------------------ names and checkpoints
     def global_layer(self, key: str) -> int:
-        return self.pp_rank * self.layers_per_stage + int(key.split("-", 1)[0])
+        return self.layer_offset + int(key.split("-", 1)[0])
 
     def sharded_names(self) -> set[str]:
         """Adapter tensors split across TP (column B, row A); the others are replicated."""

@@ -21,10 +21,13 @@ from toolkit.models.arch import ModelArgs
 
 def transformer_config(arch: ModelArgs, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        attention_dropout: float = 0.0, hidden_dropout: float = 0.0,
-                       sequence_parallel: bool = False, recompute: str = "none"):
+                       sequence_parallel: bool = False, recompute: str = "none", first_stage_layers: int = 0,
+                       last_stage_layers: int = 0):
+    """megatron-core's config for these shapes; `first_stage_layers` / `last_stage_layers` (0 = an even
+    split) become its uneven pipeline split."""
     from megatron.core.transformer import TransformerConfig
 
-    arch.check_parallel(tp, pp)
+    arch.check_parallel(tp, pp, first_stage_layers, last_stage_layers)
     on_gpu = torch.cuda.is_available()
     kwargs = {}
     if recompute != "none":
@@ -64,6 +67,8 @@ def transformer_config(arch: ModelArgs, *, tp: int, pp: int, dtype: torch.dtype 
         calculate_per_token_loss=True,  # the engine scales each micro-batch's loss itself
         variable_seq_lengths=True,  # micro-batches are length-bucketed, not padded to max_length
         moe_token_dispatcher_type="alltoall",  # (dense model; the default allgather refuses variable lengths)
+        num_layers_in_first_pipeline_stage=first_stage_layers or None,
+        num_layers_in_last_pipeline_stage=last_stage_layers or None,
         **kwargs,
     )
 
@@ -80,9 +85,15 @@ class RMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps, dtype=getattr(config, "params_dtype", None))
 
 
-def block_spec(arch: ModelArgs, pp: int):
+def stage_layers(arch: ModelArgs, config, pp_rank: int) -> range:
+    """The global layers of pipeline stage `pp_rank` under megatron config `config`."""
+    return arch.stage_layers(config.pipeline_model_parallel_size, pp_rank,
+                             config.num_layers_in_first_pipeline_stage or 0, config.num_layers_in_last_pipeline_stage or 0)
+
+
+def block_spec(arch: ModelArgs, num_layers: int):
     """megatron-core's local GPT layer spec, padding-only (bidirectional) attention mask, as a block
-    of this pipeline stage's layers with a final norm."""
+    of `num_layers` layers (this pipeline stage's) with a final norm."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -93,10 +104,12 @@ def block_spec(arch: ModelArgs, pp: int):
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
-        layer_specs=[layer] * (arch.num_layers // pp), layer_norm=RMSNorm))
+        layer_specs=[layer] * num_layers, layer_norm=RMSNorm))
 
 
-def build_backbone(arch: ModelArgs, config, *, pre_process: bool, post_process: bool):
+def build_backbone(arch: ModelArgs, config, *, pre_process: bool, post_process: bool, pp_rank: int = 0):
+    """This pipeline stage's model; its layers carry megatron's global layer numbers, checked here
+    against `ModelArgs.stage_layers` (the conversion's and the planner's split)."""
     from megatron.core.models.gpt import GPTModel
 
     class EncoderGPTModel(GPTModel):
@@ -118,9 +131,10 @@ def build_backbone(arch: ModelArgs, config, *, pre_process: bool, post_process: 
     rope = {}
     if arch.rope_scaling:
         rope = dict(rope_scaling=True, rope_scaling_factor=float(arch.rope_scaling.get("factor", 8.0)))
+    layers = stage_layers(arch, config, pp_rank)
     model = EncoderGPTModel(
         config,
-        block_spec(arch, config.pipeline_model_parallel_size),
+        block_spec(arch, len(layers)),
         vocab_size=arch.padded_vocab(config.tensor_model_parallel_size),
         max_sequence_length=arch.max_positions,
         pre_process=pre_process,
@@ -130,6 +144,9 @@ def build_backbone(arch: ModelArgs, config, *, pre_process: bool, post_process: 
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
         **rope,
     )
+    numbers = [layer.layer_number - 1 for layer in model.decoder.layers]  # megatron's own offsets
+    if numbers != list(layers):
+        raise RuntimeError(f"pipeline stage {pp_rank}: megatron built layers {numbers}, the conversion expects {list(layers)}")
     if post_process:
         model.output_layer.weight.requires_grad_(False)  # the MNTP head stays frozen, as in the hf engine
     return model

@@ -25,7 +25,8 @@ def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Pat
     init_single_process_group()
     try:
         single = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, tp=1, pp=1, dp=1, sequence_parallel=False, recompute="none"))
+            cfg.parallel, tp=1, pp=1, dp=1, sequence_parallel=False, recompute="none", first_stage_layers=0,
+            last_stage_layers=0))
         engine = MegatronEngine(single, ParallelDims(dp=1, world_size=1, rank=0))
         engine.build(add_mask_token=False)
         if index > 0:

@@ -37,7 +37,7 @@ def validate(cfg: RunConfig, args: ModelArgs | None) -> None:
 
 def validate_model(cfg: RunConfig, args: ModelArgs) -> None:
     """What the megatron layer spec builds: no other biases than Qwen2's q/k/v, default or llama3 rope,
-    full (not windowed) attention, and a TP x PP split of these shapes."""
+    full (not windowed) attention, and a TP x PP split of these shapes (even or uneven stages)."""
     if args.mlp_bias or (args.attention_bias and args.model_type != "qwen2"):
         raise ConfigError(f"engine=megatron: model_type={args.model_type!r} with attention_bias / mlp_bias: biases "
                           "other than Qwen2's q/k/v bias are not supported")
@@ -51,4 +51,5 @@ def validate_model(cfg: RunConfig, args: ModelArgs) -> None:
     if args.sliding_window and args.sliding_window < cfg.model.max_length:
         raise ConfigError(f"engine=megatron: sliding_window={args.sliding_window} < model.max_length="
                           f"{cfg.model.max_length}; lower model.max_length (attention here is full, not windowed)")
-    args.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    par = cfg.parallel
+    args.check_parallel(par.tp, par.pp, par.first_stage_layers, par.last_stage_layers)
