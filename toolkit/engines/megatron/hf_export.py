@@ -209,10 +209,14 @@ def shared_atomic_dir(final: Path, rank: int, world: int) -> Iterator[Path]:
         error = exc
     failed = any_rank(error is not None)
     if ctx is not None:
-        if failed:
-            ctx.__exit__(RuntimeError, RuntimeError("export failed"), None)
-        else:
-            ctx.__exit__(None, None, None)
+        try:
+            if failed:
+                ctx.__exit__(RuntimeError, RuntimeError("export failed"), None)
+            else:
+                ctx.__exit__(None, None, None)  # the rename into place
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the ranks agreed
+            error = error or exc
+    failed = any_rank(error is not None)  # also a barrier: no rank reads `final` before it is in place
     if error is not None:
         raise error
     if failed:
