@@ -124,3 +124,79 @@ def test_tp2_pp2_sharded_export_equals_single_file_export(tmp_path):
     reference.backbone.embed_tokens.weight.data.zero_()  # the single-process loaders read the sharded folder
     load_encoder_weights(reference, final)
     assert np.abs(reference.encode(texts) - want).max() <= 1e-6
+
+
+def _whole_model_export(cfg, index: int, step_dir: Path, output: Path) -> None:
+    """The export as it was before streaming: the stage's model rebuilt whole in one process (TP1 / PP1,
+    dist_checkpointing reshards), the checkpoint loaded, the adapters merged by the engine."""
+    import dataclasses
+
+    from toolkit.distributed.parallel_dims import ParallelDims
+    from toolkit.engines.megatron.engine import MegatronEngine
+    from toolkit.models.stage_encoder import previous_final
+    from toolkit.objectives.steps import NEEDS_KIND
+    from toolkit.run_layout import RunLayout
+
+    single = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=1, pp=1, dp=1))
+    engine = MegatronEngine(single, ParallelDims(dp=1, world_size=1, rank=0))
+    engine.build(add_mask_token=False)
+    if index > 0:
+        engine.load_stage_output(previous_final(RunLayout.of_stage_dir(step_dir.parent), cfg, index))
+    stage = single.stages[index]
+    engine.begin_stage(index, stage, data_kind=NEEDS_KIND[stage.objective.kind][0], generator=torch.Generator())
+    engine.load(step_dir)
+    engine.end_stage(output)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_step_export_streams_unit_by_unit_and_equals_the_whole_model_export(tmp_path, monkeypatch):
+    """A TP2 x PP2 run's full-weights (MNTP) and LoRA (supervised) step checkpoints, streamed in one
+    process: each unit reads only its own chunks, and the folder equals the whole-model export."""
+    from transformers import AutoModel
+
+    from tests.helpers import torchrun, two_stage_recipe
+    from toolkit.config import load_config
+    from toolkit.distributed.parallel_dims import init_single_process_group
+    from toolkit.engines.megatron import step_export
+    from toolkit.engines.megatron.hf_export import unit_shapes
+    from toolkit.models.encoder import Encoder
+
+    recipe = two_stage_recipe(tmp_path)
+    run = tmp_path / "run"
+    r = torchrun("train", str(recipe), f"output_dir={run}", "parallel.tp=2", "parallel.pp=2", nproc=4)
+    assert r.returncode == 0, r.stderr[-4000:]
+    cfg = load_config(run / "config.yaml")
+    reads: list[tuple[object, int]] = []
+    chunk = step_export.CheckpointReader._chunk
+    monkeypatch.setattr(step_export.CheckpointReader, "_chunk",
+                        lambda self, key, c: reads.append((key, c)) or chunk(self, key, c))
+    call = step_export.StepUnits.__call__
+
+    def unit_call(self, unit):  # bytes read per unit <= the unit's own (padded) size
+        reads.clear()
+        out = call(self, unit)
+        read = sum(torch.Size(c.sizes).numel() for _, c in reads) * 4
+        own = sum(torch.Size(s).numel() for s in unit_shapes(self.arch, unit).values()) * 4
+        pad = (self.arch.padded_vocab(8) - self.arch.vocab_size) * self.arch.hidden_size * 4
+        assert read <= own + (pad if unit.kind == "embed" else 0), (unit, read, own)
+        return out
+
+    monkeypatch.setattr(step_export.StepUnits, "__call__", unit_call)
+    arch = ModelArgs.from_hf_config(AutoModel.from_pretrained(cfg.model.path).config)
+    init_single_process_group()
+    try:
+        for index, step in ((0, run / "00-mntp" / "step-2"), (1, run / "01-supervised" / "step-2")):
+            streamed, whole = tmp_path / f"streamed-{index}", tmp_path / f"whole-{index}"
+            step_export.export_step_streaming(cfg, index, step, streamed, shard_bytes=1)  # one unit per file
+            assert len(json.loads((streamed / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+            assert len(list(streamed.glob("model-*.safetensors"))) == arch.num_layers + 2
+            _whole_model_export(cfg, index, step, whole)
+            a, b = AutoModel.from_pretrained(streamed).state_dict(), AutoModel.from_pretrained(whole).state_dict()
+            assert sorted(a) == sorted(b)
+            assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, index
+            texts = CORPUS[:6]
+            diff = np.abs(Encoder.from_pretrained(streamed).encode(texts) - Encoder.from_pretrained(whole).encode(texts))
+            assert diff.max() <= 1e-6, index
+    finally:
+        dist.destroy_process_group()

@@ -131,7 +131,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, the plan expects "
                                f"{expected} {self.shapes.get(expected)} {self.dtype}")
         t = tensor.detach().to("cpu").contiguous()
-        self._file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._file.write(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
     def close(self) -> None:
         self._file.close()
@@ -154,9 +154,12 @@ def write_shard_file(folder: Path, shard: ShardFile, dtype: torch.dtype,
             names = unit_shapes_order(shard, unit, tensors)
             for name in names:
                 writer.write(name, tensors.pop(name))
-    finally:
+    except BaseException:
         if writer is not None:
-            writer.close()
+            writer._file.close()  # the temp folder is removed; no completeness check to mask the error
+        raise
+    if writer is not None:
+        writer.close()
 
 
 def unit_shapes_order(shard: ShardFile, unit: Unit, tensors: dict[str, Tensor]) -> list[str]:
