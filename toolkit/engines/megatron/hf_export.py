@@ -1,7 +1,7 @@
 """The megatron engine's encoder folder, written by the ranks that hold the weights (no rank holds the model).
 
 The backbone is written as a sharded HF checkpoint (`model-0000X-of-0000N.safetensors` +
-`model.safetensors.index.json`). The files are planned from the architecture alone (`plan_shards`),
+`model.safetensors.index.json`; a single `model.safetensors` when one file holds it). The files are planned from the architecture alone (`plan_shards`),
 so every rank knows every file's name and tensor list before any weight moves; a file never spans
 two pipeline stages. Each stage's DP-replica-0 ranks then walk their stage unit by unit (the
 embedding, one decoder layer, the final norm): the TP pieces of one unit are gathered to the
@@ -32,7 +32,7 @@ from torch import Tensor
 from toolkit.atomic import atomic_dir
 from toolkit.engines.base import any_rank
 from toolkit.engines.megatron.convert import hf_layer_shapes, megatron_layer_to_hf
-from toolkit.engines.megatron.weights import INDEX
+from toolkit.engines.megatron.weights import INDEX, SINGLE
 from toolkit.models.arch import ModelArgs
 from toolkit.models.bidirectional import make_bidirectional
 from toolkit.models.export import write_folder_files, write_heads
@@ -94,8 +94,8 @@ def plan_shards(arch: ModelArgs, pp: int, element_size: int, shard_bytes: int = 
             current.units.append(unit)
             current.shapes.update(shapes)
             size += nbytes
-    for i, f in enumerate(files):
-        f.name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+    for i, f in enumerate(files):  # one file: `model.safetensors` and no index, as `save_pretrained` names it
+        f.name = SINGLE if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
     return files
 
 
@@ -133,6 +133,9 @@ class SafetensorsWriter:
         t = tensor.detach().to("cpu").contiguous()
         self._file.write(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
+    def abort(self) -> None:
+        self._file.close()
+
     def close(self) -> None:
         self._file.close()
         if self._order:
@@ -156,7 +159,7 @@ def write_shard_file(folder: Path, shard: ShardFile, dtype: torch.dtype,
                 writer.write(name, tensors.pop(name))
     except BaseException:
         if writer is not None:
-            writer._file.close()  # the temp folder is removed; no completeness check to mask the error
+            writer.abort()  # the temp folder is removed; no completeness check to mask the error
         raise
     if writer is not None:
         writer.close()
@@ -285,6 +288,7 @@ def export_encoder_folder(final_dir: Path, weights: StageWeights, *, dp_rank: in
                 write_heads(tmp, pooling, iem)
         if rank == 0:
             write_config(tmp, hf_config, dtype)
-            (tmp / INDEX).write_text(index_json(files, element_size))
+            if len(files) > 1:
+                (tmp / INDEX).write_text(index_json(files, element_size))
             write_folder_files(tmp, tokenizer, spec)
     return Path(final_dir)

@@ -8,9 +8,10 @@ safetensors file. A LoRA stage's checkpoint holds adapters only: the
 unit's base tensors are read from the stage's start (the base model or the previous stage's folder,
 tensor by tensor) and each adapter is merged as peft merges (W += alpha / r * B @ A).
 
-Memory bound: the checkpoint's metadata plus about 3 x the largest unit (a layer or the embedding at
-its saved padded size: the assembled slices, their HF conversion, one chunk being read), whatever
-the model size.
+Memory bound: the checkpoint's metadata plus about 2 x the largest unit (a layer or the embedding at
+its saved padded size: the unit's slices and their HF conversion, or, while a chunk is read, its
+bytes and the loaded chunk), plus one TP piece when a unit is assembled from several, whatever the
+model size.
 """
 
 from __future__ import annotations
@@ -83,13 +84,18 @@ class CheckpointReader:
         start = [0] * len(size)
         if layer is not None:
             start[0], size[0] = layer, 1
-        out = torch.empty(size, dtype=md.properties.dtype)
-        covered = 0
+        overlapping = []
         for chunk in md.chunks:
             lo = [max(a, c) for a, c in zip(start, chunk.offsets)]
             hi = [min(a + n, c + m) for a, n, c, m in zip(start, size, chunk.offsets, chunk.sizes)]
-            if any(h <= lo_ for lo_, h in zip(lo, hi)):
-                continue
+            if all(h > lo_ for lo_, h in zip(lo, hi)):
+                overlapping.append((chunk, lo, hi))
+        if len(overlapping) == 1 and list(overlapping[0][0].offsets) == start and list(overlapping[0][0].sizes) == size:
+            piece = self._chunk(key, overlapping[0][0])  # saved exactly as asked (TP1): no assembly copy
+            return piece[0] if layer is not None else piece
+        out = torch.empty(size, dtype=md.properties.dtype)
+        covered = 0
+        for chunk, lo, hi in overlapping:
             piece = self._chunk(key, chunk)
             src = piece[tuple(slice(a - c, b - c) for a, b, c in zip(lo, hi, chunk.offsets))]
             out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = src
@@ -217,6 +223,7 @@ def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Pa
             write_shard_file(tmp, shard, dtype, units)
         write_heads(tmp, pooling, iem)
         write_config(tmp, hf_config, dtype)
-        (tmp / INDEX).write_text(index_json(files, element_size))
+        if len(files) > 1:
+            (tmp / INDEX).write_text(index_json(files, element_size))
         write_folder_files(tmp, prepare_tokenizer(AutoTokenizer.from_pretrained(path)), spec)
     return output
