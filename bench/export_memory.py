@@ -99,7 +99,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, 
         engine.end_stage(Path(out) / f"final-{world}")
         peak = _status("VmHWM") - before
         row = {"layout": f"tp{tp} pp{pp}", "rank": rank, "tp_rank": dims.tp_rank, "pp_rank": dims.pp_rank,
-               "own_shard": own, "peak_extra": peak}
+               "own_shard": own, "before": before, "peak_extra": peak}
         if save_step:  # a full-weights step checkpoint for the streaming export
             stage = cfg.stages[0]
             engine.begin_stage(0, stage, data_kind="pair", generator=torch.Generator())
@@ -110,6 +110,10 @@ def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, 
 
 
 def _stream_worker(model_dir: str, out: str, queue) -> None:
+    import sentence_transformers  # noqa: F401  (fixed import costs, paid before measuring)
+    from transformers import AutoModel  # noqa: F401
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
     from toolkit.distributed.parallel_dims import init_single_process_group
     from toolkit.engines.megatron.step_export import export_step_streaming
 
@@ -119,7 +123,7 @@ def _stream_worker(model_dir: str, out: str, queue) -> None:
     before = _status("VmRSS")
     _reset_peak()
     export_step_streaming(cfg, 0, Path(out) / "step-1", Path(out) / "streamed")
-    queue.put(_status("VmHWM") - before)
+    queue.put((before, _status("VmHWM") - before))
 
 
 def main() -> None:
@@ -145,7 +149,7 @@ def main() -> None:
         queue = ctx.Queue()
         proc = ctx.Process(target=_stream_worker, args=(str(model_dir), str(tmp), queue))
         proc.start()
-        streamed = queue.get()
+        streamed_before, streamed = queue.get()
         proc.join()
         rows = [json.loads(p.read_text()) for p in sorted(tmp.glob("row-*.json"), key=lambda p: p.name)]
         bound = bound_bytes(arch)
@@ -153,12 +157,16 @@ def main() -> None:
         print(f"model: {arch.num_layers} layers, hidden {arch.hidden_size}, vocab {arch.vocab_size}; "
               f"HF checkpoint {total / mb:.0f} MB (fp32, with its LM head)")
         print(f"bound: 2 x largest unit = {bound / mb:.0f} MB")
-        print("| layout | rank | (tp, pp) | own shard MB | peak extra during export MB | own shard + bound MB |")
-        print("|---|---|---|---|---|---|")
+        print("| layout | rank | (tp, pp) | own shard MB | RSS before export MB | peak extra during export MB "
+              "| bound MB |")
+        print("|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: (r["layout"], r["rank"])):
             print(f"| {r['layout']} | {r['rank']} | ({r['tp_rank']}, {r['pp_rank']}) | {r['own_shard'] / mb:.0f} "
-                  f"| {r['peak_extra'] / mb:.0f} | {(r['own_shard'] + bound) / mb:.0f} |")
-        print(f"| step-N streamed (1 process) | 0 | - | 0 | {streamed / mb:.0f} | {bound / mb:.0f} |")
+                  f"| {r['before'] / mb:.0f} | {r['peak_extra'] / mb:.0f} | {bound / mb:.0f} |")
+        print(f"| step-N streamed (1 process) | 0 | - | 0 | {streamed_before / mb:.0f} | {streamed / mb:.0f} "
+              f"| {bound / mb:.0f} |")
+        print("peak extra = VmHWM during export - VmRSS just before it (memory freed earlier but still resident "
+              "is reused without showing here)")
 
 
 if __name__ == "__main__":
