@@ -7,9 +7,9 @@ two pipeline stages. Each stage's DP-replica-0 ranks then walk their stage unit 
 embedding, one decoder layer, the final norm): the TP pieces of one unit are gathered to the
 stage's TP rank 0 with `dist.gather` (tensors, not pickles), converted to HF names and streamed into
 the open file (`SafetensorsWriter`: the header is known from the plan, so no file is assembled in
-memory). Memory bound of a writing rank beyond its own shard: the largest unit (a layer or the
-embedding, HF layout, unpadded) twice (the gathered pieces and their conversion); other ranks send
-one parameter at a time. The heads (pooling, IEM) are written by the last stage that holds them;
+memory). Memory bound of a writing rank beyond its own shard: the model's largest unit (a layer,
+or the embedding at its TP-padded size) twice (the gathered pieces and their conversion); other
+ranks send one parameter at a time (bench/export_memory.py measures it per rank). The heads (pooling, IEM) are written by the last stage that holds them;
 rank 0 writes config, tokenizer, index and the sentence-transformers files. The folder is built in a
 temp sibling that rank 0 renames into place once every rank succeeded, so it appears whole or not
 at all. Such a folder loads with `AutoModel`, `SentenceTransformer` and `Encoder.from_pretrained`.
