@@ -24,7 +24,11 @@ from toolkit.atomic import atomic_dir
 from toolkit.models.folder import IEM_FILE, POOLING_DIR, SPEC_FILE, spec_to_json
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from toolkit.models.encoder import Encoder
+    from toolkit.models.folder import EncoderSpec
+    from toolkit.models.pooling import Pooling
 
 NATIVE_MODES = {"mean": "mean", "last": "lasttoken"}
 
@@ -42,34 +46,45 @@ def needs_trust_remote_code(mode: str) -> bool:
 
 def write_sentence_transformers_folder(encoder: "Encoder", path: Path) -> Path:
     from peft import PeftModel
-    from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
-
-    from toolkit.models.st_pooling import EmbedforgePooling  # lazy: sentence-transformers (~8 s import)
 
     if isinstance(encoder.backbone, PeftModel):
         raise ValueError("encoder backbone still has LoRA adapters: merge them (toolkit.models.lora.merge) before saving")
     with atomic_dir(path) as tmp:
         encoder.backbone.save_pretrained(tmp, safe_serialization=True)
-        encoder.tokenizer.save_pretrained(tmp)
-        mode = encoder.spec.pooling.mode
-        if mode in NATIVE_MODES:
-            pool = STPooling(encoder.pooling.output_dim, pooling_mode=NATIVE_MODES[mode], include_prompt=False)
-            pooling_type = "sentence_transformers.models.Pooling"
-        else:
-            pool = EmbedforgePooling.from_pooling(encoder.pooling)
-            pooling_type = "toolkit.models.st_pooling.EmbedforgePooling"
-        (tmp / "modules.json").write_text(json.dumps(modules_json(pooling_type), indent=2))
-        (tmp / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": encoder.spec.max_length, "do_lower_case": False}, indent=2)
-        )
-        (tmp / "config_sentence_transformers.json").write_text(
-            json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
-        )
-        pool_dir = tmp / POOLING_DIR
-        pool_dir.mkdir()
-        pool.save(str(pool_dir))
-        if encoder.iem is not None:  # D2LLM student: the pair scorer beside the embedding model
-            save_file({k: v.detach().contiguous().cpu() for k, v in encoder.iem.state_dict().items()},
-                      str(tmp / IEM_FILE))
-        (tmp / SPEC_FILE).write_text(spec_to_json(encoder.spec))
+        write_folder_files(tmp, encoder.tokenizer, encoder.spec)
+        write_heads(tmp, encoder.pooling, encoder.iem)
     return path
+
+
+def write_folder_files(folder: Path, tokenizer, spec: "EncoderSpec") -> None:
+    """Everything but the weights: tokenizer, `modules.json`, the sentence-transformers configs and
+    `embedforge.json` (a sharded writer's rank 0 writes these, the heads come from the last stage)."""
+    tokenizer.save_pretrained(folder)
+    pooling_type = ("sentence_transformers.models.Pooling" if spec.pooling.mode in NATIVE_MODES
+                    else "toolkit.models.st_pooling.EmbedforgePooling")
+    (folder / "modules.json").write_text(json.dumps(modules_json(pooling_type), indent=2))
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": spec.max_length, "do_lower_case": False}, indent=2)
+    )
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"similarity_fn_name": "cosine", "prompts": {}, "default_prompt_name": None}, indent=2)
+    )
+    (folder / SPEC_FILE).write_text(spec_to_json(spec))
+
+
+def write_heads(folder: Path, pooling: "Pooling", iem: "nn.Module | None") -> None:
+    """The pooling module folder (`1_Pooling/`) and, for a D2LLM student, the IEM's weights."""
+    from sentence_transformers.sentence_transformer.modules import Pooling as STPooling
+
+    from toolkit.models.st_pooling import EmbedforgePooling  # lazy: sentence-transformers (~8 s import)
+
+    mode = pooling.cfg.mode
+    if mode in NATIVE_MODES:
+        pool = STPooling(pooling.output_dim, pooling_mode=NATIVE_MODES[mode], include_prompt=False)
+    else:
+        pool = EmbedforgePooling.from_pooling(pooling)
+    pool_dir = folder / POOLING_DIR
+    pool_dir.mkdir()
+    pool.save(str(pool_dir))
+    if iem is not None:  # D2LLM student: the pair scorer beside the embedding model
+        save_file({k: v.detach().contiguous().cpu() for k, v in iem.state_dict().items()}, str(folder / IEM_FILE))

@@ -27,6 +27,7 @@ SPEC_FILE = "embedforge.json"
 FORMAT_VERSION = 1
 IEM_FILE = "iem.safetensors"
 BACKBONE_FILE = "model.safetensors"
+BACKBONE_INDEX = "model.safetensors.index.json"  # a sharded backbone (the megatron engine writes one per stage)
 POOLING_DIR = "1_Pooling"
 POOLING_FILE = f"{POOLING_DIR}/model.safetensors"
 
@@ -59,8 +60,25 @@ def spec_to_json(spec: EncoderSpec) -> str:
 
 def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
     """Load a finished stage's merged backbone (and pooling head) into the live encoder."""
-    encoder.backbone.load_state_dict(load_file(str(Path(folder) / BACKBONE_FILE)))
+    encoder.backbone.load_state_dict(backbone_state_dict(Path(folder)))
     load_head_weights(encoder, folder)
+
+
+def backbone_state_dict(folder: Path) -> dict:
+    """The backbone's tensors of an encoder folder, single-file or sharded (`model.safetensors.index.json`)."""
+    index = folder / BACKBONE_INDEX
+    if not index.is_file():
+        return load_file(str(folder / BACKBONE_FILE))
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+    state: dict = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise MissingPathError(f"{folder / name}: listed in {index.name} but missing")
+        state.update(load_file(str(folder / name)))
+    return state
 
 
 def load_head_weights(encoder: Encoder, folder: Path) -> None:

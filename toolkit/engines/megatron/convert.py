@@ -127,13 +127,65 @@ def hf_to_megatron(hf, arch: ModelArgs, *, tp: int, tp_rank: int, pp: int, pp_ra
     return out
 
 
+def megatron_layer_to_hf(parts: list[dict[str, Tensor]], arch: ModelArgs, layer: int) -> dict[str, Tensor]:
+    """HF tensors of global layer `layer` from its TP pieces (`parts[t]`: tp rank t's tensors of that layer,
+    named as under `decoder.layers.<local>.`, e.g. `mlp.linear_fc1.weight`). Missing names are skipped."""
+    h = _HF_LAYER.format(i=layer)
+    attn = h + "self_attn."
+    hf: dict[str, Tensor] = {}
+
+    def gather(name: str, dim: int) -> Tensor | None:
+        pieces = [p.get(name) for p in parts]
+        if any(p is None for p in pieces):
+            return None
+        return torch.cat(pieces, dim=dim) if dim >= 0 else pieces[0]
+
+    def put(name: str, value: Tensor | None) -> None:
+        if value is not None:
+            hf[name] = value
+
+    for suffix in ("weight", "bias"):
+        qkv = gather(f"self_attention.linear_qkv.{suffix}", 0)
+        if qkv is not None:
+            q, k, v = _split_qkv(qkv, arch)
+            put(attn + f"q_proj.{suffix}", q)
+            put(attn + f"k_proj.{suffix}", k)
+            put(attn + f"v_proj.{suffix}", v)
+    put(attn + "o_proj.weight", gather("self_attention.linear_proj.weight", 1))
+    fc1 = [p.get("mlp.linear_fc1.weight") for p in parts]
+    if all(f is not None for f in fc1):
+        halves = [f.chunk(2, dim=0) for f in fc1]
+        put(h + "mlp.gate_proj.weight", torch.cat([g for g, _ in halves]))
+        put(h + "mlp.up_proj.weight", torch.cat([u for _, u in halves]))
+    put(h + "mlp.down_proj.weight", gather("mlp.linear_fc2.weight", 1))
+    put(h + "input_layernorm.weight", gather("input_layernorm.weight", -1))
+    put(h + "post_attention_layernorm.weight", gather("pre_mlp_layernorm.weight", -1))
+    return hf
+
+
+def hf_layer_shapes(arch: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
+    """The HF names and shapes of global layer `layer` (what `megatron_layer_to_hf` produces from weights)."""
+    h, attn = _HF_LAYER.format(i=layer), _HF_LAYER.format(i=layer) + "self_attn."
+    hidden, hd, ffn = arch.hidden_size, arch.head_dim, arch.ffn_hidden_size
+    q, kv = arch.num_heads * hd, arch.num_kv_heads * hd
+    shapes = {attn + "q_proj.weight": (q, hidden), attn + "k_proj.weight": (kv, hidden),
+              attn + "v_proj.weight": (kv, hidden)}
+    if arch.qkv_bias:
+        shapes.update({attn + "q_proj.bias": (q,), attn + "k_proj.bias": (kv,), attn + "v_proj.bias": (kv,)})
+    shapes.update({attn + "o_proj.weight": (hidden, q), h + "mlp.gate_proj.weight": (ffn, hidden),
+                   h + "mlp.up_proj.weight": (ffn, hidden), h + "mlp.down_proj.weight": (hidden, ffn),
+                   h + "input_layernorm.weight": (hidden,), h + "post_attention_layernorm.weight": (hidden,)})
+    return shapes
+
+
 def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: ModelArgs, *, tp: int, pp: int,
                    include_head: bool = True, first_stage_layers: int = 0, last_stage_layers: int = 0
                    ) -> dict[str, Tensor]:
     """A full HF state dict from every rank's megatron state dict, keyed by (tp_rank, pp_rank).
 
     Tensors missing from the shards (e.g. frozen weights when mapping gradients) are skipped, so the
-    same function maps parameters, gradients and optimizer moments.
+    same function maps parameters, gradients and optimizer moments. (Whole model in one process: for
+    tests and small models; the engine's export streams layer by layer, see `hf_export`.)
     """
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in shards]
     if missing:
@@ -154,27 +206,11 @@ def megatron_to_hf(shards: dict[tuple[int, int], dict[str, Tensor]], arch: Model
     put("model.embed_tokens.weight", None if emb is None else emb[: arch.vocab_size])
     for p in range(pp):
         for local, i in enumerate(arch.stage_layers(pp, p, first_stage_layers, last_stage_layers)):
-            h, m = _HF_LAYER.format(i=i), _MG_LAYER.format(i=local)
-            attn = h + "self_attn."
-            for suffix in ("weight", "bias"):
-                qkv = gather(p, m + f"self_attention.linear_qkv.{suffix}", 0)
-                if qkv is not None:
-                    q, k, v = _split_qkv(qkv, arch)
-                    put(attn + f"q_proj.{suffix}", q)
-                    put(attn + f"k_proj.{suffix}", k)
-                    put(attn + f"v_proj.{suffix}", v)
-            put(attn + "o_proj.weight", gather(p, m + "self_attention.linear_proj.weight", 1))
-            fc1 = [shards[(t, p)].get(m + "mlp.linear_fc1.weight") for t in range(tp)]
-            if all(f is not None for f in fc1):
-                halves = [f.chunk(2, dim=0) for f in fc1]
-                put(h + "mlp.gate_proj.weight", torch.cat([g for g, _ in halves]))
-                put(h + "mlp.up_proj.weight", torch.cat([u for _, u in halves]))
-            put(h + "mlp.down_proj.weight", gather(p, m + "mlp.linear_fc2.weight", 1))
-            put(h + "input_layernorm.weight", gather(p, m + "input_layernorm.weight", -1))
-            put(h + "post_attention_layernorm.weight", gather(p, m + "pre_mlp_layernorm.weight", -1))
+            m = _MG_LAYER.format(i=local)
+            parts = [{k.removeprefix(m): v for k, v in shards[(t, p)].items() if k.startswith(m)} for t in range(tp)]
+            hf.update(megatron_layer_to_hf(parts, arch, i))
     put("model.norm.weight", gather(pp - 1, "decoder.final_layernorm.weight", -1))
     if include_head:
         head = gather(pp - 1, "output_layer.weight", 0)
         put("lm_head.weight", None if head is None else head[: arch.vocab_size])
     return hf
-

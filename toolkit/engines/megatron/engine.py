@@ -39,14 +39,14 @@ from toolkit.engines.base import (
 )
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from toolkit.engines.megatron.hf_export import StageWeights, export_encoder_folder
 from toolkit.engines.megatron.lora import MegatronLora
 from toolkit.engines.megatron.model import build_backbone, padding_mask, transformer_config
 from toolkit.engines.megatron.validate import validate
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.arch import ModelArgs
-from toolkit.models.bidirectional import make_bidirectional
 from toolkit.models.encoder import Encoder
-from toolkit.models.folder import EncoderSpec, load_head_weights
+from toolkit.models.folder import SPEC_FILE, EncoderSpec, load_head_weights, load_spec
 from toolkit.models.loading import DTYPES, resolve_model_path
 from toolkit.models.pooling import Pooling
 from toolkit.objectives.gradcache import rng_state, set_rng_state
@@ -89,11 +89,19 @@ class MegatronEngine(Engine):
                                     post_process=dims.is_last_stage, pp_rank=dims.pp_rank).to(self.device)
         with HFWeights(path) as weights:  # one open per file, this rank's slices only
             self.load_hf_weights(weights, source=str(path))
-        with torch.random.fork_rng():  # the same initial head as the hf engine
+        with torch.random.fork_rng(), torch.device(self._head_device):  # the same initial head as the hf engine
             torch.manual_seed(head_seed(cfg.seed))
             pooling = Pooling(cfg.pooling, self.arch.hidden_size)
         spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True)
-        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling.to(self.device), spec)
+        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling.to(self.device)
+                               if self.dims.is_last_stage else pooling, spec)
+        self._output_in_place: Path | None = None  # the folder end_stage wrote from these very weights
+
+    @property
+    def _head_device(self) -> torch.device:
+        """The heads (pooling, IEM) run on the last pipeline stage only; the other stages keep them on
+        the meta device (shapes, no storage), so a big head costs nothing there."""
+        return torch.device("cpu") if self.dims.is_last_stage else torch.device("meta")
 
     def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
         dims = self.dims
@@ -110,7 +118,8 @@ class MegatronEngine(Engine):
         self.model.load_state_dict(state, strict=False)
 
     def hf_state_dict(self, grads: bool = False) -> dict[str, Tensor] | None:
-        """The full HF-layout weights (or gradients) gathered on rank 0 (None elsewhere).
+        """The full HF-layout weights (or gradients) gathered on rank 0 (None elsewhere): a whole-model
+        pickle for tests on tiny models; the stage's output never goes through it (`hf_export`).
 
         Only DP replica 0 sends its shards (the others hold copies), and only rank 0 receives."""
         local = {}
@@ -138,12 +147,25 @@ class MegatronEngine(Engine):
     def load_stage_output(self, final_dir: Path) -> None:
         """A finished stage's encoder folder (HF backbone + heads) into this rank's shards.
 
-        The folder has no LM head (an encoder does not need one): the frozen MNTP head stays as built.
+        When this engine wrote that folder (the stage ended in this process), its merged weights and
+        heads are already in place: nothing is read. Otherwise (a run resumed at a later stage) the
+        folder is read lazily, this rank's tensors only. The folder has no LM head (an encoder does
+        not need one): the frozen MNTP head stays as built.
         """
+        if self._output_in_place is not None and Path(final_dir).resolve() == self._output_in_place:
+            return
         with HFWeights(final_dir, prefix="model.") as backbone:  # this rank's slices only, sharded folders too
             self.load_hf_weights(backbone, include_head=False, source=str(final_dir))
-        load_head_weights(self.encoder, final_dir)
-        self.encoder.to(self.device)
+        if self.dims.is_last_stage:
+            load_head_weights(self.encoder, final_dir)
+            self.encoder.pooling.to(self.device)
+            if self.encoder.iem is not None:
+                self.encoder.iem.to(self.device)
+        else:  # the heads' shapes only (an IEM the folder declares)
+            with torch.device("meta"):
+                spec = load_spec(Path(final_dir) / SPEC_FILE)
+                if spec.iem_hidden:
+                    self.encoder.add_iem(spec.iem_hidden)
 
     # ------------------------------------------------------------------ stage
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
@@ -188,15 +210,17 @@ class MegatronEngine(Engine):
         self.kind = stage.objective.kind
 
     def _prepare_iem(self, index: int, stage: StageConfig) -> None:
-        """A D2LLM stage's pair scorer: replicated on every rank (it is small), seeded as the hf engine
-        seeds it, trained on the last pipeline stage only (where pooling and the loss run). A later
+        """A D2LLM stage's pair scorer, seeded as the hf engine seeds it: built and trained on the last
+        pipeline stage only (where pooling and the loss run), shapes only (meta) elsewhere. A later
         stage keeps an earlier stage's IEM frozen."""
         encoder = self.encoder
         if stage.objective.kind == "d2llm":
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(), torch.device(self._head_device):
                 torch.manual_seed(iem_seed(self.cfg.seed, index))
                 encoder.add_iem(stage.objective.d2llm.iem_hidden)
-            encoder.iem.to(self.device).requires_grad_(self.dims.is_last_stage)
+            if self.dims.is_last_stage:
+                encoder.iem.to(self.device)
+            encoder.iem.requires_grad_(self.dims.is_last_stage)
         elif encoder.iem is not None:
             encoder.iem.requires_grad_(False)
 
@@ -427,34 +451,22 @@ class MegatronEngine(Engine):
             get_cuda_rng_tracker().set_states(state["tracker"])
 
     def end_stage(self, final_dir: Path) -> Path:
-        """Gather the HF layout to rank 0 and write the encoder folder there."""
+        """Merge the adapters in place and write the encoder folder from every rank's shards: each
+        pipeline stage writes its own safetensors files (`hf_export`); no rank holds the model."""
         if self.lora is not None:
             self.lora.merge_into(self.model)
             self.lora = None
-        hf = self.hf_state_dict()
-        pooling = _gather_from_last_stage(self.encoder.pooling, self.dims)
-        iem = None if self.encoder.iem is None else _gather_from_last_stage(self.encoder.iem, self.dims)
-        if self.dims.rank == 0:
-            self._write_encoder(hf, pooling, iem, final_dir)
-        if dist.is_initialized():
-            dist.barrier()
+        dims = self.dims
+        weights = StageWeights(self.model, tp_sharded_parameters(self.model), self.arch, tp=dims.tp,
+                               tp_rank=dims.tp_rank, pp=dims.pp, pp_rank=dims.pp_rank,
+                               tp_group=dims.tp_group if dims.tp > 1 else None,
+                               split=(self.cfg.parallel.first_stage_layers, self.cfg.parallel.last_stage_layers))
+        export_encoder_folder(final_dir, weights, dp_rank=dims.dp_rank, rank=dims.rank, world=dims.world_size,
+                              hf_config=self.hf_config, dtype=DTYPES[self.cfg.model.dtype],
+                              tokenizer=self.encoder.tokenizer, spec=self.encoder.spec,
+                              pooling=self.encoder.pooling, iem=self.encoder.iem)
+        self._output_in_place = Path(final_dir).resolve()
         return final_dir
-
-    def _write_encoder(self, hf: dict[str, Tensor], pooling_state: dict[str, Tensor],
-                       iem_state: dict[str, Tensor] | None, final_dir: Path) -> None:
-        from transformers import AutoModel
-
-        with torch.device("meta"):  # no random init of a second full model: the weights are in `hf`
-            backbone = AutoModel.from_config(self.hf_config, dtype=DTYPES[self.cfg.model.dtype])
-        backbone.load_state_dict({k.removeprefix("model."): v for k, v in hf.items() if k.startswith("model.")},
-                                 assign=True)
-        make_bidirectional(backbone)
-        pooling = Pooling(self.cfg.pooling, self.arch.hidden_size)
-        pooling.load_state_dict(pooling_state)
-        encoder = Encoder(backbone, self.encoder.tokenizer, pooling, self.encoder.spec)  # the spec names the IEM
-        if iem_state is not None:
-            encoder.iem.load_state_dict(iem_state)
-        encoder.save_pretrained(final_dir)
 
 
 def tp_sharded_parameters(model) -> set[str]:
@@ -475,16 +487,6 @@ def tp_sharded_parameters(model) -> set[str]:
 
 
 HEADS = ("pooling.", "iem.")  # trainable modules outside the backbone, on the last pipeline stage
-
-
-def _gather_from_last_stage(module: torch.nn.Module, dims: ParallelDims) -> dict[str, Tensor]:
-    """A head trained on the last stage (pooling, IEM); rank 0 (first stage) needs it to export."""
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    if dims.pp == 1 or not dist.is_initialized():
-        return state
-    objs = [None] * dims.world_size
-    dist.all_gather_object(objs, state if dims.is_last_stage and dims.tp_rank == 0 and dims.dp_rank == 0 else None)
-    return next(o for o in objs if o is not None)
 
 
 def _rng_snapshot() -> tuple:

@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from toolkit.config import RunConfig
-from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_group
+from toolkit.distributed.parallel_dims import init_single_process_group
 from toolkit.engines.megatron.engine import MegatronEngine
+from toolkit.engines.megatron.step_export import export_step_streaming
 from toolkit.engines.megatron.validate import validate
 from toolkit.engines.spec import EngineSpec, PlannerTraits, register_engine
-from toolkit.models.stage_encoder import previous_final
-from toolkit.objectives.steps import NEEDS_KIND
-from toolkit.run_layout import RunLayout
 
 
 def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:
-    """Load the sharded checkpoint into one process (tp = pp = 1: dist_checkpointing reshards) and
-    write the HF encoder folder, as the engine does at the end of a stage."""
+    """Stream the sharded checkpoint into the HF encoder folder in one process, unit by unit
+    (`step_export`): any saved TP / PP layout, never the whole model in memory."""
     own_group = not dist.is_initialized()
-    init_single_process_group()
+    init_single_process_group()  # dist_checkpointing's reader needs a process group (of one)
     try:
-        single = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, tp=1, pp=1, dp=1, sequence_parallel=False, recompute="none", first_stage_layers=0,
-            last_stage_layers=0))
-        engine = MegatronEngine(single, ParallelDims(dp=1, world_size=1, rank=0))
-        engine.build(add_mask_token=False)
-        if index > 0:
-            engine.load_stage_output(previous_final(RunLayout.of_stage_dir(step_dir.parent), cfg, index))
-        stage = single.stages[index]
-        engine.begin_stage(index, stage, data_kind=NEEDS_KIND[stage.objective.kind][0], generator=torch.Generator())
-        engine.load(step_dir)
-        return engine.end_stage(output)
+        return export_step_streaming(cfg, index, step_dir, output)
     finally:
         if own_group:
             dist.destroy_process_group()
