@@ -255,6 +255,9 @@ class ParallelConfig:
     micro_batch_size: int = 0  # pipeline micro-batch (texts); 0 = the whole per-rank batch at once
     sequence_parallel: bool = False  # megatron sequence parallelism (needs tp > 1)
     recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron)
+    # megatron: ZeRO-1 (fp32 main grads, fp32 masters and Adam state sharded over DP, bucketed
+    # reduce-scatter overlapped with the backward); needed for model.dtype=bfloat16 full fine-tuning
+    distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
