@@ -2,15 +2,18 @@
 
 In gloo processes on a tiny Llama (4 layers), several full fine-tuning steps per layout:
 - fp32: losses and weights with `parallel.distributed_optimizer=true` equal the plain path within
-  1e-5 at DP2 (MNTP) and TP2 x DP2 (supervised contrastive); small buckets, so several reductions
+  1e-5 at DP2 (MNTP: full fine-tuning and LoRA) and TP2 x DP2 (supervised contrastive); small buckets, so several reductions
   start inside the backward (overlap) and clipping is active (clip_grad below the norm);
 - optimizer state per rank (measured tensors) is the total / dp up to bucket padding, at DP 2 and 4;
 - bf16 weights + fp32 masters train (loss falls, finite) and the masters track the fp32 run;
-- a checkpoint saved at TP2 x DP2 resumes at DP4 with the uninterrupted run's losses and weights.
+- a checkpoint saved at TP2 x DP2 resumes at DP4 and at PP2 x DP2 with the uninterrupted run's
+  losses and weights.
+In one process (fast): the buckets, hooks and update against torch AdamW, and the recipes refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -22,21 +25,21 @@ import torch.multiprocessing as mp
 from tests.helpers import CORPUS, free_port, save_tiny_decoder
 from toolkit.config import config_from_dict
 
-pytestmark = pytest.mark.slow
 SEED, BATCH, STEPS, TOL = 7, 8, 4, 1e-5
 BUCKET = 20_000  # elements: the tiny model splits into several buckets
 
 
 def make_config(model_dir: str, kind: str, *, tp: int = 1, pp: int = 1, dist_opt: bool = False,
-                dtype: str = "float32", micro: int = 0):
+                dtype: str = "float32", micro: int = 0, lora: bool = False, sp: bool = False):
     objective = {"kind": "mntp", "mntp": {"mask_probability": 0.3, "mask_token": "eos"}} if kind == "mntp" else {
         "kind": "supervised", "temperature": 0.05}
     return config_from_dict({
         "output_dir": "unused", "seed": SEED, "engine": "megatron",
-        "parallel": {"tp": tp, "pp": pp, "distributed_optimizer": dist_opt, "micro_batch_size": micro},
+        "parallel": {"tp": tp, "pp": pp, "distributed_optimizer": dist_opt, "micro_batch_size": micro,
+                     "sequence_parallel": sp},
         "model": {"path": model_dir, "max_length": 32, "dtype": dtype},
         "pooling": {"mode": "mean"},
-        "stages": [{"name": kind, "steps": STEPS, "lora": {"enabled": False}, "data": {"path": "unused", "max_length": 32},
+        "stages": [{"name": kind, "steps": STEPS, "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0}, "data": {"path": "unused", "max_length": 32},
                     "objective": objective, "precision": "bf16" if dtype == "bfloat16" else "fp32",
                     "optimizer": {"lr": 1e-3, "weight_decay": 0.01, "clip_grad": 0.5}}],
     })
@@ -59,7 +62,8 @@ def _run(rank: int, world: int, run: dict) -> dict:
 
     dist_optimizer.BUCKET_ELEMENTS = BUCKET
     cfg = make_config(run["model"], run["kind"], tp=run.get("tp", 1), pp=run.get("pp", 1),
-                      dist_opt=run.get("dist", False), dtype=run.get("dtype", "float32"), micro=run.get("micro", 0))
+                      dist_opt=run.get("dist", False), dtype=run.get("dtype", "float32"), micro=run.get("micro", 0),
+                      lora=run.get("lora", False), sp=run.get("sp", False))
     dims = ParallelDims.from_config(cfg.parallel, world, rank)
     engine = MegatronEngine(cfg, dims)
     engine.build(add_mask_token=False)
@@ -139,12 +143,16 @@ def assert_state_is_sharded(run: dict, dp: int) -> None:
     assert max(per_rank) <= total / dp + pad and min(per_rank) >= total / dp - pad, (per_rank, total)
 
 
+@pytest.mark.slow
 def test_dp2_fp32_equals_plain_adamw_and_bf16_masters_train(tmp_path):
     model = str(save_tiny_decoder(tmp_path / "tiny", "llama", num_hidden_layers=4))
     base = {"model": model, "kind": "mntp", "micro": 2}  # 2 micro-batches: reductions wait for the last
-    plain, sharded, bf16 = spawn(tmp_path, 2, [{**base, "initial": True}, {**base, "dist": True},
-                                               {**base, "dist": True, "dtype": "bfloat16"}])
+    plain, sharded, bf16, lora_plain, lora_sharded = spawn(tmp_path, 2, [
+        {**base, "initial": True}, {**base, "dist": True}, {**base, "dist": True, "dtype": "bfloat16"},
+        {**base, "lora": True}, {**base, "lora": True, "dist": True}])
     assert_same_run(sharded, plain, range(1, STEPS + 1))
+    assert_same_run(lora_sharded, lora_plain, range(1, STEPS + 1))  # adapters in the buckets
+    assert max_diff(lora_sharded["params"], lora_plain["params"]) <= TOL  # the adapters themselves
     assert max_diff(sharded["weights"], plain["weights"]) <= TOL
     assert sharded["buckets"] > 2 and sharded["overlapped"] > 0  # reductions started inside the backward
     assert plain["norms"][1] > 0.5  # clipping was active
@@ -170,7 +178,8 @@ def test_dp2_fp32_equals_plain_adamw_and_bf16_masters_train(tmp_path):
     assert moved > 1e-4 and gap <= 0.25 * moved, (gap, moved)
 
 
-@pytest.mark.timeout(1200)  # 4 processes, 3 runs
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # 4 processes, 4 runs
 def test_tp2_dp2_equals_plain_and_resumes_at_dp4(tmp_path):
     """Supervised contrastive (negatives gathered across DP: the loss does not depend on the DP
     split), so a run saved at TP2 x DP2 and resumed at DP4 or PP2 x DP2 must continue the same trajectory."""
@@ -179,7 +188,7 @@ def test_tp2_dp2_equals_plain_and_resumes_at_dp4(tmp_path):
     ckpt = tmp_path / "step-2"
     plain, sharded, resumed, piped = spawn(tmp_path, 4, [
         {**base, "tp": 2},
-        {**base, "tp": 2, "dist": True, "save_at": 2, "save": str(ckpt)},
+        {**base, "tp": 2, "sp": True, "dist": True, "save_at": 2, "save": str(ckpt)},  # + sequence parallel
         {**base, "dist": True, "load": str(ckpt), "load_step": 2},  # tp = 1: dp = 4
         {**base, "pp": 2, "dist": True, "load": str(ckpt), "load_step": 2},  # 1F1B: no_sync until the last
     ])
@@ -201,3 +210,55 @@ def planned_stage(model: str, dtype: str, *, dp: int):
     cfg = make_config(model, "mntp", dist_opt=True, dtype=dtype)
     arch = ModelArgs.from_hf_config(AutoConfig.from_pretrained(model), source=model)
     return plan_stage(cfg, cfg.stages[0], arch, gpus=dp, gpu_mem_gib=80).stages[0]
+
+
+def test_one_process_buckets_hooks_and_update_equal_torch_adamw():
+    """dp = 1, no process group: gradients of two micro-batches (the first under no_sync) land in
+    the fp32 buckets; a parameter without a gradient is not updated (nor decayed), as torch's AdamW."""
+    from toolkit.engines.megatron.dist_optimizer import DistributedOptimizer
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Linear(3, 3))
+    mine = torch.nn.Sequential(*[torch.nn.Linear(m.in_features, m.out_features) for m in ref])
+    mine.load_state_dict(ref.state_dict())
+    kw = {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+    torch_opt = torch.optim.AdamW(ref.parameters(), **kw)
+    opt = DistributedOptimizer(dict(mine.named_parameters()), dp_group=None, bucket_elements=30, **kw)
+    assert len(opt.buckets) > 2 and all(b.params.dtype == torch.float32 for b in opt.buckets)
+    for step in range(3):
+        xs = torch.randn(2, 4, 5)
+        for model in (ref, mine):
+            for i, x in enumerate(xs):
+                with opt.no_sync() if model is mine and i == 0 else contextlib.nullcontext():
+                    model[1](model[0](x)).pow(2).sum().backward()  # model[2] gets no gradient
+        opt.finish_grad_sync()
+        assert opt.launched_in_backward > 0 and all(p.grad is None for p in mine.parameters())
+        torch_opt.step()
+        opt.step()
+        torch_opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
+        for (name, a), b in zip(ref.named_parameters(), mine.parameters()):
+            assert (a - b).abs().max() <= 1e-6, (step, name)
+    assert opt.steps == {n: 3 if not n.startswith("2.") else 0 for n, _ in mine.named_parameters()}
+    assert opt.state_bytes() == 8 * sum(p.numel() for n, p in mine.named_parameters() if not n.startswith("2."))
+
+
+@pytest.mark.parametrize("engine,parallel,dtype,lora,error", [
+    ("megatron", {}, "bfloat16", False, "full fine-tuning needs fp32 master weights"),
+    ("megatron", {"distributed_optimizer": True}, "bfloat16", False, None),
+    ("megatron", {"distributed_optimizer": True}, "float32", True, None),
+    ("hf", {"distributed_optimizer": True}, "float32", True, "engine=hf has no distributed optimizer"),
+])
+def test_recipes_accepted_and_refused(engine, parallel, dtype, lora, error):
+    from toolkit.config import ConfigError
+    from toolkit.engines.spec import validate_run
+
+    cfg = config_from_dict({
+        "output_dir": "x", "engine": engine, "parallel": parallel, "model": {"path": "x", "dtype": dtype},
+        "stages": [{"name": "s", "objective": {"kind": "simcse"}, "steps": 1, "data": {"path": "x"},
+                    "lora": {"enabled": lora}, "precision": "bf16"}]})
+    if error is None:
+        validate_run(cfg)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            validate_run(cfg)

@@ -10,7 +10,10 @@ megatron's pipeline schedule over micro-batches; pooling and losses run on the l
   `_gradcache`); negatives are gathered across DP with gradient.
 Gradients are then summed over TP for replicated tensors under sequence parallelism, averaged over
 DP, clipped by the global norm (TP shards counted once per shard, replicated tensors once) and
-applied by torch AdamW: elementwise, so a sharded update equals the unsharded one. Checkpoints are
+applied by torch AdamW: elementwise, so a sharded update equals the unsharded one; with
+`parallel.distributed_optimizer` by `dist_optimizer.DistributedOptimizer` (ZeRO-1: gradients
+reduce-scattered in buckets during the backward, fp32 masters and Adam state for this DP rank's
+range only), the same arithmetic on owned ranges. Checkpoints are
 megatron `dist_checkpointing` (weights or LoRA adapters + Adam moments as sharded tensors), so they
 load at another TP / PP / DP layout.
 """
