@@ -262,3 +262,28 @@ def test_recipes_accepted_and_refused(engine, parallel, dtype, lora, error):
     else:
         with pytest.raises(ConfigError, match=error):
             validate_run(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # 3 torchrun runs
+def test_cli_bf16_full_fine_tuning_resumes_exactly(tmp_path):
+    """`embedforge train` under torchrun, DP2, bf16 weights + fp32 masters (full MNTP, then LoRA
+    supervised): stopped after 2 steps and resumed, it equals the uninterrupted run (the masters
+    come back from the checkpoint, not from the rounded bf16 weights)."""
+    from tests.helpers import losses, torchrun, two_stage_recipe
+
+    cfg = two_stage_recipe(tmp_path)
+    common = ["stages.mntp.data.mode=resampled", "stages.supervised.data.mode=resampled",
+              "parallel.distributed_optimizer=true", "model.dtype=bfloat16", "stages.mntp.precision=bf16",
+              "stages.supervised.precision=bf16"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    a = torchrun("train", str(cfg), f"output_dir={full}", *common)
+    assert a.returncode == 0, a.stderr[-4000:]
+    b = torchrun("train", str(cfg), f"output_dir={cut}", *common, "--stop-after-steps", "2")
+    assert b.returncode != 0 and "stopped at step 2" in b.stderr, b.stderr[-4000:]
+    c = torchrun("train", str(cfg), f"output_dir={cut}", *common)
+    assert c.returncode == 0, c.stderr[-4000:]
+    want, got = losses(full), losses(cut)
+    assert set(want) == {("mntp", s) for s in range(1, 5)} | {("supervised", s) for s in range(1, 4)}
+    assert all(abs(got[k] - v) <= 1e-6 for k, v in want.items()), (got, want)
+    assert want[("mntp", 4)] < want[("mntp", 1)]
