@@ -241,6 +241,10 @@ def test_one_process_buckets_hooks_and_update_equal_torch_adamw():
             assert (a - b).abs().max() <= 1e-6, (step, name)
     assert opt.steps == {n: 3 if not n.startswith("2.") else 0 for n, _ in mine.named_parameters()}
     assert opt.state_bytes() == 8 * sum(p.numel() for n, p in mine.named_parameters() if not n.startswith("2."))
+    # a non-finite gradient shows in the norm the engine's skip reads
+    mine[1](mine[0](torch.full((1, 5), float("inf")))).sum().backward()
+    opt.finish_grad_sync()
+    assert not torch.isfinite(opt.sum_of_squares(lambda name: True)).all()
 
 
 @pytest.mark.parametrize("engine,parallel,dtype,lora,error", [
