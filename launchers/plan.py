@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.config import load_config
     from toolkit.planner import format_plan, load_arch, plan_run
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *(["parallel.distributed_optimizer=true"] if args.distributed_optimizer else [])]
+    cfg = load_config(args.config, overrides)  # the flag plans what the engine then runs
     arch, source = load_arch(cfg, args.config, args.arch)
     plans = plan_run(cfg, arch, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, stage=args.stage,
                      negatives=args.negatives, distributed_optimizer=args.distributed_optimizer,

@@ -293,15 +293,22 @@ def test_pipeline_in_flight_gradcache_and_distributed_optimizer():
     chunked = plan_stage(cfg, cfg.stages[0], arch, gpus=1, gpu_mem_gib=80, negatives=3)
     assert chunked.micro_texts == 8 and chunked.stages[0].activations == pytest.approx(whole.stages[0].activations / 10)
 
-    # what the engine refuses, the planner refuses with the same words: bf16 full fine-tuning (no fp32
-    # masters) and a distributed optimizer (optimizer states are replicated over DP today)
+    # what the engine refuses, the planner refuses with the same words: bf16 full fine-tuning without
+    # the distributed optimizer (no fp32 masters); with it, the bytes the engine allocates
     cfg = recipe(engine="megatron", lora=False, precision="bf16", parallel={"tp": 1})
     with pytest.raises(ConfigError, match="full fine-tuning needs fp32 master weights"):
         plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80)
+    cfg = recipe(engine="megatron", lora=False, precision="bf16", parallel={"tp": 1, "distributed_optimizer": True})
+    zero1 = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80).stages[0]
+    assert zero1.grads == (4 + 4 / 4) * zero1.trainable  # fp32 main grads + the reduced owned range
+    assert zero1.optimizer == 12 / 4 * zero1.trainable  # fp32 master + m + v over dp
     cfg = recipe(engine="megatron", lora=False, precision="bf16", dtype="float32")
     plain = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80)
     assert plain.stages[0].optimizer == 8 * plain.stages[0].trainable  # fp32 Adam moments, replicated
-    with pytest.raises(ConfigError, match="engine=megatron has no distributed optimizer"):
+    sharded = plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80, distributed_optimizer=True)
+    assert sharded.stages[0].optimizer == plain.stages[0].optimizer / 4  # fp32: the weights are the masters
+    with pytest.raises(ConfigError, match="engine=hf has no distributed optimizer"):
+        cfg = recipe(engine="hf", lora=False, precision="bf16", dtype="float32")
         plan_stage(cfg, cfg.stages[0], arch, gpus=4, gpu_mem_gib=80, distributed_optimizer=True)
 
 

@@ -258,6 +258,9 @@ class ParallelConfig:
     # uneven pipeline stages (megatron): layers on the first / last stage, the rest split evenly; 0 = even
     first_stage_layers: int = 0
     last_stage_layers: int = 0
+    # megatron: ZeRO-1 (fp32 main grads, fp32 masters and Adam state sharded over DP, bucketed
+    # reduce-scatter overlapped with the backward); needed for model.dtype=bfloat16 full fine-tuning
+    distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):

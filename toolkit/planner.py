@@ -9,9 +9,12 @@ give those two fewer (or more) layers than the others (`ModelArgs.stage_layer_co
 - Weights are stored in `model.dtype` (bf16: 2 bytes). With LoRA the base is frozen; the adapters
   (and a trainable pooling head) are fp32 with fp32 grads and Adam m, v: 4 + 4 + 8 = 16 bytes/param,
   replicated over DP (they are tiny). Full fine-tuning in bf16 counts the usual mixed-precision
-  2 + 2 + 12 bytes/param (bf16 weights and grads, fp32 master + m + v), in fp32 4 + 4 + 8; the
-  optimizer part is divided by dp only with `distributed_optimizer`, which the planner refuses for an
-  engine whose spec does not have one (today none: megatron runs torch AdamW).
+  2 + 2 + 12 bytes/param (bf16 weights and grads, fp32 master + m + v), in fp32 4 + 4 + 8. With
+  `distributed_optimizer` (megatron's ZeRO-1, `parallel.distributed_optimizer` or `--distributed-
+  optimizer`; refused for an engine whose spec has none) the bytes are what that engine allocates
+  (toolkit/engines/megatron/dist_optimizer.py), for every trainable tensor (adapters and heads too):
+  weights in their dtype, an fp32 main-gradient buffer (4) plus the reduced owned range (4/dp), and
+  fp32 master (bf16 weights only) + m + v over dp: bf16 2 + (4 + 4/dp) + 12/dp, fp32 4 + (4 + 4/dp) + 8/dp.
 - The LM head is a frozen copy on the last stage (neither engine trains it; tied embeddings get their
   own frozen copy); vocabularies are padded to a multiple of tp; TP shards linears, not norms.
 - Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -177,6 +180,7 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
     """Per-GPU memory of every pipeline stage for one training stage of `cfg`."""
     tp, pp, dp = check_parallel(cfg, arch, gpus)
     traits = engine_spec(cfg.engine).planner
+    distributed_optimizer = distributed_optimizer or cfg.parallel.distributed_optimizer
     if distributed_optimizer and not traits.distributed_optimizer:
         raise ConfigError(f"--distributed-optimizer: engine={cfg.engine} has no distributed optimizer (optimizer "
                           "states are replicated over DP); plan without it")
@@ -216,6 +220,9 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
     wbytes = 2 if cfg.model.dtype == "bfloat16" or ds_bf16 else 4
     opt_bytes = (12 if wbytes == 2 else 8) / (dp if distributed_optimizer else 1)
     twbytes, tobytes = (2, 12.0) if ds_bf16 else (4, 8.0)  # a LoRA adapter's weight / optimizer bytes
+    # an fp32 tensor's gradient and optimizer bytes (adapters, heads); ZeRO-1: main grad + owned range
+    f32_grad, f32_opt = (4.0 + 4.0 / dp, 8.0 / dp) if distributed_optimizer else (4.0, 8.0)
+    full_grad = (4.0 + 4.0 / dp) if distributed_optimizer else wbytes  # fp32 main grads, any weight dtype
     per_layer_params = arch.layer_params(tp)
     vocab_rows = arch.padded_vocab(tp) // tp
     head = pooling_params(cfg.pooling.mode, arch.hidden_size, cfg.pooling.num_seeds, cfg.pooling.num_latents)
@@ -232,12 +239,13 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
         if lora.enabled:
             trainable = adapters + extra
             weights = (base + frozen_head) * wbytes + trainable * twbytes
-            grads, optim = trainable * 4.0, trainable * tobytes
+            grads, optim = (trainable * f32_grad, trainable * f32_opt) if distributed_optimizer else (
+                trainable * 4.0, trainable * tobytes)
         else:
             full = base + (arch.hidden_size if last else 0)  # the final norm trains, the LM head stays frozen
             trainable = full + extra
             weights = (base + frozen_head) * wbytes + extra * 4
-            grads, optim = full * wbytes + extra * 4.0, full * opt_bytes + extra * 8.0
+            grads, optim = full * full_grad + extra * f32_grad, full * opt_bytes + extra * f32_opt
         inflight = min(pp - p, num_micro)
         terms = {k: v * n_layers * inflight for k, v in per_layer.items()}
         if working:

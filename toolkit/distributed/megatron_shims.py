@@ -15,7 +15,12 @@ a megatron upgrade moved or renamed one of them, so a silent no-op shim can neve
 - `device="cuda"` literals in `pipeline_parallel.schedules` -> CPU (token counters).
 
 Not shimmed, by design: megatron's optimizer, grad clipping (asserts `torch.cuda.FloatTensor`) and
-distributed optimizer. The megatron engine uses torch's AdamW and its own clipping instead.
+distributed optimizer (tried with megatron's DistributedDataParallel: `DistributedOptimizer`
+allocates `device='cuda'` tensors in `MixedPrecisionOptimizer.__init__`, and past those raises
+`TypeError: Wrapped parameters must be one of torch.cuda.FloatTensor, torch.cuda.HalfTensor, or
+torch.cuda.BFloat16Tensor. Received torch.FloatTensor` from `_build_model_and_main_param_groups`: a
+shim would have to make CPU tensors report a CUDA type). The megatron engine uses torch's AdamW,
+its own clipping, and its own ZeRO-1 (toolkit/engines/megatron/dist_optimizer.py) instead.
 """
 
 from __future__ import annotations

@@ -94,6 +94,10 @@ def validate_run(cfg: RunConfig, model_args: "ModelArgs | None" = None) -> Engin
             able = [n for n, s in sorted(_REGISTRY.items()) if dim in s.parallel_dims]
             raise ConfigError(f"parallel.tp/pp: engine={spec.name} is data-parallel only (tp={par.tp}, pp={par.pp}); "
                               f"use engine: {' or '.join(able)}")
+    if par.distributed_optimizer and not spec.planner.distributed_optimizer:
+        able = [n for n, s in sorted(_REGISTRY.items()) if s.planner.distributed_optimizer]
+        raise ConfigError(f"parallel.distributed_optimizer: engine={spec.name} has no distributed optimizer; "
+                          f"use engine: {' or '.join(able)}" + (" (or zero.stage >= 1)" if spec.name == "deepspeed" else ""))
     for index, stage in enumerate(cfg.stages):
         where = f"stages[{index}] ({stage.name})"
         if stage.precision not in spec.precisions:

@@ -6,6 +6,14 @@ a sharded tensor with its parameter's sharding (`make_sharded_optimizer_tensor`)
 optimizer is resharding the model. The heads (pooling, a D2LLM stage's IEM: last stage, replicated),
 Adam's per-parameter step counts and the LR schedule are saved alongside. Loading builds the same structure for the *current* layout and
 lets dist_checkpointing read the right slices.
+
+With the distributed optimizer each DP rank holds only a range of every bucket: the moments (and
+bf16 runs' fp32 masters, key `optimizer.master`) are all-gathered over DP per bucket into the same
+per-parameter tensors, so its checkpoints have the plain optimizer's layout and load at any DP
+size, TP / PP layout, with or without the distributed optimizer; on load each rank keeps its range.
+Cost: save and load hold this rank's TP / PP piece of the whole Adam state for a moment (as
+megatron's own `fully_reshardable` format does; per-range writes would need `flattened_range`,
+which megatron-core 0.16 refuses).
 """
 
 from __future__ import annotations
@@ -14,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from toolkit.engines.megatron.dist_optimizer import DistributedOptimizer
 from toolkit.errors import CheckpointError, MissingPathError
 
 MODEL_DIR = "megatron"
 
 
-def _sharded_state(engine) -> tuple[dict, dict]:
+def _sharded_state(engine, *, saving: bool) -> tuple[dict, dict]:
     """The sharded checkpoint structure, and each trainable parameter's sharded model tensor (by id)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -50,12 +59,17 @@ def _sharded_state(engine) -> tuple[dict, dict]:
     # Adam state of every trainable parameter; one that never had a gradient (the IEM branch of the
     # other task type) is saved as zeros with step 0, and gets no state back on load.
     moments: dict = {}
-    opt_state = engine.optimizer.state
+    distributed = isinstance(engine.optimizer, DistributedOptimizer)
+    opt_state = {} if distributed else engine.optimizer.state
+    gathered = engine.optimizer.gather_state() if distributed and saving else {}  # a collective over DP
+    keys = ("exp_avg", "exp_avg_sq", "master") if distributed and engine.optimizer.keeps_masters else (
+        "exp_avg", "exp_avg_sq")
     for name, p in engine.params.items():
         if id(p) not in by_param:
             raise RuntimeError(f"checkpoint: trainable parameter {name} has no sharded model tensor")
-        st = opt_state.get(p) or {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        for moment in ("exp_avg", "exp_avg_sq"):
+        zeros = {k: torch.zeros(p.shape, dtype=torch.float32 if distributed else p.dtype) for k in keys}
+        st = gathered.get(name) or opt_state.get(p) or zeros
+        for moment in keys:
             moments[f"{moment}.{name}"] = make_sharded_optimizer_tensor(by_param[id(p)], st[moment],
                                                                         f"optimizer.{moment}")
     state["optimizer"] = moments
@@ -80,9 +94,12 @@ def _adam_steps(engine, by_param: dict) -> dict[str, float]:
     step), from every rank, keyed layout-free; 0 = no state yet."""
     import torch.distributed as dist
 
-    opt_state = engine.optimizer.state
-    mine = {_layout_free_id(by_param[id(p)]): float(opt_state[p]["step"]) if p in opt_state else 0.0
-            for p in engine.params.values()}
+    if isinstance(engine.optimizer, DistributedOptimizer):  # counted on every DP rank
+        mine = {_layout_free_id(by_param[id(p)]): float(engine.optimizer.steps[n]) for n, p in engine.params.items()}
+    else:
+        opt_state = engine.optimizer.state
+        mine = {_layout_free_id(by_param[id(p)]): float(opt_state[p]["step"]) if p in opt_state else 0.0
+                for p in engine.params.values()}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     everyone: list = [None] * dist.get_world_size()
@@ -98,7 +115,7 @@ def save(engine, step_dir: Path) -> None:
         target.mkdir(parents=True, exist_ok=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    state, by_param = _sharded_state(engine)
+    state, by_param = _sharded_state(engine, saving=True)
     state["common"]["adam_steps"] = _adam_steps(engine, by_param)  # a collective: at save only
     dist_checkpointing.save(state, str(target))
 
@@ -111,11 +128,12 @@ def load(engine, step_dir: Path) -> None:
     if not source.is_dir():
         raise MissingPathError(f"{source}: missing; this checkpoint was not written by engine=megatron")
     # Materialise Adam state so the template has tensors to load into (steps come from the checkpoint).
+    distributed = isinstance(engine.optimizer, DistributedOptimizer)
     for p in engine.params.values():
-        if p not in engine.optimizer.state:
+        if not distributed and p not in engine.optimizer.state:
             engine.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                                          "exp_avg_sq": torch.zeros_like(p)}
-    template, by_param = _sharded_state(engine)
+    template, by_param = _sharded_state(engine, saving=False)
     try:
         loaded = dist_checkpointing.load(template, str(source))
     except Exception as exc:  # name the checkpoint and the layouts, not just a key error deep inside
@@ -135,6 +153,10 @@ def load(engine, step_dir: Path) -> None:
         if part_name in loaded:
             getattr(engine.encoder, part_name).load_state_dict(loaded[part_name])
     common = loaded["common"]
+    per_param: dict[str, dict] = {}
+    for key, value in loaded["optimizer"].items():
+        moment, name = key.split(".", 1)
+        per_param.setdefault(name, {})[moment] = value
     with torch.no_grad():
         for name, p in engine.params.items():
             # "adam_step": one count for all, in checkpoints written before per-parameter counts
@@ -142,6 +164,9 @@ def load(engine, step_dir: Path) -> None:
                 else float(common["adam_step"])
             if step is None:
                 raise CheckpointError(f"{source}: no Adam step count for {name} (a checkpoint of another model?)")
+            if distributed:  # after the weights (fp32 runs: they are the masters)
+                engine.optimizer.load_state(name, per_param[name], int(step))
+                continue
             if step == 0:  # never updated before the save: no Adam state, as then
                 del engine.optimizer.state[p]
                 continue

@@ -10,13 +10,17 @@ megatron's pipeline schedule over micro-batches; pooling and losses run on the l
   `_gradcache`); negatives are gathered across DP with gradient.
 Gradients are then summed over TP for replicated tensors under sequence parallelism, averaged over
 DP, clipped by the global norm (TP shards counted once per shard, replicated tensors once) and
-applied by torch AdamW: elementwise, so a sharded update equals the unsharded one. Checkpoints are
+applied by torch AdamW: elementwise, so a sharded update equals the unsharded one; with
+`parallel.distributed_optimizer` by `dist_optimizer.DistributedOptimizer` (ZeRO-1: gradients
+reduce-scattered in buckets during the backward, fp32 masters and Adam state for this DP rank's
+range only), the same arithmetic on owned ranges. Checkpoints are
 megatron `dist_checkpointing` (weights or LoRA adapters + Adam moments as sharded tensors), so they
 load at another TP / PP / DP layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -39,6 +43,7 @@ from toolkit.engines.base import (
 )
 from toolkit.engines.megatron import checkpoint as mckpt
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from toolkit.engines.megatron.dist_optimizer import DistributedOptimizer
 from toolkit.engines.megatron.hf_export import StageWeights, export_encoder_folder
 from toolkit.engines.megatron.lora import MegatronLora
 from toolkit.engines.megatron.model import build_backbone, padding_mask, transformer_config
@@ -202,9 +207,18 @@ class MegatronEngine(Engine):
             if stage.objective.kind == "d2llm":
                 self.params.update({f"iem.{n}": p for n, p in self.encoder.iem.named_parameters()})
         o = stage.optimizer
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
+        if isinstance(self.optimizer, DistributedOptimizer):
+            self.optimizer.close()
+        self.mconfig.no_sync_func = None
+        if self.cfg.parallel.distributed_optimizer:  # ZeRO-1: fp32 main grads + masters, state sharded over DP
+            self.optimizer = DistributedOptimizer(self.params, lr=o.lr, betas=o.betas, eps=o.eps,
+                                                  weight_decay=o.weight_decay, dp_group=self.dims.dp_group)
+            self.mconfig.no_sync_func = self.optimizer.no_sync  # the schedule reduces on the last micro-batch
+        else:
+            self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                               weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(self.optimizer, "inner", self.optimizer),
+                                                           lr_lambda(stage.schedule, stage.steps))
         self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
                                    data_kind=data_kind)
         self.kind = stage.objective.kind
@@ -308,19 +322,25 @@ class MegatronEngine(Engine):
 
     def forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
         """Gradients of the step's loss, averaged over DP; returns (loss, real tokens over all DP ranks)."""
+        distributed = isinstance(self.optimizer, DistributedOptimizer)
         if self.kind != "mntp" and self.stage.objective.gradcache_chunk_size:
             losses, tokens = [], 0
-            for samples in micro_batches:
-                loss, n = self._gradcache(samples, 1.0 / len(micro_batches))
-                losses.append({"loss": loss / len(micro_batches)})
-                tokens += n
+            # GradCache's two passes and several schedules: reduce once, after all of them
+            with self.optimizer.without_overlap() if distributed else contextlib.nullcontext():
+                for samples in micro_batches:
+                    loss, n = self._gradcache(samples, 1.0 / len(micro_batches))
+                    losses.append({"loss": loss / len(micro_batches)})
+                    tokens += n
         else:
             mbs = self._micro_batches(micro_batches)
             tokens = sum(int(mb["attention_mask"].sum()) for mb in mbs)
             losses = self._schedule(mbs)
+        if distributed:  # reductions are linear: pad row and TP sums act on the reduced owned ranges
+            self.optimizer.finish_grad_sync()
         self._freeze_pad_row()
         self._sync_sequence_parallel_grads()
-        allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
+        if not distributed:
+            allreduce_mean([p.grad for p in self.params.values() if p.grad is not None], self.dims.dp_group)
         return self._step_loss(losses), self._dp_sum(tokens)
 
     def _sync_sequence_parallel_grads(self) -> None:
@@ -329,8 +349,11 @@ class MegatronEngine(Engine):
         finalize_model_grads does. The heads (pooling, IEM) see the gathered sequence: already whole."""
         if not self.cfg.parallel.sequence_parallel or self.dims.tp == 1:
             return
-        allreduce([p.grad for n, p in self.params.items()
-                   if p.grad is not None and n not in self.tp_sharded and not n.startswith(HEADS)],
+        names = [n for n in self.params if n not in self.tp_sharded and not n.startswith(HEADS)]
+        if isinstance(self.optimizer, DistributedOptimizer):  # TP ranks share the bucket layout
+            allreduce(self.optimizer.owned_grads(names), self.dims.tp_group, average=False)
+            return
+        allreduce([self.params[n].grad for n in names if self.params[n].grad is not None],
                   self.dims.tp_group, average=False)
 
     def _freeze_pad_row(self) -> None:
@@ -341,7 +364,11 @@ class MegatronEngine(Engine):
             return
         weight = self.model.embedding.word_embeddings.weight
         local = pad - self.dims.tp_rank * weight.shape[0]
-        if weight.grad is not None and 0 <= local < weight.shape[0]:
+        name = "backbone.embedding.word_embeddings.weight"
+        if isinstance(self.optimizer, DistributedOptimizer) and name in self.params:
+            if 0 <= local < weight.shape[0]:
+                self.optimizer.zero_grad_range(name, local * weight.shape[1], (local + 1) * weight.shape[1])
+        elif weight.grad is not None and 0 <= local < weight.shape[0]:
             weight.grad[local] = 0
 
     def optimizer_step(self, loss: float = 0.0) -> tuple[float, bool]:
@@ -415,9 +442,17 @@ class MegatronEngine(Engine):
 
     def grad_norm(self) -> Tensor:
         """Global L2 norm over every rank's gradients: TP shards once each, replicated tensors once."""
+        def counted(name: str) -> bool:
+            return name in self.tp_sharded or self.dims.tp_rank == 0
+
+        if isinstance(self.optimizer, DistributedOptimizer):  # owned ranges, summed over DP first
+            sq = self.optimizer.sum_of_squares(counted)
+            if dist.is_initialized():
+                dist.all_reduce(sq, group=self.dims.group("mp"))
+            return sq.sqrt()
         sq = torch.zeros(1, dtype=torch.float64, device=self.device)
         for name, p in self.params.items():
-            if p.grad is not None and (name in self.tp_sharded or self.dims.tp_rank == 0):
+            if p.grad is not None and counted(name):
                 sq += torch.linalg.vector_norm(p.grad, dtype=torch.float32).double() ** 2
         if dist.is_initialized():
             dist.all_reduce(sq, group=self.dims.group("mp"))
@@ -427,6 +462,9 @@ class MegatronEngine(Engine):
         norm = self.grad_norm()
         if max_norm > 0:  # the same arithmetic as torch.nn.utils.clip_grad_norm_
             coef = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)
+            if isinstance(self.optimizer, DistributedOptimizer):
+                self.optimizer.scale_grads(coef)
+                return float(norm)
             for p in self.params.values():
                 if p.grad is not None:
                     p.grad.mul_(coef.to(p.grad.dtype))

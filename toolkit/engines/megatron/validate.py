@@ -23,10 +23,10 @@ def validate(cfg: RunConfig, args: ModelArgs | None) -> None:
         if stage.objective.kind == "mntp" and stage.objective.mntp.mask_token == "new":
             raise ConfigError(f"{where}: engine=megatron: mntp.mask_token=new (resizing the vocabulary) is not "
                               "supported; use mask_token: underscore, eos or tokenizer")
-        if not stage.lora.enabled and cfg.model.dtype == "bfloat16":
+        if not stage.lora.enabled and cfg.model.dtype == "bfloat16" and not cfg.parallel.distributed_optimizer:
             raise ConfigError(f"{where}.lora.enabled=false with model.dtype=bfloat16: full fine-tuning needs fp32 "
-                              "master weights, which engine=megatron does not keep; use model.dtype=float32 with "
-                              "precision: bf16 (autocast), or LoRA")
+                              "master weights, which engine=megatron keeps only with parallel.distributed_optimizer="
+                              "true; set it, or use model.dtype=float32 with precision: bf16 (autocast), or LoRA")
         unknown = [t for t in stage.lora.target_modules if t not in LORA_TARGETS] if stage.lora.enabled else []
         if unknown:
             raise ConfigError(f"{where}.lora.target_modules: {unknown} are not LoRA targets of engine=megatron; "
