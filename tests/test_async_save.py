@@ -70,10 +70,11 @@ def test_tracker_commits_an_async_save_only_when_its_write_is_done(tmp_path):
     with pytest.raises(RuntimeError, match="another one is in flight"):
         saves.started(FakeAsync(), tmp_path / ".step-4.partial", {"step": 4}, time.perf_counter())
     handle.finished = True
-    final = saves.poll()
-    assert final == tmp_path / "step-2" and handle.verified and (final / COMPLETE).is_file()
+    final = saves.poll()  # verified in the loop; checksums, COMPLETE and the rename in a thread on rank 0
+    assert final == tmp_path / "step-2" and handle.verified
+    assert saves.finish() is None and (final / COMPLETE).is_file()  # finish() joins that thread
     verify_step(final)
-    assert not saves.in_flight and saves.slowest_s > 0 and len(saves.blocked_s) == 1
+    assert not saves.in_flight and saves.slowest_s > 0 and len(saves.held_s) == 1
 
     other = FakeAsync()
     saves.started(other, partial_step(tmp_path, 4), {"step": 4}, time.perf_counter())
@@ -107,7 +108,8 @@ def test_deadline_keeps_room_for_the_slowest_save(tmp_path):
     assert trainer._near_deadline()
     trainer.saves.slowest_s = 20.0  # 140 < 150 ...
     assert not trainer._near_deadline()
-    trainer.saves._pending = object()  # ... unless a save is still in flight: wait for it, then save again
+    trainer.saves.started(FakeAsync(), partial_step(tmp_path / "stage", 2), {"step": 2}, time.perf_counter())
+    # ... unless a save is still in flight: the stop waits for it, then saves again
     assert trainer._near_deadline()
 
 
