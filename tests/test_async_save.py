@@ -6,7 +6,7 @@ room for the slowest save. Multi-process (slow, DP2 under torchrun, real megatro
 every DP replica writes about half of a step and the step loads at another layout with the same
 weights as one written by replica 0 alone; an async step is byte-identical to a sync one and
 resumes to the uninterrupted run; kill -9 of a rank while an async save is in flight leaves either
-no new step or a COMPLETE one that verifies and loads.
+no new step or a COMPLETE one that verifies and loads; a rank's error abandons the save in flight.
 """
 
 from __future__ import annotations
@@ -287,3 +287,19 @@ def test_kill9_during_an_async_save_leaves_no_complete_step_that_fails_to_load(r
     assert done.returncode == 0, done.stderr[-4000:]
     assert not list(out.glob("*/.step-*.partial"))
     assert_same_losses(out, run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_error_abandons_the_async_save_in_flight(reference, tmp_path):
+    """A rank raising while a save is in flight: every rank abandons it (its writer killed, nothing
+    committed), the job ends promptly, the step stays a partial that the next start removes."""
+    cfg, _ = reference
+    out = tmp_path / "failed"
+    t0 = time.monotonic()
+    r = torchrun(str(cfg), f"output_dir={out}", "checkpoint.async_save=true",
+                 env={TEST_SLOW_ENV: "30", "EMBEDFORGE_TEST_FAIL_AT": "1:mntp:3"})
+    assert r.returncode != 0 and "injected failure on rank 1" in r.stderr, r.stderr[-4000:]
+    assert "abandoning the save in flight" in r.stderr
+    assert time.monotonic() - t0 < 120  # the 30 s writer was killed, not waited for
+    assert complete_steps(out / "00-mntp") == [] and (out / "00-mntp" / ".step-2.partial").is_dir()
