@@ -201,14 +201,18 @@ class Trainer:
             with disk_full_guard(tmp):
                 handle = engine.begin_save(tmp)
                 trainer_dir = tmp / "trainer"
-                if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
-                    trainer_dir.mkdir(exist_ok=True)
-                    torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
-                               trainer_dir / f"dp-{dims.dp_rank}.pt")
-                engine_rng = engine.rng_state()
-                if engine_rng:
-                    trainer_dir.mkdir(exist_ok=True)
-                    torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
+                try:
+                    if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
+                        trainer_dir.mkdir(exist_ok=True)
+                        torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
+                                   trainer_dir / f"dp-{dims.dp_rank}.pt")
+                    engine_rng = engine.rng_state()
+                    if engine_rng:
+                        trainer_dir.mkdir(exist_ok=True)
+                        torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
+                except BaseException:
+                    handle.abandon()  # an async engine's writer must not outlive the failed save
+                    raise
                 meta = {"stage": stage.name, "step": at_step, "fingerprint": settings_hash(settings),
                         "settings": settings, "changes": changes,
                         "engine": engine.name, "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
