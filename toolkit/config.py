@@ -204,8 +204,20 @@ class CheckpointConfig:
     keep_last: int = 2
     # Wall-time backstop: with EMBEDFORGE_DEADLINE (unix seconds, set by `embedforge submit slurm`
     # from the job's end time) the run saves and stops once the deadline is nearer than this margin
-    # plus two of its slowest steps, so a time limit never loses the steps since the last checkpoint.
+    # plus two of its slowest steps plus its slowest save (measured from the save's start until every
+    # rank's files are committed, async writes included; twice while a save is in flight: the stop
+    # waits for it, then saves), so a time limit never loses the steps since the last checkpoint.
     deadline_margin_s: float = 120.0
+    # Async save (engine=megatron): the loop goes on once this step's tensors are staged in CPU memory;
+    # a background process writes them, and the step gets its COMPLETE marker only after every rank's
+    # write finished and the files were verified (at a later step boundary, or the next save / the
+    # stage's end, which wait for it). At most one save is in flight; while it is, the host holds this
+    # rank's part of the step (GPU: a copy in CPU memory; CPU: the writer's copy-on-write snapshot).
+    # Engines without it refuse it.
+    async_save: bool = False
+    # engine=megatron: every DP replica writes a distinct part of a step (megatron-core's fully
+    # parallel save, ~1/DP of the bytes each); false: DP replica 0 writes everything.
+    parallel_save: bool = True
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.keep_last < 1 or self.deadline_margin_s < 0:

@@ -36,7 +36,6 @@ from toolkit.atomic import atomic_write_text, ensure_writable_dir, remove_stale_
 from toolkit.checkpoint.integrity import NUMPY_ARRAY_GLOBALS, load_torch
 from toolkit.checkpoint.manager import (
     begin_step_dir,
-    commit_step_dir,
     complete_steps,
     disk_full_guard,
     latest_complete,
@@ -44,6 +43,7 @@ from toolkit.checkpoint.manager import (
     read_meta,
     verify_checkpoint,
 )
+from toolkit.checkpoint.pending import SaveTracker
 from toolkit.config import ConfigError, RunConfig, StageConfig, load_config, to_dict
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
@@ -125,6 +125,7 @@ class Trainer:
         self.stop_after_steps: int | None = None  # stop (with a checkpoint) after this many steps in this process
         self.deadline = _deadline_from_env()  # the job's end (unix seconds), from the launcher
         self.slowest_step = 0.0
+        self.saves = SaveTracker(rank=0, keep_last=cfg.checkpoint.keep_last)  # rank set once known
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[StageOutcome]:
@@ -133,6 +134,7 @@ class Trainer:
         previous_config = self._check_run_config()
         rank, world = init_distributed()
         self.dims = ParallelDims.from_config(self.cfg.parallel, world, rank)
+        self.saves.rank = rank
         if self.dims.is_logging_rank:  # only now: a refused start leaves config.yaml as export needs it
             ensure_writable_dir(self.out)  # a read-only or impossible output_dir: one line naming it
             self._write_config(previous_config)
@@ -186,27 +188,35 @@ class Trainer:
             log.info("stage %s: resumed from %s (step %d)", stage.name, checkpoint, step)
         settings = fingerprint_settings(self.cfg, [stage])
 
-        def save(at_step: int) -> Path:
+        def save(at_step: int) -> Path | None:
+            """This step's checkpoint: committed now (returns step-N/), or by `self.saves` once its async
+            write is done (returns None)."""
+            self.saves.finish()  # never two saves in flight (and begin_step_dir clears stale partials)
+            started = time.perf_counter()
             if not engine.trainable_finite():  # never commit non-finite weights (all ranks agree)
                 raise NonFiniteError(f"stage {stage.name}: trainable weights are non-finite at step {at_step}; "
                                      f"refusing to save a checkpoint; the newest good checkpoint is "
                                      f"{_newest_good(stage_dir)}")
             tmp = begin_step_dir(stage_dir, at_step, dims.rank, self.cfg.checkpoint.keep_last)
             with disk_full_guard(tmp):
-                engine.save(tmp)
+                handle = engine.begin_save(tmp)
                 trainer_dir = tmp / "trainer"
-                if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
-                    trainer_dir.mkdir(exist_ok=True)
-                    torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
-                               trainer_dir / f"dp-{dims.dp_rank}.pt")
-                engine_rng = engine.rng_state()
-                if engine_rng:
-                    trainer_dir.mkdir(exist_ok=True)
-                    torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
+                try:
+                    if dims.tp_rank == 0 and dims.pp_rank == 0:  # one writer per DP replica: data order + RNG
+                        trainer_dir.mkdir(exist_ok=True)
+                        torch.save({"rng": _rng_state(generator), "loader": loader.state_dict()},
+                                   trainer_dir / f"dp-{dims.dp_rank}.pt")
+                    engine_rng = engine.rng_state()
+                    if engine_rng:
+                        trainer_dir.mkdir(exist_ok=True)
+                        torch.save(engine_rng, trainer_dir / f"rank-{dims.rank}.pt")
+                except BaseException:
+                    handle.abandon()  # an async engine's writer must not outlive the failed save
+                    raise
                 meta = {"stage": stage.name, "step": at_step, "fingerprint": settings_hash(settings),
                         "settings": settings, "changes": changes,
                         "engine": engine.name, "layout": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
-                return commit_step_dir(tmp, meta, dims.rank, self.cfg.checkpoint.keep_last)
+                return self.saves.started(handle, tmp, meta, started)
 
         logging_cfg = self.cfg.logging if dims.is_logging_rank else replace(
             self.cfg.logging, tensorboard=False, progress=False)
@@ -233,6 +243,7 @@ class Trainer:
                         f"stage {stage.name}: {guard.consecutive} consecutive non-finite steps (loss {result.loss:g}, "
                         f"grad norm {result.grad_norm:g}) at step {step}; the newest good checkpoint is "
                         f"{_newest_good(stage_dir)}; resume it with a lower learning rate (see --resume-with-changes)")
+                self.saves.poll()  # commits an async save once every rank's write is done
                 every = self.cfg.checkpoint.every_steps
                 preempted = self._agreed_stop(steps_this_run)
                 # no periodic checkpoint on a skipped step: the newest step-N/ is one whose update was finite
@@ -240,8 +251,13 @@ class Trainer:
                 if step < stage.steps and (preempted or periodic):
                     path = save(step)
                     if preempted:
+                        path = self.saves.finish() or path
                         log.warning("stage %s: stopped at step %d; resume from %s", stage.name, step, path)
                         return StageOutcome(stage.name, None, step, last_loss)
+            self.saves.finish()
+        except BaseException:
+            self.saves.abandon()  # peers may be gone: no collective; the previous complete step stays
+            raise
         finally:
             batches.close()  # stops loader workers
             tlog.close()
@@ -281,7 +297,9 @@ class Trainer:
         if self.deadline is None:
             return False
         left = self.deadline - time.time()
-        if left > self.cfg.checkpoint.deadline_margin_s + 2 * self.slowest_step:
+        # room for the stop's own save (and the wait for one still in flight), each as slow as the slowest so far
+        saves = self.saves.slowest_s * (2 if self.saves.in_flight else 1)
+        if left > self.cfg.checkpoint.deadline_margin_s + 2 * self.slowest_step + saves:
             return False
         log.warning("%.0f s left before the job's time limit (%s): saving a checkpoint and stopping", left, DEADLINE_ENV)
         return True

@@ -167,28 +167,40 @@ def disk_full_guard(tmp: Path) -> Iterator[None]:
 
 def commit_step_dir(tmp: Path, meta: dict[str, Any], rank: int, keep_last: int = 2) -> Path:
     """After every rank wrote into `tmp`: marker + rename by rank 0, then prune old complete steps."""
-    final = tmp.parent / tmp.name.removeprefix(".").removesuffix(".partial")
+    final = final_name(tmp)
     _barrier()
     if rank == 0:
-        meta = {**meta, FILES: tree_checksums(tmp, skip=(META, COMPLETE))}  # every rank's files are in
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        (tmp / COMPLETE).write_text(f"step {meta.get('step')}\n")
-        aside = tmp.parent / f".{final.name}.old"
-        if final.exists():
-            final.rename(aside)  # never a moment without a complete step-N
-        tmp.rename(final)
-        _verified.discard(str(final.resolve()))
-        shutil.rmtree(aside, ignore_errors=True)
-        step = int(meta["step"])
-        # Complete steps beyond this one belong to a trajectory abandoned by an explicit --resume of
-        # an older step: `--resume auto` must never go back to them.
-        for number, old in complete_steps(tmp.parent):
-            if number > step:
-                shutil.rmtree(old, ignore_errors=True)
-        if keep_last > 0:
-            for _, old in complete_steps(tmp.parent)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        mark_complete(tmp, meta, keep_last)
     _barrier()
+    return final
+
+
+def final_name(tmp: Path) -> Path:
+    return tmp.parent / tmp.name.removeprefix(".").removesuffix(".partial")
+
+
+def mark_complete(tmp: Path, meta: dict[str, Any], keep_last: int) -> Path:
+    """Rank 0's part of a commit, once every rank's files are in `tmp`: checksums into meta.json,
+    COMPLETE, the rename to step-N/ and the pruning (no collective: an async save runs it aside)."""
+    final = final_name(tmp)
+    meta = {**meta, FILES: tree_checksums(tmp, skip=(META, COMPLETE))}  # every rank's files are in
+    (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (tmp / COMPLETE).write_text(f"step {meta.get('step')}\n")
+    aside = tmp.parent / f".{final.name}.old"
+    if final.exists():
+        final.rename(aside)  # never a moment without a complete step-N
+    tmp.rename(final)
+    _verified.discard(str(final.resolve()))
+    shutil.rmtree(aside, ignore_errors=True)
+    step = int(meta["step"])
+    # Complete steps beyond this one belong to a trajectory abandoned by an explicit --resume of
+    # an older step: `--resume auto` must never go back to them.
+    for number, old in complete_steps(tmp.parent):
+        if number > step:
+            shutil.rmtree(old, ignore_errors=True)
+    if keep_last > 0:
+        for _, old in complete_steps(tmp.parent)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

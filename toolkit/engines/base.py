@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from toolkit.checkpoint.pending import SaveHandle
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims
 
@@ -60,6 +61,12 @@ class Engine(ABC):
     @abstractmethod
     def save(self, step_dir: Path) -> None:
         """Write model + optimizer state into `step_dir` (every rank calls; a temp dir, marker comes later)."""
+
+    def begin_save(self, step_dir: Path) -> SaveHandle:
+        """`save`, as a handle the trainer commits the step by: this default is synchronous; an engine
+        with async save (its spec's `async_save`) returns one still writing when asked for it."""
+        self.save(step_dir)
+        return SaveHandle()
 
     @abstractmethod
     def load(self, step_dir: Path) -> None:

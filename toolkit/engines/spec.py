@@ -55,6 +55,7 @@ class EngineSpec:
     planner: PlannerTraits = PlannerTraits()
     # engine settings that change a run's trajectory, fingerprinted with the recipe (resume refuses changes)
     trajectory_settings: Callable[[RunConfig], dict] = lambda cfg: {}
+    async_save: bool = False  # its Engine.begin_save can return a save still in flight (checkpoint.async_save)
 
     def build(self, cfg: RunConfig, dims: "ParallelDims") -> "Engine":
         return self.engine_cls(cfg, dims)
@@ -106,6 +107,10 @@ def validate_run(cfg: RunConfig, model_args: "ModelArgs | None" = None) -> Engin
         if stage.objective.kind not in spec.objectives:
             raise ConfigError(f"{where}.objective.kind={stage.objective.kind}: engine={spec.name} trains "
                               f"{', '.join(sorted(spec.objectives))}")
+    if cfg.checkpoint.async_save and not spec.async_save:
+        able = [n for n, s in sorted(_REGISTRY.items()) if s.async_save]
+        raise ConfigError(f"checkpoint.async_save: engine={spec.name} saves synchronously only; set "
+                          f"checkpoint.async_save: false (or use engine: {' or '.join(able)})")
     spec.validate(cfg, model_args)
     return spec
 

@@ -107,7 +107,37 @@ def _adam_steps(engine, by_param: dict) -> dict[str, float]:
     return {k: v for part in everyone for k, v in part.items()}
 
 
-def save(engine, step_dir: Path) -> None:
+def save_strategy(engine):
+    """torch_dist, wrapped so the DP replicas split the writing (each writes about 1/DP of the bytes;
+    without it only DP replica 0 writes); plain torch_dist when `checkpoint.parallel_save` is off."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    base = TorchDistSaveShardedStrategy("torch_dist", 1)
+    if engine.dims.dp == 1 or not engine.cfg.checkpoint.parallel_save:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, engine.dims.dp_group)
+
+
+def load_strategy(engine, source: Path):
+    """With GPUs at DP > 1, the fully parallel load wrapper: each DP replica reads a part, then they
+    exchange it (broadcasts over the DP group) instead of every replica reading all of its shards.
+    Not on CPU: megatron-core 0.16.1's exchange (dist_checkpointing/exchange_utils.py) allocates its
+    buffers with `init_data("cuda")` / `empty_like(device="cuda")` and calls `Tensor.cuda()`, which a
+    CPU build refuses ("Torch not compiled with CUDA enabled") and no module-level shim can redirect;
+    there every replica reads its own shards, as before (same bytes loaded, more read)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    base = get_default_load_sharded_strategy(str(source))
+    if engine.dims.dp == 1 or not engine.cfg.checkpoint.parallel_save or not torch.cuda.is_available():
+        return base
+    return FullyParallelLoadStrategyWrapper(base, engine.dims.dp_group)
+
+
+def save(engine, step_dir: Path, *, async_save: bool = False):
+    """Write this rank's part; with `async_save`, stage it and return megatron's AsyncRequest (the
+    tensor files are written by whoever schedules it; `.metadata` and metadata.json by its finalize)."""
     from megatron.core import dist_checkpointing
 
     target = step_dir / MODEL_DIR
@@ -117,7 +147,8 @@ def save(engine, step_dir: Path) -> None:
         torch.distributed.barrier()
     state, by_param = _sharded_state(engine, saving=True)
     state["common"]["adam_steps"] = _adam_steps(engine, by_param)  # a collective: at save only
-    dist_checkpointing.save(state, str(target))
+    return dist_checkpointing.save(state, str(target), sharded_strategy=save_strategy(engine),
+                                   async_sharded_save=async_save)
 
 
 def load(engine, step_dir: Path) -> None:
@@ -135,7 +166,7 @@ def load(engine, step_dir: Path) -> None:
                                          "exp_avg_sq": torch.zeros_like(p)}
     template, by_param = _sharded_state(engine, saving=False)
     try:
-        loaded = dist_checkpointing.load(template, str(source))
+        loaded = dist_checkpointing.load(template, str(source), sharded_strategy=load_strategy(engine, source))
     except Exception as exc:  # name the checkpoint and the layouts, not just a key error deep inside
         raise CheckpointError(f"{source}: cannot load into tp={engine.dims.tp} pp={engine.dims.pp} "
                               f"dp={engine.dims.dp}: {exc}") from exc

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from toolkit.checkpoint.pending import SaveHandle
 from toolkit.config import RunConfig, StageConfig
 from toolkit.distributed.gather import make_gather
 from toolkit.distributed.megatron_shims import seed_model_parallel_rng
@@ -42,6 +43,7 @@ from toolkit.engines.base import (
     stage_attention_dropout,
 )
 from toolkit.engines.megatron import checkpoint as mckpt
+from toolkit.engines.megatron.async_save import MegatronAsyncSave
 from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from toolkit.engines.megatron.dist_optimizer import DistributedOptimizer
 from toolkit.engines.megatron.hf_export import StageWeights, export_encoder_folder
@@ -473,6 +475,12 @@ class MegatronEngine(Engine):
     # ------------------------------------------------------------------ checkpoints
     def save(self, step_dir: Path) -> None:
         mckpt.save(self, step_dir)
+
+    def begin_save(self, step_dir: Path) -> SaveHandle:
+        """checkpoint.async_save: megatron-core's async save (toolkit/engines/megatron/async_save.py)."""
+        if not self.cfg.checkpoint.async_save:
+            return super().begin_save(step_dir)
+        return MegatronAsyncSave(mckpt.save(self, step_dir, async_save=True), step_dir / mckpt.MODEL_DIR)
 
     def load(self, step_dir: Path) -> None:
         mckpt.load(self, step_dir)

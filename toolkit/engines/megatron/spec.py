@@ -28,7 +28,7 @@ def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Pat
 
 SPEC = register_engine(EngineSpec(
     name="megatron", engine_cls=MegatronEngine, parallel_dims=frozenset({"dp", "tp", "pp"}), needs_model_args=True,
-    validate=validate, export_step=export_step,
+    validate=validate, export_step=export_step, async_save=True,
     planner=PlannerTraits(pipeline_micro_batches=True, honours_recompute=True, scores_materialized=True,
                           distributed_optimizer=True),
 ))
