@@ -17,6 +17,7 @@ load at another TP / PP / DP layout.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -72,26 +73,44 @@ class MegatronEngine(Engine):
     def build(self, *, add_mask_token: bool) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        path = resolve_model_path(self.cfg.model.path)
+        self.build_module(AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                          source=str(path / "config.json"))
+        self.load_hf_weights(HFWeights(path), source=str(path))
+
+    def build_module(self, hf_config, tokenizer=None, *, source: str = "config.json", meta: bool = False) -> None:
+        """This rank's backbone and pooling head for `hf_config`, without weights (`build` loads them).
+
+        `meta=True` (the dry run, `toolkit.dry_run`): every tensor on the meta device, so a 405B
+        stage costs no memory; no tokenizer is needed then."""
         cfg, dims = self.cfg, self.dims
-        path = resolve_model_path(cfg.model.path)
-        self.hf_config = AutoConfig.from_pretrained(path)
-        self.arch = ModelArgs.from_hf_config(self.hf_config, source=str(path / "config.json"))
+        self.hf_config = hf_config
+        self.arch = ModelArgs.from_hf_config(hf_config, source=source)
         validate(cfg, self.arch)  # before any weight is read (the pre-flight could not see this config)
         dims.initialize_megatron(cfg.seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if meta:
+            self.device = torch.device("meta")
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.mconfig = transformer_config(  # attention dropout: set per stage in begin_stage
             self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype],
             sequence_parallel=cfg.parallel.sequence_parallel,
             recompute="full" if cfg.model.gradient_checkpointing and cfg.parallel.recompute == "none" else cfg.parallel.recompute,
         )
-        self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
-                                    post_process=dims.is_last_stage).to(self.device)
-        self.load_hf_weights(HFWeights(path), source=str(path))
-        with torch.random.fork_rng():  # the same initial head as the hf engine
-            torch.manual_seed(head_seed(cfg.seed))
-            pooling = Pooling(cfg.pooling, self.arch.hidden_size)
+        if meta:
+            self.mconfig.use_cpu_initialization = True  # megatron's GPU path names the CUDA device explicitly
+        with self._on_meta():
+            self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
+                                        post_process=dims.is_last_stage).to(self.device)
+            with torch.random.fork_rng():  # the same initial head as the hf engine
+                torch.manual_seed(head_seed(cfg.seed))
+                pooling = Pooling(cfg.pooling, self.arch.hidden_size)
         spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True)
-        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling.to(self.device), spec)
+        self.encoder = Encoder(self.model, tokenizer, pooling.to(self.device), spec)
+
+    def _on_meta(self):
+        """Create modules directly on the meta device in a dry run; elsewhere as always (CPU, then moved)."""
+        return torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext()
 
     def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
         dims = self.dims
@@ -151,6 +170,14 @@ class MegatronEngine(Engine):
         for module in self.model.modules():
             if isinstance(module, DotProductAttention):
                 module.attention_dropout.p = dropout
+        self.build_trainable(index, stage)
+        self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
+                                   data_kind=data_kind)
+        self.kind = stage.objective.kind
+
+    def build_trainable(self, index: int, stage: StageConfig) -> None:
+        """A stage's trainable state: LoRA adapters (or the whole backbone), the heads on the last
+        stage, and the optimizer over them; the dry run builds it alone, on the meta device."""
         self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
         if stage.lora.enabled:
             self.model.requires_grad_(False)
@@ -175,9 +202,25 @@ class MegatronEngine(Engine):
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, stage.steps))
-        self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
-                                   data_kind=data_kind)
-        self.kind = stage.objective.kind
+
+    def materialize_step(self) -> None:
+        """Dry run only (meta device): the gradients a backward allocates (one per trainable parameter,
+        in its dtype) and the states the optimizer's first step creates, so `state_bytes` counts them."""
+        if self.device.type != "meta":
+            raise RuntimeError("materialize_step is for a meta-device engine (the dry run)")
+        for p in self.params.values():
+            p.grad = torch.empty_like(p)
+        self.optimizer.step()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this rank holds now: every parameter (backbone, LoRA, heads), the
+        gradients present, the optimizer's state tensors. Activations are not tensors held between steps."""
+        modules = (self.model, self.lora, self.encoder.pooling, self.encoder.iem)
+        params = {id(p): p for m in modules if m is not None for p in m.parameters()}.values()
+        states = [t for state in self.optimizer.state.values() for t in state.values() if isinstance(t, Tensor)]
+        return {"weights": sum(p.nbytes for p in params),
+                "grads": sum(p.grad.nbytes for p in params if p.grad is not None),
+                "optimizer": sum(t.nbytes for t in states)}
 
     def _prepare_iem(self, index: int, stage: StageConfig) -> None:
         """A D2LLM stage's pair scorer: replicated on every rank (it is small), seeded as the hf engine
@@ -185,7 +228,7 @@ class MegatronEngine(Engine):
         stage keeps an earlier stage's IEM frozen."""
         encoder = self.encoder
         if stage.objective.kind == "d2llm":
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(), self._on_meta():
                 torch.manual_seed(iem_seed(self.cfg.seed, index))
                 encoder.add_iem(stage.objective.d2llm.iem_hidden)
             encoder.iem.to(self.device).requires_grad_(self.dims.is_last_stage)
@@ -420,9 +463,7 @@ class MegatronEngine(Engine):
 
     def end_stage(self, final_dir: Path) -> Path:
         """Gather the HF layout to rank 0 and write the encoder folder there."""
-        if self.lora is not None:
-            self.lora.merge_into(self.model)
-            self.lora = None
+        self.merge_adapters()
         hf = self.hf_state_dict()
         pooling = _gather_from_last_stage(self.encoder.pooling, self.dims)
         iem = None if self.encoder.iem is None else _gather_from_last_stage(self.encoder.iem, self.dims)
@@ -431,6 +472,12 @@ class MegatronEngine(Engine):
         if dist.is_initialized():
             dist.barrier()
         return final_dir
+
+    def merge_adapters(self) -> None:
+        """Fold the stage's LoRA into the backbone (the end of a stage; the dry run between stages)."""
+        if self.lora is not None:
+            self.lora.merge_into(self.model)
+            self.lora = None
 
     def _write_encoder(self, hf: dict[str, Tensor], pooling_state: dict[str, Tensor],
                        iem_state: dict[str, Tensor] | None, final_dir: Path) -> None:
