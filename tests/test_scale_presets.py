@@ -13,14 +13,18 @@ also fits where the comment says so.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from launchers.cli import build_parser
+from tests.helpers import subprocess_env
 from toolkit.config import ConfigError, load_config
 from toolkit.engines.spec import validate_run
 from toolkit.planner import GIB, load_arch, plan_run
@@ -144,26 +148,56 @@ def test_documented_variant_plans_as_documented_and_the_engine_accepts_it(v: Var
             f"{v.id}: the comment says ~{v.claim_gib:g} GiB, the planner {peak:.1f} GiB"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("v", _params(ALL))
-def test_documented_variant_builds_in_the_engine_and_dry_runs_to_fit(v: Variant):
-    """The engine's real build (meta device, fake world of the variant's size) of the last stage's rank."""
-    from toolkit.distributed.parallel_dims import ParallelDims
-    from toolkit.dry_run import dry_run_rank
+# One fresh process builds every accepted variant's last-stage rank (the dry run owns the process
+# group: a fake one of the variant's world size, which no other test's group may precede).
+BUILD_SCRIPT = """
+import json, sys
+from transformers import AutoConfig
+from toolkit.config import load_config
+from toolkit.distributed.parallel_dims import ParallelDims
+from toolkit.dry_run import dry_run_rank
 
+out = []
+for config, overrides, gpus, source in json.loads(sys.argv[1]):
+    cfg = load_config(config, overrides)
+    dims = ParallelDims.from_config(cfg.parallel, gpus, 0)
+    rank = dims.rank_of(dp=0, tp=0, pp=dims.pp - 1)
+    out.append(dry_run_rank(cfg, AutoConfig.from_pretrained(source), gpus=gpus, rank=rank, source=source))
+print("BUILT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[dict[str, int]]]:
+    """Variant id -> state_bytes per training stage of its last pipeline stage's rank (accepted variants)."""
+    jobs, ids = [], []
+    for v in ALL:
+        try:
+            _, _, source, plans = _plan(v)
+        except ConfigError:
+            continue
+        args = build_parser().parse_args(list(v.argv))
+        jobs.append((str(ROOT / args.config), args.overrides, plans[0].gpus, source))
+        ids.append(v.id)
+    out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
+                         cwd=ROOT, env=subprocess_env(), timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("BUILT "))
+    return dict(zip(ids, json.loads(line[6:])))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("v", _params(ALL))
+def test_documented_variant_builds_in_the_engine_and_dry_runs_to_fit(v: Variant, built):
+    """The engine's real build (meta device, fake world of the variant's size) of the last stage's rank."""
     try:
-        cfg, arch, source, plans = _plan(v)
+        cfg, _, _, plans = _plan(v)
     except ConfigError as exc:
         assert not v.claims_fit, f"{v.id}: documented to fit, but the planner refuses it: {exc}"
         return  # refused before any engine is built, as documented
-    from transformers import AutoConfig
-
-    gpus = plans[0].gpus
-    dims = ParallelDims.from_config(cfg.parallel, gpus, 0)
-    rank = dims.rank_of(dp=0, tp=0, pp=dims.pp - 1)
-    measured = dry_run_rank(cfg, AutoConfig.from_pretrained(source), gpus=gpus, rank=rank, source=source)
     by_name = {p.stage: p for p in plans}
-    for stage, state in zip(cfg.stages, measured):
+    for stage, state in zip(cfg.stages, built[v.id]):
         if stage.name not in by_name:
             continue
         sm = by_name[stage.name].stages[-1]
