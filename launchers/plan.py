@@ -1,7 +1,9 @@
-"""`embedforge plan CONFIG --gpus N --gpu-mem 80`: will this recipe fit, per GPU, before any job starts?
+"""`embedforge plan CONFIG --gpus N --gpu-mem 80 [--dry-run]`: will this recipe fit, per GPU, before any job starts?
 
-Prints one table per training stage (toolkit.planner); exit code 0 when every stage fits, 1 when one
-does not, 2 for a config / layout error (printed as one line by the CLI).
+Prints one table per training stage (toolkit.planner); with `--dry-run` also the bytes of the engine's
+real modules on sampled ranks (toolkit.dry_run) beside the plan. Exit code 0 when every stage fits
+(and the dry run agrees with the plan within --tolerance), 1 when not, 2 for a config / layout error
+(printed as one line by the CLI).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="shard full-fine-tuning optimizer states over DP (megatron distributed optimizer)")
     p.add_argument("--reserve", type=float, default=3.0, metavar="GIB",
                    help="per-GPU reserve for CUDA context, NCCL buffers, fragmentation (default 3)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="also build the real megatron modules of the first / middle / last pipeline stage on the meta "
+                        "device under a fake process group of N ranks and print their bytes beside the plan")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="--dry-run: largest relative difference from the plan that still passes (default 0.02)")
     p.set_defaults(func=run)
     p.__class__ = _IntermixedParser  # subparsers build plain parsers; this one also takes overrides last
     return p
@@ -60,4 +67,16 @@ def run(args: argparse.Namespace) -> int:
     for plan in plans:
         print()
         print(format_plan(plan))
-    return 0 if all(p.fits for p in plans) else 1
+    ok = all(p.fits for p in plans)
+    if args.dry_run:
+        from toolkit.dry_run import dry_run, format_dry_run
+
+        rows = dry_run(cfg, source, plans)
+        print()
+        print(format_dry_run(rows, args.gpus))
+        off = [r for r in rows if not r.within(args.tolerance)]
+        for r in off:
+            print(f"  dry run differs from the plan by more than {args.tolerance:.0%}: stage {r.stage}, rank {r.rank} "
+                  f"(pp {r.pp_rank}): " + ", ".join(f"{c} x{r.ratio(c):.3f}" for c in ("weights", "grads", "optimizer")))
+        ok = ok and not off and all(r.fits for r in rows)
+    return 0 if ok else 1

@@ -6,7 +6,7 @@ Layers, lowest first (an import may point down or sideways, never up, and never 
   1 shared        toolkit.models, objectives, distributed, checkpoint, optim, assets, asset_splits,
                   atomic, training_log; data_pipelines
   2 engines       toolkit.engines
-  3 applications  toolkit.train, eval, planner, teacher, search
+  3 applications  toolkit.train, eval, planner, dry_run, teacher, search
   4 entry points  launchers, cluster
 
 Every import of a project module counts, at module level or inside a function; only imports under
@@ -50,6 +50,7 @@ LAYERS = {
     "toolkit.run_settings": APPS,
     "toolkit.eval": APPS,
     "toolkit.planner": APPS,
+    "toolkit.dry_run": APPS,
     "toolkit.teacher": APPS,
     "toolkit.search": APPS,
     "launchers": ENTRY,

@@ -133,6 +133,8 @@ class ParallelDims:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
             context_parallel_size=self.cp,
+            # a fake process group (the dry run's, toolkit.dry_run) cannot back real gloo groups
+            create_gloo_process_groups=dist.get_backend() != "fake",
         )
         if parallel_state.get_data_parallel_world_size() != self.dp:
             raise RuntimeError(f"megatron built dp={parallel_state.get_data_parallel_world_size()}, expected {self.dp}")

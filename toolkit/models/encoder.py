@@ -41,7 +41,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.tokenizer = prepare_tokenizer(tokenizer) if tokenizer is not None else None  # None: a meta-device dry run
         self.spec = spec
         self.iem: nn.Module | None = None
         if spec.iem_hidden:

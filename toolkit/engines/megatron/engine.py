@@ -79,36 +79,53 @@ class MegatronEngine(Engine):
     def build(self, *, add_mask_token: bool) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
+        path = resolve_model_path(self.cfg.model.path)
+        self.build_module(AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                          source=str(path / "config.json"))
+        with HFWeights(path) as weights:  # one open per file, this rank's slices only
+            self.load_hf_weights(weights, source=str(path))
+
+    def build_module(self, hf_config, tokenizer=None, *, source: str = "config.json", meta: bool = False) -> None:
+        """This rank's backbone and pooling head for `hf_config`, without weights (`build` loads them).
+
+        `meta=True` (the dry run, `toolkit.dry_run`): every tensor on the meta device, so a 405B
+        stage costs no memory; no tokenizer is needed then."""
         cfg, dims = self.cfg, self.dims
-        path = resolve_model_path(cfg.model.path)
-        self.hf_config = AutoConfig.from_pretrained(path)
-        self.arch = ModelArgs.from_hf_config(self.hf_config, source=str(path / "config.json"))
+        self.hf_config = hf_config
+        self.arch = ModelArgs.from_hf_config(hf_config, source=source)
         validate(cfg, self.arch)  # before any weight is read (the pre-flight could not see this config)
         dims.initialize_megatron(cfg.seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if meta:
+            self.device = torch.device("meta")
+        else:
+            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.mconfig = transformer_config(  # attention dropout: set per stage in begin_stage
             self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype],
             sequence_parallel=cfg.parallel.sequence_parallel,
             recompute="full" if cfg.model.gradient_checkpointing and cfg.parallel.recompute == "none" else cfg.parallel.recompute,
             first_stage_layers=cfg.parallel.first_stage_layers, last_stage_layers=cfg.parallel.last_stage_layers,
         )
-        self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
-                                    post_process=dims.is_last_stage, pp_rank=dims.pp_rank).to(self.device)
-        with HFWeights(path) as weights:  # one open per file, this rank's slices only
-            self.load_hf_weights(weights, source=str(path))
+        if meta:
+            self.mconfig.use_cpu_initialization = True  # megatron's GPU path names the CUDA device explicitly
+        with self._on_meta():
+            self.model = build_backbone(self.arch, self.mconfig, pre_process=dims.is_first_stage,
+                                        post_process=dims.is_last_stage, pp_rank=dims.pp_rank).to(self.device)
         with torch.random.fork_rng(), torch.device(self._head_device):  # the same initial head as the hf engine
             torch.manual_seed(head_seed(cfg.seed))
             pooling = Pooling(cfg.pooling, self.arch.hidden_size)
         spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True)
-        self.encoder = Encoder(self.model, AutoTokenizer.from_pretrained(path), pooling.to(self.device)
-                               if self.dims.is_last_stage else pooling, spec)
+        self.encoder = Encoder(self.model, tokenizer, pooling.to(self.device) if dims.is_last_stage else pooling, spec)
         self._output_in_place: Path | None = None  # the folder end_stage wrote from these very weights
 
     @property
     def _head_device(self) -> torch.device:
         """The heads (pooling, IEM) run on the last pipeline stage only; the other stages keep them on
         the meta device (shapes, no storage), so a big head costs nothing there."""
-        return torch.device("cpu") if self.dims.is_last_stage else torch.device("meta")
+        return torch.device("cpu") if self.dims.is_last_stage and self.device.type != "meta" else torch.device("meta")
+
+    def _on_meta(self):
+        """Create modules directly on the meta device in a dry run; elsewhere as always (CPU, then moved)."""
+        return torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext()
 
     def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
         dims = self.dims
@@ -188,6 +205,14 @@ class MegatronEngine(Engine):
         for module in self.model.modules():
             if isinstance(module, DotProductAttention):
                 module.attention_dropout.p = dropout
+        self.build_trainable(index, stage)
+        self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
+                                   data_kind=data_kind)
+        self.kind = stage.objective.kind
+
+    def build_trainable(self, index: int, stage: StageConfig) -> None:
+        """A stage's trainable state: LoRA adapters (or the whole backbone), the heads on the last
+        stage, and the optimizer over them; the dry run builds it alone, on the meta device."""
         self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
         if stage.lora.enabled:
             self.model.requires_grad_(False)
@@ -221,9 +246,30 @@ class MegatronEngine(Engine):
                                                weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(getattr(self.optimizer, "inner", self.optimizer),
                                                            lr_lambda(stage.schedule, stage.steps))
-        self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
-                                   data_kind=data_kind)
-        self.kind = stage.objective.kind
+
+    def materialize_step(self) -> None:
+        """Dry run only (meta device): the gradients a backward allocates (one per trainable parameter,
+        in its dtype) and the states the optimizer's first step creates, so `state_bytes` counts them."""
+        if self.device.type != "meta":
+            raise RuntimeError("materialize_step is for a meta-device engine (the dry run)")
+        for p in self.params.values():
+            p.grad = torch.empty_like(p)
+        self.optimizer.step()
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this rank holds now: every parameter (backbone, LoRA, heads), the
+        gradients present, the optimizer's state tensors. Activations are not tensors held between steps."""
+        heads = (self.encoder.pooling, self.encoder.iem) if self.dims.is_last_stage else ()  # meta elsewhere
+        modules = (self.model, self.lora, *heads)
+        params = {id(p): p for m in modules if m is not None for p in m.parameters()}.values()
+        if isinstance(self.optimizer, DistributedOptimizer):
+            optimizer = self.optimizer.state_bytes()
+        else:
+            optimizer = sum(t.nbytes for state in self.optimizer.state.values() for t in state.values()
+                            if isinstance(t, Tensor))
+        return {"weights": sum(p.nbytes for p in params),
+                "grads": sum(p.grad.nbytes for p in params if p.grad is not None),
+                "optimizer": optimizer}
 
     def _prepare_iem(self, index: int, stage: StageConfig) -> None:
         """A D2LLM stage's pair scorer, seeded as the hf engine seeds it: built and trained on the last
@@ -499,9 +545,7 @@ class MegatronEngine(Engine):
     def end_stage(self, final_dir: Path) -> Path:
         """Merge the adapters in place and write the encoder folder from every rank's shards: each
         pipeline stage writes its own safetensors files (`hf_export`); no rank holds the model."""
-        if self.lora is not None:
-            self.lora.merge_into(self.model)
-            self.lora = None
+        self.merge_adapters()
         dims = self.dims
         weights = StageWeights(self.model, tp_sharded_parameters(self.model), self.arch, tp=dims.tp,
                                tp_rank=dims.tp_rank, pp=dims.pp, pp_rank=dims.pp_rank,
@@ -513,6 +557,12 @@ class MegatronEngine(Engine):
                               pooling=self.encoder.pooling, iem=self.encoder.iem)
         self._output_in_place = Path(final_dir).resolve()
         return final_dir
+
+    def merge_adapters(self) -> None:
+        """Fold the stage's LoRA into the backbone (the end of a stage; the dry run between stages)."""
+        if self.lora is not None:
+            self.lora.merge_into(self.model)
+            self.lora = None
 
 
 def tp_sharded_parameters(model) -> set[str]:
