@@ -91,10 +91,7 @@ def variants(preset: Path) -> list[Variant]:
 ALL = [v for preset in PRESETS for v in variants(preset)]
 # Documented variants the code does not deliver yet, each with its reason; strict: one that starts
 # passing fails here until its entry is removed.
-KNOWN_GAPS = {
-    "qwen2.5-72b:--gpus 64 --gpu-mem 80 stages.mntp.lora.enabled=false stages.supervised.lora.enabled=false "
-    "--distributed-optimizer": "issue 17 wall 2: bf16 full fine-tuning needs the distributed optimizer",
-}
+KNOWN_GAPS: dict[str, str] = {}  # variant id -> why a documented claim does not hold yet (strict xfail)
 
 
 def _params(vs: list[Variant]) -> list:
@@ -104,7 +101,8 @@ def _params(vs: list[Variant]) -> list:
 
 def _plan(v: Variant):
     args = build_parser().parse_args(list(v.argv))
-    cfg = load_config(ROOT / args.config, args.overrides)
+    flag = ["parallel.distributed_optimizer=true"] if args.distributed_optimizer else []  # as `embedforge plan`
+    cfg = load_config(ROOT / args.config, [*args.overrides, *flag])
     arch, source = load_arch(cfg, ROOT / args.config, args.arch)
     plans = plan_run(cfg, arch, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, stage=args.stage,
                      negatives=args.negatives, distributed_optimizer=args.distributed_optimizer,
