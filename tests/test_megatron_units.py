@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import save_tiny_decoder
+from tests.helpers import free_port, save_tiny_decoder
 from toolkit.config import ConfigError, ParallelConfig, config_from_dict
 from toolkit.distributed import megatron_shims
 from toolkit.distributed.parallel_dims import ParallelDims
@@ -191,3 +191,21 @@ def test_lazy_hf_weights_with_prefix(tmp_path):
     weights = HFWeights(folder, prefix="x.")
     assert all(name.startswith("x.model.") or name.startswith("x.lm_head") for name in weights)
     assert weights["x.model.norm.weight"].shape == (64,)
+
+
+def test_single_process_group_under_torchrun_does_not_wait_for_the_agent_store():
+    """`torchrun --nproc-per-node 1` sets TORCHELASTIC_USE_AGENT_STORE: a tcp:// init then connects as a
+    client to a store nobody serves and waits 30 min. The one-rank group must not depend on the launcher."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    code = ("import torch.distributed as dist\n"
+            "from toolkit.distributed.parallel_dims import init_single_process_group\n"
+            "init_single_process_group()\n"
+            "assert dist.get_world_size() == 1\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -145,15 +145,12 @@ class ParallelDims:
 
 
 def init_single_process_group() -> None:
-    """A one-rank gloo group on a free local port (megatron and dist_checkpointing need one)."""
+    """A one-rank gloo group (megatron and dist_checkpointing need one) over an in-process store: no
+    port, and no launcher environment (under `torchrun --nproc-per-node 1` a tcp:// init would wait
+    for torchrun's agent store instead of serving its own)."""
     if dist.is_initialized():
         return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
