@@ -7,7 +7,11 @@ copy-on-write snapshot) and forks a process that writes them while the loop goes
 metadata.json) runs when every rank's writer has exited; then every rank checks that the files it
 staged are on disk with at least their bytes, and only then may the trainer write COMPLETE.
 
-The writer dies with its trainer (PR_SET_PDEATHSIG): a kill -9 leaves no orphan that could still be
+The writer forks one worker per write bucket (megatron's `write_preloaded_data_multiproc`), so it
+leads a process group of its own, and the writer, its workers and nothing else end together: on
+`abandon()` (a kill of the group: killing the writer alone orphaned a worker blocked forever on the
+writer's queue, holding the job's stdout open) and when the trainer dies (PR_SET_PDEATHSIG sends the
+writer SIGTERM, whose handler kills the group). A kill -9 leaves no orphan that could still be
 writing when a restarted run reuses the same `.step-N.partial`.
 """
 
@@ -34,14 +38,32 @@ TEST_SLOW_ENV = "EMBEDFORGE_TEST_SLOW_SAVE"
 _PR_SET_PDEATHSIG = 1
 
 
+def _end_group(*_) -> None:
+    os.killpg(0, signal.SIGKILL)  # this writer's group: the writer and its workers
+
+
 def _writer(write, *args, **kwargs) -> None:
-    """The forked writer: die with the trainer, write, (in tests) linger before exiting."""
+    """The forked writer: lead its own group, end it with the trainer, write, (in tests) linger."""
+    os.setpgid(0, 0)  # also done by the trainer right after the fork (whichever runs first)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer's handlers were inherited by the fork
+    signal.signal(signal.SIGTERM, _end_group)
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: an orphan only finishes its bounded write
         pass
+    if os.getppid() == 1:  # the trainer died before the death signal was armed
+        _end_group()
     write(*args, **kwargs)
     time.sleep(float(os.environ.get(TEST_SLOW_ENV, "0") or 0))
+
+
+def _own_group(pid: int) -> None:
+    """Put the forked writer in a group of its own from the trainer's side too, so the group exists
+    before `abandon()` can kill it (setpgid from both sides: no race with the writer's first line)."""
+    try:
+        os.setpgid(pid, pid)
+    except (ProcessLookupError, PermissionError):  # already gone, or it did it itself
+        pass
 
 
 def _staged_files(request) -> list[tuple[Path, int]]:
@@ -64,6 +86,12 @@ class MegatronAsyncSave(SaveHandle):
             request = request._replace(async_fn=partial(_writer, request.async_fn))
         self.queue = AsyncCallsQueue(persistent=False)
         self.queue.schedule_async_request(request)  # every rank: stages, then forks its writer
+        for pid in self._writer_pids():
+            _own_group(pid)
+
+    def _writer_pids(self) -> list[int]:
+        return [call.async_caller.process.pid for call in self.queue.async_calls
+                if getattr(call.async_caller, "process", None) is not None]
 
     def done(self, *, wait: bool) -> bool:
         """megatron's check (an all-reduce of "still writing"), and its finalize once all are done."""
@@ -89,6 +117,11 @@ class MegatronAsyncSave(SaveHandle):
                                   "the step is not marked complete")
 
     def abandon(self) -> None:
+        for pid in self._writer_pids():
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the writer and its workers; nothing is finalized
+            except ProcessLookupError:
+                pass
         for call in list(self.queue.async_calls):
-            call.async_caller.close(abort=True)  # kills this rank's writer; nothing is finalized
+            call.async_caller.close(abort=True)  # reaps the writer (a kill of what is already dead)
         self.queue.async_calls.clear()
