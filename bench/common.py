@@ -52,9 +52,29 @@ def run_worker(impl: str, workload: str, model_dir: Path, data: Path, args) -> d
     return json.loads(lines[-1])
 
 
-def table(results: list[dict]) -> str:
-    """Markdown: per workload, both implementations and the speed / memory ratios."""
-    rows = ["| workload | impl | real tokens/s | step s | peak RSS MB | loss |", "|---|---|---|---|---|---|"]
+def gemm_peak_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    """This CPU's fp32 GEMM peak at `threads` threads, measured: the best of `repeats` n x n matmuls
+    (MFU's denominator; a vendor's nominal peak would hide what torch can reach here)."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def table(results: list[dict], peak_flops: float | None = None) -> str:
+    """Markdown: per workload, both implementations and the speed / memory ratios; with the measured
+    GEMM peak, each workload's model-FLOPs utilisation (MFU) beside its tokens/s."""
+    rows = ["| workload | impl | real tokens/s | model GFLOP/s | MFU | step s | peak RSS MB | loss |",
+            "|---|---|---|---|---|---|---|---|"]
     by = {(r["workload"], r["impl"]): r for r in results}
     ratios = ["", "| workload | impl | speed-up vs llm2vec (real tokens/s) | peak memory ratio |", "|---|---|---|---|"]
     for workload in dict.fromkeys(r["workload"] for r in results):
@@ -63,10 +83,14 @@ def table(results: list[dict]) -> str:
             if r is None:
                 continue
             if "error" in r:
-                rows.append(f"| {workload} | {impl} | error: {r['error']} | | | |")
+                rows.append(f"| {workload} | {impl} | error: {r['error']} | | | | | |")
                 continue
             loss = "" if r.get("loss") is None else f"{r['loss']:.4f}"
-            rows.append(f"| {workload} | {impl} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | {r['peak_rss_mb']:,.0f} | {loss} |")
+            achieved = r.get("model_flops_per_s")
+            gflops = "" if achieved is None else f"{achieved / 1e9:,.1f}"
+            mfu = "" if achieved is None or not peak_flops else f"{achieved / peak_flops:.1%}"
+            rows.append(f"| {workload} | {impl} | {r['tokens_per_s']:,.0f} | {gflops} | {mfu} | {r['step_s']:.3f} "
+                        f"| {r['peak_rss_mb']:,.0f} | {loss} |")
         b = by.get((workload, "llm2vec-0.2.3"))
         for impl in ("embedforge", "embedforge-bucketed"):
             a = by.get((workload, impl))

@@ -63,6 +63,34 @@ def bucketed(records: list[dict], tokenizer, batch_size: int, seed: int) -> list
     return out
 
 
+def sequence_lengths(record: dict, workload: str, tokenizer, seq_len: int) -> list[int]:
+    """Token lengths of the sequences one sample puts through the transformer (SimCSE: two views;
+    supervised: query with its instruction, positive, negative), truncated as the step truncates."""
+    def n(text: str) -> int:
+        return min(len(tokenizer(text)["input_ids"]), seq_len)
+    if workload == "supervised":
+        query = " ".join(t for t in (record.get("instruction"), record["query"]) if t)
+        return [n(query), n(record["positive"]), *(n(t) for t in record["negatives"])]
+    return [n(record["text"])] * (2 if workload == "simcse" else 1)
+
+
+def model_flops(samples: list[dict], workload: str, tokenizer, seq_len: int, model_dir: str) -> int:
+    """Model FLOPs of training on these samples (`ModelArgs.training_flops`, frozen base + LoRA), on
+    each sequence's real length: padding and recomputation are not useful work. MNTP's LM head runs
+    on the masked positions only: 20% of the real tokens (the bench's mask probability)."""
+    from pathlib import Path
+
+    from toolkit.models.arch import read_model_args
+
+    arch = read_model_args(Path(model_dir) / "config.json")
+    total = 0
+    for record in samples:
+        for length in sequence_lengths(record, workload, tokenizer, seq_len):
+            head = round(0.2 * length) if workload == "mntp" else 0
+            total += arch.training_flops(length, head_tokens=head, full=False)
+    return total
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     real_stdout, sys.stdout = sys.stdout, sys.stderr
@@ -142,7 +170,10 @@ def main(argv=None) -> int:
             real += stats.tokens
             loss = stats.loss
         elapsed = sum(times)
-        out = {"tokens_per_s": real / elapsed, "step_s": elapsed / args.steps, "loss": loss}
+        timed = [r for j in range(args.steps) for r in take(records, (args.warmup_steps + j) * bs, bs)]
+        flops = model_flops(timed, args.workload, encoder.tokenizer, args.seq_len, args.model)
+        out = {"tokens_per_s": real / elapsed, "step_s": elapsed / args.steps, "loss": loss,
+               "model_flops_per_s": flops / elapsed}
     out = {"impl": IMPL + ("-bucketed" if args.batching == "bucketed" else ""), "workload": args.workload, **out, "real_tokens_per_s": out["tokens_per_s"],
            "peak_rss_mb": round(peak(), 1), "load_s": load_s, "batch_size": bs, "seq_len": args.seq_len,
            "threads": args.threads}

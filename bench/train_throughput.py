@@ -6,6 +6,8 @@
 
 Needs the reference venv (`bash bench/setup_reference_env.sh`). Same model, data (real
 nlp-corpus sentences; WordNet triples for supervised), batches and LoRA for both; prints a table.
+Embedforge's rows add model FLOPs/s (`ModelArgs.training_flops` on the real lengths) and the MFU
+against this CPU's fp32 GEMM peak, measured first at the same thread count.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import prepare, run_worker, table
+from common import gemm_peak_flops, prepare, run_worker, table
 
 
 def main() -> None:
@@ -28,6 +30,8 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=["mntp", "simcse", "supervised"])
     p.add_argument("--impls", nargs="+", default=["embedforge", "embedforge-bucketed", "llm2vec-0.2.3"])
     args = p.parse_args()
+    peak = gemm_peak_flops(args.threads)
+    print(f"fp32 GEMM peak at {args.threads} threads: {peak / 1e9:,.1f} GFLOP/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, texts, triples = prepare(args.model, 2000, Path(tmp))
         results = []
@@ -37,8 +41,8 @@ def main() -> None:
                 results.append(run_worker(impl, workload, model_dir, data, args))
                 print(results[-1], flush=True)
     print(f"\nmodel {args.model}, batch {args.batch_size}, max length {args.seq_len}, {args.steps} timed steps, "
-          f"{args.threads} threads\n")
-    print(table(results))
+          f"{args.threads} threads, fp32 GEMM peak {peak / 1e9:,.1f} GFLOP/s\n")
+    print(table(results, peak))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT
+from toolkit.models.arch import read_model_args
 
 TEXTS = ["the cat sat on the mat", "a dog runs in the park with a ball", "language models predict the next token",
          "retrieval finds passages that answer a question", "the quick brown fox", "embeddings place similar sentences close"]
@@ -36,3 +37,8 @@ def test_embedforge_worker(tmp_path, tiny_llama_dir, workload, batching):
     assert out["tokens_per_s"] > 0 and out["step_s"] > 0 and out["peak_rss_mb"] > 0
     if workload != "encode":
         assert out["loss"] is not None and out["loss"] > 0
+        # MFU's numerator: per real token, about 2 x 2 x the layers' weights (forward and the input
+        # gradients; the base is frozen under LoRA) plus attention and MNTP's head: within 1x-1.5x of that
+        arch = read_model_args(tiny_llama_dir / "config.json")
+        per_token = out["model_flops_per_s"] / out["tokens_per_s"]
+        assert 1.0 <= per_token / (4 * arch.num_layers * (arch.layer_params() - 2 * arch.hidden_size)) < 1.5, per_token

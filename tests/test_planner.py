@@ -94,6 +94,31 @@ def tiny_arch(model_type: str = "llama") -> ModelArgs:
 # ---------------------------------------------------------------------------------------------- parameters
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["full", "frozen-base"])
+def test_model_flops_equal_torchs_count_of_a_real_forward_and_backward(full):
+    """`ModelArgs.forward_flops` / `training_flops` (MFU's numerator) against torch's FlopCounterMode
+    over a real HF forward (eager attention, bidirectional mask: every pair) and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from toolkit.models.bidirectional import make_bidirectional
+
+    model = tiny_model("llama", attn_implementation="eager", **SHAPES)
+    make_bidirectional(model)
+    model.requires_grad_(full)
+    seq, batch = 24, 2
+    ids = torch.randint(0, V, (batch, seq))
+    with FlopCounterMode(display=False) as fwd:
+        hidden = model.model(input_ids=ids).last_hidden_state
+        model.lm_head(hidden[:, :5])  # the head on 5 positions, as MNTP's masked ones
+    arch = tiny_arch()
+    assert fwd.get_total_flops() == batch * arch.forward_flops(seq, head_tokens=5)
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_(True)  # activation grads flow either way
+    with FlopCounterMode(display=False) as train:
+        out = model.model(inputs_embeds=embeds).last_hidden_state
+        (model.lm_head(out[:, :5]).float().square().mean() + out.square().mean()).backward()
+    assert train.get_total_flops() == batch * arch.training_flops(seq, head_tokens=5, full=full)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_parameter_count_exact(model_type):
     model = tiny_model(model_type, **SHAPES)

@@ -118,6 +118,31 @@ class ModelArgs:
             total += r * i + o * r // tp if column else r * i // tp + o * r
         return total
 
+    # ------------------------------------------------------------------ model FLOPs (for MFU)
+    def forward_flops(self, seq_len: int, *, head_tokens: int = 0) -> int:
+        """Matmul FLOPs (2 per multiply-add) of one sequence's forward: every projection of every layer,
+        bidirectional attention over all seq_len x seq_len pairs (QK^T and AV), and the LM head on
+        `head_tokens` positions (MNTP's masked ones; 0 for an embedding forward). Norms, RoPE and
+        softmax are left out, as MFU conventions do."""
+        return self._weight_flops(seq_len, head_tokens) + self._attention_flops(seq_len)
+
+    def training_flops(self, seq_len: int, *, head_tokens: int = 0, full: bool = True) -> int:
+        """Forward + backward model FLOPs of one sequence. The backward of a weight matmul takes the
+        input's gradient (1x its forward) and, when the weight trains, the weight's (another 1x); the
+        attention matmuls have two activation operands, both needing gradients (2x). So full fine-tuning
+        is 3x the forward; frozen base weights (LoRA: its adapters' own FLOPs are under 1% at the ranks
+        used, left out) 2x on the projections, 3x on attention. No recomputation counted (model FLOPs,
+        not hardware FLOPs)."""
+        return (3 if full else 2) * self._weight_flops(seq_len, head_tokens) + 3 * self._attention_flops(seq_len)
+
+    def _weight_flops(self, seq_len: int, head_tokens: int) -> int:
+        h, q, kv, f = self.hidden_size, self.dim("q"), self.dim("kv"), self.ffn_hidden_size
+        linear = h * q + 2 * h * kv + q * h + (3 if self.gated else 2) * h * f
+        return self.num_layers * 2 * seq_len * linear + 2 * head_tokens * h * self.vocab_size
+
+    def _attention_flops(self, seq_len: int) -> int:
+        return self.num_layers * 4 * seq_len * seq_len * self.dim("q")
+
     # ------------------------------------------------------------------ layouts
     def stage_layer_counts(self, pp: int, first: int = 0, last: int = 0) -> list[int]:
         """Layers of each pipeline stage: `first` / `last` layers on the first / last stage (0 = not
