@@ -345,6 +345,7 @@ class RunConfig:
     output_dir: str
     seed: int = 0
     engine: str = "hf"  # a registered engine (toolkit.engines.spec checks the name and what it supports)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: this rank's GPU when CUDA is present (engines that run on it)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)  # engine: deepspeed
     model: ModelConfig

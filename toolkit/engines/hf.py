@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from toolkit.checkpoint.integrity import load_torch
 from toolkit.config import RunConfig, StageConfig
+from toolkit.distributed.device import resolve_device
 from toolkit.distributed.gather import make_gather
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, any_rank, nonfinite, stage_attention_dropout
 from toolkit.engines.spec import EngineSpec, register_engine
@@ -44,8 +45,12 @@ class HFEngine(Engine):
         self._build_encoder()
 
     def _build_encoder(self) -> None:
+        self.device = resolve_device(self.cfg.device)
         self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
                                                    add_mask_token=self.add_mask_token)
+        self.encoder.to(self.device)  # the steps move each batch to the encoder's device
+        if self.lm_head is not None:
+            self.lm_head.to(self.device)
         if self.cfg.model.gradient_checkpointing:  # non-reentrant: gradient hooks fire once per parameter
             self.encoder.backbone.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
@@ -168,4 +173,5 @@ def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Pat
 
 SPEC = register_engine(EngineSpec(
     name="hf", engine_cls=HFEngine, parallel_dims=frozenset({"dp"}), export_step=export_step,
+    devices=frozenset({"cpu", "cuda"}),
 ))

@@ -56,6 +56,7 @@ class EngineSpec:
     # engine settings that change a run's trajectory, fingerprinted with the recipe (resume refuses changes)
     trajectory_settings: Callable[[RunConfig], dict] = lambda cfg: {}
     async_save: bool = False  # its Engine.begin_save can return a save still in flight (checkpoint.async_save)
+    devices: frozenset[str] = frozenset({"cpu"})  # where it trains; `device: auto` picks CUDA only if listed
 
     def build(self, cfg: RunConfig, dims: "ParallelDims") -> "Engine":
         return self.engine_cls(cfg, dims)
@@ -111,6 +112,10 @@ def validate_run(cfg: RunConfig, model_args: "ModelArgs | None" = None) -> Engin
         able = [n for n, s in sorted(_REGISTRY.items()) if s.async_save]
         raise ConfigError(f"checkpoint.async_save: engine={spec.name} saves synchronously only; set "
                           f"checkpoint.async_save: false (or use engine: {' or '.join(able)})")
+    if cfg.device != "auto" and cfg.device not in spec.devices:
+        able = [n for n, s in sorted(_REGISTRY.items()) if cfg.device in s.devices]
+        raise ConfigError(f"device={cfg.device}: engine={spec.name} trains on {', '.join(sorted(spec.devices))} "
+                          f"only in this version; set device: auto (or use engine: {' or '.join(able)})")
     spec.validate(cfg, model_args)
     return spec
 
