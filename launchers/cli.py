@@ -88,14 +88,19 @@ def _read_texts(path: Path) -> list[str]:
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from toolkit.distributed.device import resolve_device
     from toolkit.models.encoder import Encoder
+    from toolkit.models.loading import DTYPES
 
+    if args.dtype not in DTYPES:
+        raise InputError(f"--dtype {args.dtype}: must be one of {', '.join(DTYPES)}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.dim is not None and args.dim < 1:
         raise InputError(f"--dim {args.dim}: must be >= 1")
+    device = resolve_device(args.device, field="--device")
     texts = _read_texts(Path(args.input))
-    encoder = Encoder.from_pretrained(args.model)
+    encoder = Encoder.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
     emb = encoder.encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
                          normalize=not args.no_normalize)
     out = Path(args.output)
@@ -228,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--dim", type=int, default=None, help="Matryoshka truncation to the first DIM components")
     e.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda; auto: the GPU when CUDA is present (default: auto)")
+    e.add_argument("--dtype", default="float32",
+                   help="float32 | bfloat16: the weights' dtype; embeddings are written as float32 either way "
+                        "(default: float32)")
     e.set_defaults(func=_cmd_encode)
 
     x = sub.add_parser("export", help="consolidate a run / stage / step-N checkpoint into a sentence-transformers folder")

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from launchers.cli import main
@@ -49,6 +50,18 @@ def test_train_encode_export_eval(tiny_llama_dir, tmp_path, capsys):
                  "--instruction", "find the dog", "--dim", "16"]) == 0
     emb = np.load(tmp_path / "e.npy")
     assert emb.shape == (5, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    # bf16 weights: float32 embeddings close to the fp32 ones; a device this machine lacks: one line
+    assert main(["encode", "--model", str(final), "--input", str(texts), "--output", str(tmp_path / "b.npy"),
+                 "--instruction", "find the dog", "--dim", "16", "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    bf16 = np.load(tmp_path / "b.npy")
+    assert bf16.dtype == np.float32 and (bf16 * emb).sum(axis=1).min() > 0.99
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main(["encode", "--model", str(final), "--input", str(texts), "--output", str(tmp_path / "c.npy"),
+                     "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--device=cuda: CUDA is not available here" in err and "\n" not in err
+        assert not (tmp_path / "c.npy").exists()
 
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "exp")]) == 0
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "exp")]) == 2
