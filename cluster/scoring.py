@@ -35,9 +35,11 @@ def _scorer_class(ray):
     return ShardScorer
 
 
-def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus_per_worker: float = 1.0) -> dict:
+def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus_per_worker: float = 1.0,
+            gpus_per_worker: float = 0.0) -> dict:
     """Score every pending shard of `job` with `workers` Ray actors; returns a summary (manifest path
-    once complete). `address=None` starts a local cluster; "auto" or "ray://host:port" joins one."""
+    once complete). `address=None` starts a local cluster; "auto" or "ray://host:port" joins one.
+    An actor given GPUs sees only them (Ray sets CUDA_VISIBLE_DEVICES): `device: auto` is its cuda:0."""
     import ray
 
     manifest, pending = pending_shards(job)
@@ -45,7 +47,7 @@ def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus
     if pending:
         with ray_session(address, cpus_per_worker):
             scorer = _scorer_class(ray)
-            actors = [scorer.options(num_cpus=cpus_per_worker).remote(job) for _ in range(min(workers, len(pending)))]
+            actors = [scorer.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(job) for _ in range(min(workers, len(pending)))]
             pool = ray.util.ActorPool(actors)
             for result in pool.map_unordered(lambda actor, name: actor.score.remote(name), [s.name for s in pending]):
                 log.info("scored %s (%d samples)", result["name"], result["samples"])

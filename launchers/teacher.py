@@ -31,6 +31,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="run on Ray: local, auto or ray://HOST:PORT")
     s.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the teacher once)")
     s.add_argument("--cpus-per-worker", type=float, default=1.0)
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor requests (default: 0)")
+    s.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda; auto: the process's GPU when CUDA is present (default: auto)")
+    s.add_argument("--dtype", default="float32", help="float32 | bfloat16: the teacher's weights (default: float32)")
     s.set_defaults(func=run)
     return p
 
@@ -42,12 +46,13 @@ def run(args: argparse.Namespace) -> int:
     prompt = TeacherPrompt(yes=args.yes, no=args.no, chat=not args.no_chat, max_length=args.max_length)
     job = ScoreJob(model=args.model, input=args.input, output=args.output, group_size=args.group_size,
                    batch_size=args.batch_size, features=args.features, prompt=prompt,
-                   symmetric_tasks=[t for t in args.symmetric_tasks.split(",") if t])
+                   symmetric_tasks=[t for t in args.symmetric_tasks.split(",") if t], dtype=args.dtype,
+                   device=args.device)
     if args.ray:
         from cluster.scoring import run_ray
 
         summary = run_ray(job, address=None if args.ray == "local" else args.ray, workers=args.workers,
-                          cpus_per_worker=args.cpus_per_worker)
+                          cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
         print(json.dumps(summary))
         return 0 if summary["manifest"] else 1
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -70,6 +70,27 @@ def test_scores_resume_and_settings(teacher_dir, pairs, tmp_path):
     assert wrong.returncode == 2 and "holds scored samples" in wrong.stderr
 
 
+def test_bf16_teacher_and_devices(teacher_dir, pairs, tmp_path):
+    """bf16 weights score close to fp32 (and are another job: the dtype is fingerprinted); a device
+    this machine lacks is refused in one line, before the teacher is read and with nothing written."""
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert score(teacher_dir, pairs, fp32, "--device", "cpu").returncode == 0
+    r = score(teacher_dir, pairs, bf16, "--dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_all(fp32), read_all(bf16)
+    assert a.keys() == b.keys()
+    diff = max(abs(x - y) for k in a for x, y in zip(a[k]["scores"], b[k]["scores"]))
+    assert 0 < diff < 0.05, diff
+    assert score(teacher_dir, pairs, fp32, "--dtype", "bfloat16").returncode == 2  # not fp32's job
+    assert (r := score(teacher_dir, pairs, tmp_path / "x", "--dtype", "float16")).returncode == 2
+    assert "--dtype float16: must be one of float32, bfloat16" in r.stderr
+    if not torch.cuda.is_available():
+        r = score(teacher_dir, pairs, tmp_path / "cuda", "--device", "cuda")
+        assert r.returncode == 2 and "teacher --device=cuda: CUDA is not available here" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not any((tmp_path / "cuda").glob("*.tar"))
+
+
 @pytest.mark.slow
 def test_ray_scoring_on_a_local_cluster(teacher_dir, pairs, tmp_path):
     local, distributed = tmp_path / "local", tmp_path / "ray"

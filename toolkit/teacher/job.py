@@ -25,6 +25,7 @@ from data_pipelines.records import sample_key
 from data_pipelines.stream import ReadStats, read_shard
 from data_pipelines.writer import TAR_MTIME
 from toolkit.atomic import atomic_write_text
+from toolkit.distributed.device import resolve_device
 from toolkit.errors import InputError
 from toolkit.models.loading import DTYPES, resolve_model_path
 from toolkit.teacher.scoring import Teacher, TeacherPrompt
@@ -44,17 +45,21 @@ class ScoreJob:
     features: bool = False  # store the teacher's last hidden state per candidate (feature imitation)
     symmetric_tasks: list[str] = field(default_factory=list)  # tasks scored with the symmetric template
     prompt: TeacherPrompt = field(default_factory=TeacherPrompt)
-    dtype: str = "float32"
+    dtype: str = "float32"  # the teacher's weights: float32 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda (auto: this process's GPU when CUDA is present)
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.batch_size < 1:
             raise InputError(f"teacher job: group_size ({self.group_size}) and batch_size ({self.batch_size}) must be >= 1")
+        if self.dtype not in DTYPES:
+            raise InputError(f"teacher job: --dtype {self.dtype}: must be one of {', '.join(DTYPES)}")
 
     def fingerprint(self) -> dict:
         """What makes two runs' scores interchangeable (batch_size only changes speed)."""
         d = asdict(self)
         d.pop("batch_size")
         d.pop("output")
+        d.pop("device")  # where it runs: a shard scored on a GPU and one scored on a CPU belong together
         return d
 
 
@@ -93,7 +98,8 @@ def load_teacher(job: ScoreJob):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(job.model)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype])
+    device = resolve_device(job.device, field="teacher --device")  # before any weight is read
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype]).to(device)
     return Teacher(model, AutoTokenizer.from_pretrained(path), job.prompt)
 
 
