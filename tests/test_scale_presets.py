@@ -92,17 +92,31 @@ ALL = [v for preset in PRESETS for v in variants(preset)]
 # Documented variants the code does not deliver yet, each with its reason; strict: one that starts
 # passing fails here until its entry is removed.
 KNOWN_GAPS: dict[str, str] = {}  # variant id -> why a documented claim does not hold yet (strict xfail)
+# The dry run builds torch AdamW, not the distributed optimizer, on the meta device: for these variants
+# its grads / optimizer bytes are the plain optimizer's (x0.40 / x0.33 of the plan's fp32 main grads and
+# sharded fp32 states), so the build test's "dry run == plan" does not hold yet.
+_DIST_OPT_DRY_RUN = "the dry run does not build the distributed optimizer on the meta device yet"
+DRY_RUN_GAPS: dict[str, str] = {
+    "llama3-70b:--gpus 64 --gpu-mem 80 parallel.distributed_optimizer=true stages.mntp.lora.enabled=false "
+    "stages.supervised.lora.enabled=false": _DIST_OPT_DRY_RUN,
+    "qwen2.5-72b:--gpus 64 --gpu-mem 80 stages.mntp.lora.enabled=false stages.supervised.lora.enabled=false "
+    "--distributed-optimizer": _DIST_OPT_DRY_RUN,
+}
 
 
-def _params(vs: list[Variant]) -> list:
-    return [pytest.param(v, id=v.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[v.id])]
-                         if v.id in KNOWN_GAPS else []) for v in vs]
+def _params(vs: list[Variant], gaps: dict[str, str] = KNOWN_GAPS) -> list:
+    return [pytest.param(v, id=v.id, marks=[pytest.mark.xfail(strict=True, reason=gaps[v.id])]
+                         if v.id in gaps else []) for v in vs]
+
+
+def _overrides(args) -> list[str]:
+    """The variant's overrides, with --distributed-optimizer switched on in the recipe as `embedforge plan` does."""
+    return [*args.overrides, *(["parallel.distributed_optimizer=true"] if args.distributed_optimizer else [])]
 
 
 def _plan(v: Variant):
     args = build_parser().parse_args(list(v.argv))
-    flag = ["parallel.distributed_optimizer=true"] if args.distributed_optimizer else []  # as `embedforge plan`
-    cfg = load_config(ROOT / args.config, [*args.overrides, *flag])
+    cfg = load_config(ROOT / args.config, _overrides(args))
     arch, source = load_arch(cfg, ROOT / args.config, args.arch)
     plans = plan_run(cfg, arch, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, stage=args.stage,
                      negatives=args.negatives, distributed_optimizer=args.distributed_optimizer,
@@ -111,7 +125,7 @@ def _plan(v: Variant):
 
 
 def test_every_preset_documents_its_layout_and_variants():
-    assert set(KNOWN_GAPS) <= {v.id for v in ALL}, "a KNOWN_GAPS entry names no documented variant"
+    assert set(KNOWN_GAPS) | set(DRY_RUN_GAPS) <= {v.id for v in ALL}, "a gap entry names no documented variant"
     assert len(PRESETS) >= 3 and {p.stem for p in PRESETS} >= {"llama3-8b", "llama3-70b", "llama3.1-405b"}
     for preset in PRESETS:
         vs = variants(preset)
@@ -175,7 +189,7 @@ def built() -> dict[str, list[dict[str, int]]]:
         except ConfigError:
             continue
         args = build_parser().parse_args(list(v.argv))
-        jobs.append((str(ROOT / args.config), args.overrides, plans[0].gpus, source))
+        jobs.append((str(ROOT / args.config), _overrides(args), plans[0].gpus, source))
         ids.append(v.id)
     out = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, json.dumps(jobs)], capture_output=True, text=True,
                          cwd=ROOT, env=subprocess_env(), timeout=1200)
@@ -186,7 +200,7 @@ def built() -> dict[str, list[dict[str, int]]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("v", _params(ALL))
+@pytest.mark.parametrize("v", _params(ALL, {**KNOWN_GAPS, **DRY_RUN_GAPS}))
 def test_documented_variant_builds_in_the_engine_and_dry_runs_to_fit(v: Variant, built):
     """The engine's real build (meta device, fake world of the variant's size) of the last stage's rank."""
     try:
