@@ -23,7 +23,7 @@ def resolve_device(requested: str, *, field: str = "device") -> torch.device:
     if requested == "cuda" and not has_cuda:
         why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
         raise ConfigError(f"{field}=cuda: CUDA is not available here (torch {torch.__version__}: {why}); "
-                          f"set {field}: auto or cpu, or install the GPU build (README, GPU install)")
+                          f"set {field}: auto or cpu, or install a CUDA build of torch")
     if requested == "cpu" or not has_cuda:
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -99,12 +99,15 @@ class ModelArgs:
         return -(-self.vocab_size // tp) * tp
 
     # ------------------------------------------------------------------ parameter counts (per TP rank)
+    def _linear_weights(self) -> int:
+        """One decoder layer's projection weights (q, k, v, o and the MLP), unsharded, without biases."""
+        h, q, kv, f = self.hidden_size, self.dim("q"), self.dim("kv"), self.ffn_hidden_size
+        return h * q + 2 * h * kv + q * h + (3 if self.gated else 2) * h * f
+
     def layer_params(self, tp: int = 1) -> int:
         """One decoder layer: the linears sharded over TP, the two norms replicated."""
-        h, q, kv, f = self.hidden_size, self.dim("q"), self.dim("kv"), self.ffn_hidden_size
-        linear = h * q + 2 * h * kv + q * h + (3 if self.gated else 2) * h * f
-        bias = q + 2 * kv if self.attention_bias else 0
-        return (linear + bias) // tp + 2 * h
+        bias = self.dim("q") + 2 * self.dim("kv") if self.attention_bias else 0
+        return (self._linear_weights() + bias) // tp + 2 * self.hidden_size
 
     def embedding_params(self, tp: int = 1) -> int:
         return self.padded_vocab(tp) // tp * self.hidden_size
@@ -136,9 +139,8 @@ class ModelArgs:
         return (3 if full else 2) * self._weight_flops(seq_len, head_tokens) + 3 * self._attention_flops(seq_len)
 
     def _weight_flops(self, seq_len: int, head_tokens: int) -> int:
-        h, q, kv, f = self.hidden_size, self.dim("q"), self.dim("kv"), self.ffn_hidden_size
-        linear = h * q + 2 * h * kv + q * h + (3 if self.gated else 2) * h * f
-        return self.num_layers * 2 * seq_len * linear + 2 * head_tokens * h * self.vocab_size
+        return (self.num_layers * 2 * seq_len * self._linear_weights()
+                + 2 * head_tokens * self.hidden_size * self.vocab_size)
 
     def _attention_flops(self, seq_len: int) -> int:
         return self.num_layers * 4 * seq_len * seq_len * self.dim("q")
