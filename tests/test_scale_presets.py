@@ -92,16 +92,7 @@ ALL = [v for preset in PRESETS for v in variants(preset)]
 # Documented variants the code does not deliver yet, each with its reason; strict: one that starts
 # passing fails here until its entry is removed.
 KNOWN_GAPS: dict[str, str] = {}  # variant id -> why a documented claim does not hold yet (strict xfail)
-# The dry run builds torch AdamW, not the distributed optimizer, on the meta device: for these variants
-# its grads / optimizer bytes are the plain optimizer's (x0.40 / x0.33 of the plan's fp32 main grads and
-# sharded fp32 states), so the build test's "dry run == plan" does not hold yet.
-_DIST_OPT_DRY_RUN = "the dry run does not build the distributed optimizer on the meta device yet"
-DRY_RUN_GAPS: dict[str, str] = {
-    "llama3-70b:--gpus 64 --gpu-mem 80 parallel.distributed_optimizer=true stages.mntp.lora.enabled=false "
-    "stages.supervised.lora.enabled=false": _DIST_OPT_DRY_RUN,
-    "qwen2.5-72b:--gpus 64 --gpu-mem 80 stages.mntp.lora.enabled=false stages.supervised.lora.enabled=false "
-    "--distributed-optimizer": _DIST_OPT_DRY_RUN,
-}
+DRY_RUN_GAPS: dict[str, str] = {}  # variants whose dry run differs from the plan (none now)
 
 
 def _params(vs: list[Variant], gaps: dict[str, str] = KNOWN_GAPS) -> list:

@@ -232,6 +232,12 @@ class DistributedOptimizer:
         for h in handles:
             h.wait()
 
+    def step_as_if_every_param_had_a_grad(self) -> None:
+        """The dry run (meta device): the Adam state the first step creates when every parameter had
+        a gradient; the backward hooks, which record that, do not run there."""
+        self.had_grad.update(self.slots)
+        self.step()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         for b in self.buckets:
             b.main_grad.zero_()
@@ -259,6 +265,11 @@ class DistributedOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
+
+    def grad_bytes(self) -> int:
+        """Bytes of gradient buffers this rank holds: the full fp32 main gradients and the owned,
+        DP-reduced fp32 range (`param.grad` is dropped as soon as it is accumulated)."""
+        return sum(b.main_grad.nbytes + b.grad_shard.nbytes for b in self.buckets)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: Adam m, v and fp32 masters kept apart from the

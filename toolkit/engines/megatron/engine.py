@@ -252,6 +252,9 @@ class MegatronEngine(Engine):
         in its dtype) and the states the optimizer's first step creates, so `state_bytes` counts them."""
         if self.device.type != "meta":
             raise RuntimeError("materialize_step is for a meta-device engine (the dry run)")
+        if isinstance(self.optimizer, DistributedOptimizer):  # its buffers hold the gradients, not p.grad
+            self.optimizer.step_as_if_every_param_had_a_grad()
+            return
         for p in self.params.values():
             p.grad = torch.empty_like(p)
         self.optimizer.step()
@@ -263,13 +266,12 @@ class MegatronEngine(Engine):
         modules = (self.model, self.lora, *heads)
         params = {id(p): p for m in modules if m is not None for p in m.parameters()}.values()
         if isinstance(self.optimizer, DistributedOptimizer):
-            optimizer = self.optimizer.state_bytes()
+            grads, optimizer = self.optimizer.grad_bytes(), self.optimizer.state_bytes()
         else:
+            grads = sum(p.grad.nbytes for p in params if p.grad is not None)
             optimizer = sum(t.nbytes for state in self.optimizer.state.values() for t in state.values()
                             if isinstance(t, Tensor))
-        return {"weights": sum(p.nbytes for p in params),
-                "grads": sum(p.grad.nbytes for p in params if p.grad is not None),
-                "optimizer": optimizer}
+        return {"weights": sum(p.nbytes for p in params), "grads": grads, "optimizer": optimizer}
 
     def _prepare_iem(self, index: int, stage: StageConfig) -> None:
         """A D2LLM stage's pair scorer, seeded as the hf engine seeds it: built and trained on the last
