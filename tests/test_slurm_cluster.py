@@ -97,10 +97,21 @@ def submit_and_interrupt(cfg: Path, run: Path, interrupt: list[str], *extra: str
     wait_for(lambda: job_state(job) == "PENDING", "the requeued job to be pending")
     wait_for(lambda: subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip()
              == "idle", "the node to be idle")
+    # slurmd refuses a credential created in the same second as the previous run's revocation
+    # ("Job credential revoked": the job then FAILS with no output); the controller's own hold avoids it
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"), "the job to end")
-    assert job_state(job) == "COMPLETED", log_of(run)[-4000:]
+    assert job_state(job) == "COMPLETED", log_of(run)[-4000:] + slurm_daemon_lines(job)
     return log_of(run)
+
+
+def slurm_daemon_lines(job: str) -> str:
+    """What slurmctld / slurmd logged about `job` (a launch failure leaves nothing in the job's own log)."""
+    state = Path(os.environ.get("EMBEDFORGE_SLURM_DIR", "/var/lib/embedforge-slurm")) / "log"
+    lines = [f"{p.name}: {line}" for p in sorted(state.glob("*.log")) for line in p.read_text(errors="replace").splitlines()
+             if f"JobId={job}" in line or f"job {job}" in line.lower() or f"StepId={job}." in line]
+    return "\n--- slurm daemons ---\n" + "\n".join(lines[-40:])
 
 
 def assert_same_as_uninterrupted(whole: Path, run: Path) -> None:
