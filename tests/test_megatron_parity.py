@@ -175,8 +175,11 @@ def test_megatron_matches_hf(tmp_path, model_type, tp, pp, dp, extra):
         assert abs(g["loss"] - w["loss"]) <= TOL, (stage, g["loss"], w["loss"])
         assert abs(g["norm"] - w["norm"]) <= TOL * max(1.0, w["norm"]), (stage, g["norm"], w["norm"])
         assert sorted(g["grads"]) == sorted(w["grads"]), stage
-        worst = max((g["grads"][k] - w["grads"][k]).abs().max().item() for k in w["grads"])
-        assert worst <= TOL, (stage, worst)
+        # per tensor, within TOL of its scale (fp32 rounding grows with the values: the contrastive
+        # gradients at temperature 0.05 reach ~20, where 1e-5 is a few units in the last place)
+        worst = max(((g["grads"][k] - w["grads"][k]).abs().max() / w["grads"][k].abs().max().clamp(min=1.0)).item()
+                    for k in w["grads"])
+        assert worst <= TOL, (stage, worst, max(w["grads"][k].abs().max().item() for k in w["grads"]))
         assert w["norm"] > 1e-3  # a real gradient, not an all-zero comparison
 
 

@@ -1,8 +1,8 @@
 """Bidirectional Megatron-core backbones for the Llama / Mistral / Qwen2 family, built from an HF config.
 
 The layer is megatron-core's own local `ModuleSpec` (no Transformer Engine, so it also runs on CPU)
-with the self-attention mask type switched to `padding`: every token attends to every non-pad token,
-which is LLM2Vec's bidirectional conversion on Megatron. The model is megatron's `GPTModel` with one
+with SDPA as core attention and the self-attention mask type switched to `padding`: every token
+attends to every non-pad token, which is LLM2Vec's bidirectional conversion on Megatron. The model is megatron's `GPTModel` with one
 change: the last pipeline stage returns the final-norm hidden states instead of logits, because an
 encoder pools them and MNTP needs logits only at masked rows (`lm_logits`).
 
@@ -92,15 +92,19 @@ def stage_layers(arch: ModelArgs, config, pp_rank: int) -> range:
 
 
 def block_spec(arch: ModelArgs, num_layers: int):
-    """megatron-core's local GPT layer spec, padding-only (bidirectional) attention mask, as a block
-    of `num_layers` layers (this pipeline stage's) with a final norm."""
+    """megatron-core's local GPT layer spec, padding-only (bidirectional) attention mask, core
+    attention through SDPA (attention.py), as a block of `num_layers` layers (this pipeline stage's)
+    with a final norm."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
+    from toolkit.engines.megatron.attention import SDPACoreAttention
+
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.padding
+    layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
