@@ -47,20 +47,15 @@ def window_batches(
     return batches
 
 
-def pack_sequences(token_lists: Sequence[Sequence[int]], max_tokens: int) -> list[dict]:
-    """Greedy first-fit packing of tokenised samples into rows of at most `max_tokens` tokens.
-
-    Each packed row keeps its sample boundaries: `cu_seqlens` (cumulative lengths, for
-    flash-attention's varlen kernels, which attend within each sample only), `position_ids`
-    restarting at 0 per sample, and `samples` (the indices packed, in order). A sample longer than
-    `max_tokens` is truncated to it.
-    """
+def first_fit(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Greedy first-fit of samples (by length, in order) into rows of at most `max_tokens` tokens;
+    a sample longer than `max_tokens` counts as `max_tokens`. The indices of each row, in order."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     rows: list[list[int]] = []
     room: list[int] = []
-    for i, ids in enumerate(token_lists):
-        n = min(len(ids), max_tokens)
+    for i, length in enumerate(lengths):
+        n = min(length, max_tokens)
         for r, free in enumerate(room):
             if n <= free:
                 rows[r].append(i)
@@ -69,6 +64,18 @@ def pack_sequences(token_lists: Sequence[Sequence[int]], max_tokens: int) -> lis
         else:
             rows.append([i])
             room.append(max_tokens - n)
+    return rows
+
+
+def pack_sequences(token_lists: Sequence[Sequence[int]], max_tokens: int) -> list[dict]:
+    """Greedy first-fit packing of tokenised samples into rows of at most `max_tokens` tokens.
+
+    Each packed row keeps its sample boundaries: `cu_seqlens` (cumulative lengths, for
+    flash-attention's varlen kernels, which attend within each sample only), `position_ids`
+    restarting at 0 per sample, and `samples` (the indices packed, in order). A sample longer than
+    `max_tokens` is truncated to it.
+    """
+    rows = first_fit([len(ids) for ids in token_lists], max_tokens)
     packed = []
     for members in rows:
         ids, pos, cu = [], [], [0]

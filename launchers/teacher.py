@@ -1,7 +1,7 @@
 """`embedforge teacher score`: a D2LLM teacher scores a pair dataset into a scored dataset.
 
-Runs in this process, as one rank of torchrun (each rank takes every world-th pending shard), or on a
-Ray cluster (`--ray local` starts one here, `--ray auto` / `--ray ray://HOST:PORT` joins one). A
+Runs in this process, as one rank of torchrun (each rank takes every world-th pending shard; with
+--tp / --pp each group of tp x pp ranks holds one teacher as megatron stages), or on a Ray cluster (`--ray local` starts one here, `--ray auto` / `--ray ray://HOST:PORT` joins one). A
 rerun resumes: shards already scored are kept.
 """
 
@@ -35,11 +35,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto",
                    help="auto | cpu | cuda; auto: the process's GPU when CUDA is present (default: auto)")
     s.add_argument("--dtype", default="float32", help="float32 | bfloat16: the teacher's weights (default: float32)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per teacher (megatron stages; torchrun)")
+    s.add_argument("--pp", type=int, default=1, help="pipeline stages per teacher (megatron stages; torchrun)")
     s.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from toolkit.distributed.parallel_dims import init_distributed
+    from toolkit.errors import InputError
     from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local
     from toolkit.teacher.scoring import TeacherPrompt
 
@@ -47,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
     job = ScoreJob(model=args.model, input=args.input, output=args.output, group_size=args.group_size,
                    batch_size=args.batch_size, features=args.features, prompt=prompt,
                    symmetric_tasks=[t for t in args.symmetric_tasks.split(",") if t], dtype=args.dtype,
-                   device=args.device)
+                   device=args.device, tp=args.tp, pp=args.pp)
+    if args.ray and job.model_parallel:
+        raise InputError("teacher score --ray with --tp / --pp: a Ray scoring worker is one process; run a "
+                         "model-parallel teacher under torchrun (or `embedforge submit slurm`)")
     if args.ray:
         from cluster.scoring import run_ray
 
@@ -56,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
         return 0 if summary["manifest"] else 1
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if job.model_parallel:  # the stages talk: torchrun's ranks join one process group
+        job.workers(world)  # refused before any rank waits for the others
+        rank, world = init_distributed()
     done = run_local(job, rank, world)
     manifest = finish(job, pending_shards(job)[0])
     print(f"rank {rank}: scored {len(done)} shard(s); "

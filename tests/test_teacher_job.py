@@ -4,6 +4,8 @@ as torchrun-style ranks (resume after a partial run), and on a local Ray cluster
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 
 from data_pipelines.manifest import load_manifest
 from data_pipelines.stream import ReadStats, read_shard
-from tests.helpers import NO, YES, run_embedforge
+from tests.helpers import EMBEDFORGE, NO, YES, run_embedforge, subprocess_env
 
 
 def score(teacher_dir, pairs, out, *extra, env=None):
@@ -105,3 +107,35 @@ def test_ray_scoring_on_a_local_cluster(teacher_dir, pairs, tmp_path):
     for key in want:
         assert want[key]["scores"] == pytest.approx(got[key]["scores"], abs=1e-6)
         assert want[key]["inbatch_scores"] == pytest.approx(got[key]["inbatch_scores"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_model_parallel_teacher_under_torchrun_equals_the_single_process_scores(teacher_dir, pairs, tmp_path):
+    """4 torchrun ranks as 2 workers of TP2 (megatron stages): every shard scored once, by one writer
+    per worker, with the single-process HF teacher's scores and features (1e-5)."""
+    single, parallel = tmp_path / "single", tmp_path / "tp2"
+    a = score(teacher_dir, pairs, single, "--features")
+    assert a.returncode == 0, a.stderr[-3000:]
+    # "--": torchrun's own parser would take the teacher's --no for an abbreviation of --node-rank
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "--", EMBEDFORGE,
+           "teacher", "score", "--model", str(teacher_dir), "--input", str(pairs), "--output", str(parallel),
+           "--yes", YES, "--no", NO, "--group-size", "3", "--batch-size", "7", "--features", "--tp", "2"]
+    b = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert b.stdout.count("scored 2 shard(s)") == 2 and b.stdout.count("scored 0 shard(s)") == 2, b.stdout
+    want, got = read_all(single), read_all(parallel)
+    assert want.keys() == got.keys() and len(want) == 16
+    for key, w in want.items():
+        g = got[key]
+        assert g["group"] == w["group"] and g["group_index"] == w["group_index"]
+        for field in ("scores", "inbatch_scores"):
+            assert max(abs(x - y) for x, y in zip(g[field], w[field])) <= 1e-5, (key, field)
+        assert max(abs(x - y) for fx, fy in zip(g["features"], w["features"]) for x, y in zip(fx, fy)) <= 2e-5
+    assert json.loads((parallel / "job.json").read_text()) == json.loads((single / "job.json").read_text())
+
+
+def test_model_parallel_teacher_is_refused_on_ray_and_on_ranks_it_does_not_divide(teacher_dir, pairs, tmp_path):
+    r = score(teacher_dir, pairs, tmp_path / "ray", "--tp", "2", "--ray", "local")
+    assert r.returncode != 0 and "--ray with --tp / --pp" in r.stderr and "Traceback" not in r.stderr
+    r = score(teacher_dir, pairs, tmp_path / "odd", "--tp", "2", env={"RANK": "0", "WORLD_SIZE": "3"})
+    assert r.returncode != 0 and "--tp 2 x --pp 1 does not divide the 3 ranks" in r.stderr, r.stderr[-2000:]

@@ -135,6 +135,7 @@ class DataConfig:
     length_bucketing: bool = True  # text data: sort windows by length so batches pad little
     bucket_batches: int = 16  # batches per bucketing window
     max_tokens: int = 0  # >0: token-budget batches (size x longest <= max_tokens, size <= batch_size)
+    pack: bool = False  # the backbone runs each micro-batch's texts packed, no pad tokens (models/packing.py)
     task_weights: dict[str, float] = field(default_factory=dict)  # default: proportional to task size
     num_workers: int = 0  # loader worker processes per rank (0 = in the training process)
     prefetch: int = 2  # batches each worker keeps ready

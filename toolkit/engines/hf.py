@@ -88,6 +88,7 @@ class HFEngine(Engine):
         self.params = {n: p for n, p in encoder.named_parameters() if p.requires_grad}
 
     def _build_step(self, stage: StageConfig, data_kind: str, generator: torch.Generator) -> None:
+        self.encoder.pack = stage.data.pack
         gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
         self.step_fn = build_step(stage, self.encoder, self.lm_head, generator, gather, data_kind=data_kind)
 

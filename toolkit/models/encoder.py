@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from toolkit.models.bidirectional import check_bidirectional, make_bidirectional
 from toolkit.models.export import write_sentence_transformers_folder
 from toolkit.models.folder import SPEC_FILE, EncoderSpec, load_iem_weights, load_pooling_weights, load_spec
 from toolkit.models.iem import InteractionEmulation
+from toolkit.models.packing import pack_for_backbone
 from toolkit.models.pooling import Pooling, exclude_prefix
 from toolkit.run_layout import COMPLETE, RunLayout, parse_stage_dir, parse_step_dir
 
@@ -47,6 +48,7 @@ class Encoder(nn.Module):
         if spec.iem_hidden:
             self.add_iem(spec.iem_hidden)
         self._prompt_lengths: dict[str, int] = {}
+        self.pack = False  # run the backbone on packed texts (a training stage's data.pack)
 
     def add_iem(self, hidden: int) -> nn.Module:
         """Attach a D2LLM Interaction Emulation Module over the pooled embeddings (kept if present)."""
@@ -100,8 +102,17 @@ class Encoder(nn.Module):
         return next(self.backbone.parameters()).device
 
     def hidden_states(self, batch: dict) -> Tensor:
-        out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return out.last_hidden_state
+        """Final hidden states [b, s, h] of a padded batch; with `pack`, the backbone runs the texts
+        packed (no pad tokens) and the states come back in the padded layout."""
+        if not self.pack:
+            out = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            return out.last_hidden_state
+        impl = self.backbone.config._attn_implementation
+        packed = pack_for_backbone(batch["input_ids"], batch["attention_mask"], impl)
+        mask = packed.attention_mask(impl, next(self.backbone.parameters()).dtype)
+        out = self.backbone(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=mask,
+                            use_cache=False)
+        return packed.unpack(out.last_hidden_state)
 
     def forward(self, batch: dict) -> Tensor:
         """Unnormalised embeddings [b, output_dim] with the graph (for training)."""
@@ -132,17 +143,21 @@ class Encoder(nn.Module):
         prompt = self.format_instruction(instruction)
         lengths = [len(ids) for ids in self.tokenizer([prompt + t for t in texts])["input_ids"]]
         order = np.argsort(-np.asarray(lengths), kind="stable")
+        chunks = [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+        batches = (self.tokenize([texts[i] for i in idx], instruction, max_length) for idx in chunks)
         out = np.zeros((len(texts), dim or self.pooling.output_dim), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            idx = order[start : start + batch_size]
-            batch = self.tokenize([texts[i] for i in idx], instruction, max_length)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            emb = self(batch)[:, :dim] if dim else self(batch)
+        for idx, emb in zip(chunks, self.embed_batches(batches)):
+            emb = emb[:, :dim] if dim else emb
             if normalize:
                 emb = torch.nn.functional.normalize(emb, dim=-1)
             out[idx] = emb.float().cpu().numpy()
         self.train(was_training)
         return out
+
+    def embed_batches(self, batches: Iterable[dict]) -> Iterator[Tensor]:
+        """Unnormalised embeddings of tokenized batches, in order (an inference forward per batch)."""
+        for batch in batches:
+            yield self({k: v.to(self.device) for k, v in batch.items()})
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path: str | os.PathLike) -> Path:

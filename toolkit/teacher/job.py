@@ -20,14 +20,20 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
+
 from data_pipelines.manifest import Manifest, ShardInfo, load_manifest, sha256_file
 from data_pipelines.records import sample_key
 from data_pipelines.stream import ReadStats, read_shard
 from data_pipelines.writer import TAR_MTIME
 from toolkit.atomic import atomic_write_text
+from toolkit.config import ParallelConfig
 from toolkit.distributed.device import resolve_device
+from toolkit.distributed.parallel_dims import ParallelDims
+from toolkit.engines.megatron.inference import MegatronForward
 from toolkit.errors import InputError
 from toolkit.models.loading import DTYPES, resolve_model_path
+from toolkit.teacher.megatron_teacher import MegatronTeacher
 from toolkit.teacher.scoring import Teacher, TeacherPrompt
 
 log = logging.getLogger(__name__)
@@ -47,10 +53,14 @@ class ScoreJob:
     prompt: TeacherPrompt = field(default_factory=TeacherPrompt)
     dtype: str = "float32"  # the teacher's weights: float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda (auto: this process's GPU when CUDA is present)
+    tp: int = 1  # > 1 or pp > 1: the teacher runs as megatron stages, one worker = tp x pp ranks
+    pp: int = 1
 
     def __post_init__(self) -> None:
         if self.group_size < 1 or self.batch_size < 1:
             raise InputError(f"teacher job: group_size ({self.group_size}) and batch_size ({self.batch_size}) must be >= 1")
+        if self.tp < 1 or self.pp < 1:
+            raise InputError(f"teacher job: --tp {self.tp} / --pp {self.pp}: must be >= 1")
         if self.dtype not in DTYPES:
             raise InputError(f"teacher job: --dtype {self.dtype}: must be one of {', '.join(DTYPES)}")
 
@@ -59,8 +69,19 @@ class ScoreJob:
         d = asdict(self)
         d.pop("batch_size")
         d.pop("output")
-        d.pop("device")  # where it runs: a shard scored on a GPU and one scored on a CPU belong together
+        for where in ("device", "tp", "pp"):  # where it runs: shards scored on a GPU, a CPU, at TP2 belong together
+            d.pop(where)
         return d
+
+    @property
+    def model_parallel(self) -> bool:
+        return self.tp * self.pp > 1
+
+    def workers(self, world: int) -> int:
+        """Teachers `world` ranks hold (tp x pp ranks each); refused unless tp x pp divides `world`."""
+        if world % (self.tp * self.pp):
+            raise InputError(f"teacher job: --tp {self.tp} x --pp {self.pp} does not divide the {world} ranks")
+        return world // (self.tp * self.pp)
 
 
 def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:
@@ -94,26 +115,37 @@ def _done(out: Path, shard: ShardInfo) -> ShardInfo | None:
     return info if (out / shard.name).stat().st_size == info.bytes else None
 
 
-def load_teacher(job: ScoreJob):
+def load_teacher(job: ScoreJob, dims: ParallelDims | None = None):
+    """The HF teacher in this process, or with `dims` (job.model_parallel) this rank's megatron stage
+    of it (a collective: every rank of the world builds its stage)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(job.model)
     device = resolve_device(job.device, field="teacher --device")  # before any weight is read
+    if dims is not None:
+        forward = MegatronForward(path, dims, dtype=DTYPES[job.dtype], include_head=True, max_length=job.prompt.max_length)
+        return MegatronTeacher(forward, AutoTokenizer.from_pretrained(path), job.prompt)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype]).to(device)
     return Teacher(model, AutoTokenizer.from_pretrained(path), job.prompt)
 
 
-def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) -> ShardInfo:
-    """Score one input shard into `job.output/<shard.name>` (+ its sidecar); returns the output info."""
+def score_shard(job: ScoreJob, manifest: Manifest, shard: ShardInfo, teacher) -> ShardInfo | None:
+    """Score one input shard into `job.output/<shard.name>` (+ its sidecar); returns the output info
+    (None on a model-parallel teacher's ranks that do not write)."""
     import webdataset as wds
 
     out = Path(job.output)
     stats = ReadStats()
     samples = list(read_shard(manifest.shard_url(shard), shard, "pair", stats))
     symmetric = shard.task in job.symmetric_tasks
+    groups = range(0, len(samples), job.group_size)
+    if not teacher.writes:  # a model-parallel teacher's other ranks: the same forwards, nothing written
+        for g in groups:
+            _score_group(teacher, samples[g : g + job.group_size], "", symmetric, job)
+        return None
     tmp = out / f".{shard.name}.partial-{os.getpid()}"
     with wds.TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:
-        for g in range(0, len(samples), job.group_size):
+        for g in groups:
             group = samples[g : g + job.group_size]
             for record in _score_group(teacher, group, f"{shard.name}/{g // job.group_size}", symmetric, job):
                 sink.write({"__key__": sample_key(record["id"]), "json": json.dumps(record).encode("utf-8")})
@@ -174,14 +206,29 @@ def finish(job: ScoreJob, manifest: Manifest) -> Path | None:
 
 
 def run_local(job: ScoreJob, rank: int = 0, world: int = 1) -> list[ShardInfo]:
-    """Score this rank's share (every world-th pending shard) in this process."""
+    """Score this rank's share (every world-th pending shard) in this process; a model-parallel job
+    (torchrun ranks, process group initialised) shares the shards out per TP x PP worker."""
     manifest, pending = pending_shards(job)
     names = {s.name for s in pending}  # a rank's share is fixed by manifest position, whatever is done already
-    mine = [s for i, s in enumerate(manifest.shards) if i % world == rank and s.name in names]
+    if not job.model_parallel:
+        mine = [s for i, s in enumerate(manifest.shards) if i % world == rank and s.name in names]
+        teacher = load_teacher(job) if mine else None
+    else:
+        job.workers(world)
+        dims = ParallelDims.from_config(ParallelConfig(tp=job.tp, pp=job.pp), world, rank)
+        teacher = load_teacher(job, dims)  # every rank: building the stages is collective
+        mine = [s for i, s in enumerate(manifest.shards) if i % dims.dp == dims.dp_rank and s.name in names]
+        # the worker's ranks must run the same shards (another worker may finish one in between reads)
+        agreed = [[s.name for s in mine]]
+        src = dims.rank_of(dp=dims.dp_rank, tp=0, pp=dims.pp - 1)
+        if world > 1:
+            dist.broadcast_object_list(agreed, src=src, group=dims.group("mp"))
+        mine = [s for s in manifest.shards if s.name in agreed[0]]
     done = []
-    if mine:
-        teacher = load_teacher(job)
-        for shard in mine:
-            done.append(score_shard(job, manifest, shard, teacher))
-            log.info("scored %s (%d samples)", shard.name, done[-1].samples)
+    for shard in mine:
+        info = score_shard(job, manifest, shard, teacher)
+        if info is not None:
+            done.append(info)
+            log.info("scored %s (%d samples)", shard.name, info.samples)
     return done
+

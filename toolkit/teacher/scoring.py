@@ -54,18 +54,27 @@ class TeacherPrompt:
 
 
 class Teacher:
-    """Scores pairs with a causal LM (`model`: an HF *ForCausalLM, its tokenizer alongside)."""
+    """Scores pairs with a causal LM (`model`: an HF *ForCausalLM, its tokenizer alongside).
+
+    `writes`: whether this process writes the scores (every HF teacher does; of a model-parallel
+    teacher's ranks, one)."""
+
+    writes = True
 
     def __init__(self, model: nn.Module, tokenizer, prompt: TeacherPrompt | None = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
+        self.model = model.eval()
+        self._read_prompt(tokenizer, prompt)
+        head = model.get_output_embeddings().weight
+        self._direction = (head[self.yes_id] - head[self.no_id]).detach()  # z_yes - z_no = h . direction
+
+    def _read_prompt(self, tokenizer, prompt: TeacherPrompt | None) -> None:
+        self.tokenizer = tokenizer
         self.prompt = prompt or TeacherPrompt()
         self.use_chat = self.prompt.chat and getattr(tokenizer, "chat_template", None) is not None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.yes_id, self.no_id = (self._answer_token(w, f"teacher.{k}") for k, w in
                                    (("yes", self.prompt.yes), ("no", self.prompt.no)))
-        head = model.get_output_embeddings().weight
-        self._direction = (head[self.yes_id] - head[self.no_id]).detach()  # z_yes - z_no = h . direction
 
     def _answer_token(self, word: str, field: str) -> int:
         """The single token the answer starts with, as it follows the prompt (a leading space without chat)."""
@@ -115,23 +124,27 @@ class Teacher:
         flags = [symmetric] * len(queries) if isinstance(symmetric, bool) else list(symmetric)
         prompts = [self.render(q, p, s) for q, p, s in zip(queries, passages, flags)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
+        chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        lasts = self.last_hidden([_left_pad([prompts[i] for i in idx], self.tokenizer.pad_token_id) for idx in chunks])
         scores = torch.empty(len(prompts))
-        feats: Tensor | None = None
-        device = next(self.model.parameters()).device
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = _left_pad([prompts[i] for i in idx], self.tokenizer.pad_token_id)
-            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # a left-padded row starts at position 0
-            out = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                           position_ids=positions.to(device), use_cache=False)
-            last = out.last_hidden_state[:, -1].float()
-            diff = last @ self._direction.float().to(device)
-            scores[idx] = torch.sigmoid(diff / self.prompt.temperature).cpu()
-            if features:
-                if feats is None:
-                    feats = torch.empty(len(prompts), last.shape[1])
+        feats = torch.empty(len(prompts), lasts[0].shape[1]) if features and lasts else None
+        direction = self._direction.float()
+        for idx, last in zip(chunks, lasts):
+            scores[idx] = torch.sigmoid(last @ direction.to(last.device) / self.prompt.temperature).cpu()
+            if feats is not None:
                 feats[idx] = last.cpu()
         return scores, feats
+
+    def last_hidden(self, batches: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """The last position's final hidden state [b, h] (float32) of each left-padded (ids, mask) batch."""
+        device = next(self.model.parameters()).device
+        out = []
+        for ids, mask in batches:
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)  # a left-padded row starts at position 0
+            hidden = self.model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                              position_ids=positions.to(device), use_cache=False).last_hidden_state
+            out.append(hidden[:, -1].float())
+        return out
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -43,12 +43,14 @@ from toolkit.engines.base import (
     stage_attention_dropout,
 )
 from toolkit.engines.megatron import checkpoint as mckpt
+from toolkit.engines.megatron import micro_batches
 from toolkit.engines.megatron.async_save import MegatronAsyncSave
-from toolkit.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from toolkit.engines.megatron.convert import megatron_to_hf
 from toolkit.engines.megatron.dist_optimizer import DistributedOptimizer
 from toolkit.engines.megatron.hf_export import StageWeights, export_encoder_folder
+from toolkit.engines.megatron.inference import load_stage_weights
 from toolkit.engines.megatron.lora import MegatronLora
-from toolkit.engines.megatron.model import build_backbone, padding_mask, transformer_config
+from toolkit.engines.megatron.model import build_backbone, transformer_config
 from toolkit.engines.megatron.validate import validate
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.arch import ModelArgs
@@ -128,18 +130,8 @@ class MegatronEngine(Engine):
         return torch.device("meta") if self.device.type == "meta" else contextlib.nullcontext()
 
     def load_hf_weights(self, hf, *, include_head: bool = True, source: str = "HF weights") -> None:
-        dims = self.dims
-        state = hf_to_megatron(hf, self.arch, tp=dims.tp, tp_rank=dims.tp_rank, pp=dims.pp, pp_rank=dims.pp_rank,
-                               include_head=include_head, source=source, **self._stage_split)
-        own = self.model.state_dict()
-        skip = ("_extra_state",) if include_head else ("_extra_state", "output_layer.weight")
-        missing = sorted(k for k in own if k not in state and not k.endswith(skip))
-        if missing:
-            raise KeyError(f"megatron model expects tensors the conversion did not produce: {missing[:4]}")
-        for name, value in state.items():
-            if own[name].shape != value.shape:
-                raise ValueError(f"{name}: converted shape {tuple(value.shape)} != model shape {tuple(own[name].shape)}")
-        self.model.load_state_dict(state, strict=False)
+        load_stage_weights(self.model, hf, self.arch, self.dims, include_head=include_head, source=source,
+                           **self._stage_split)
 
     def hf_state_dict(self, grads: bool = False) -> dict[str, Tensor] | None:
         """The full HF-layout weights (or gradients) gathered on rank 0 (None elsewhere): a whole-model
@@ -302,22 +294,25 @@ class MegatronEngine(Engine):
                 b = self.step_obj.prepare(samples)
                 masked = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                 size = self.cfg.parallel.micro_batch_size or b["input_ids"].shape[0]
-                for i in range(0, b["input_ids"].shape[0], size):
-                    chunk = {k: v[i : i + size] for k, v in b.items()}
-                    chunk["scale"] = 1.0 / (accum * max(masked, 1))
-                    out.append(chunk)
+                out += micro_batches.mntp_chunks(b, size=size, scale=1.0 / (accum * max(masked, 1)))
             else:
                 groups, loss_fn = self.step_obj.prepare(samples)
-                out.append({**_concat_groups(groups), "loss_fn": loss_fn, "scale": 1.0 / accum})
-        return [_pad_to_multiple(mb, self._length_multiple) for mb in out]
+                out.append({**micro_batches.concat_groups(groups), "loss_fn": loss_fn, "scale": 1.0 / accum})
+        return [self._finish(m) for m in out]
+
+    def _finish(self, micro_batch: dict) -> dict:
+        return micro_batches.finish(micro_batch, multiple=self._length_multiple, pack=self.stage.data.pack)
 
     def _forward_step(self, data_iterator, model):
-        mb = next(data_iterator)
-        ids, am = mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device)
+        micro_batch = next(data_iterator)
+        ids = micro_batches.model_ids(micro_batch).to(self.device)
+        mask = micro_batches.attention_mask(micro_batch).to(self.device)
+        # megatron's RoPE numbers the slots 0..T-1: a packed text at an offset keeps its relative
+        # positions, and attention within a text sees only those
         positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0).expand_as(ids)
         with autocast(self.stage.precision, self.device):
-            output = model(ids if self.dims.is_first_stage else None, positions, padding_mask(am))
-        return output, functools.partial(self._loss, mb)
+            output = model(ids if self.dims.is_first_stage else None, positions, mask)
+        return output, functools.partial(self._loss, micro_batch)
 
     def _loss(self, mb: dict, output: Tensor, non_loss_data: bool = False):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -327,6 +322,8 @@ class MegatronEngine(Engine):
 
             output = gather_from_sequence_parallel_region(output, tensor_parallel_output_grad=False)
         hidden = output.transpose(0, 1)  # [b, s, h]
+        if "packed" in mb:
+            hidden = mb["packed"].unpack(hidden)
         if self.kind == "mntp":
             targets = mb["labels"][:, 1:].to(self.device)
             selected = targets != IGNORE_INDEX
@@ -365,8 +362,8 @@ class MegatronEngine(Engine):
 
         return get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=iter(mbs), model=self.model,
-            num_microbatches=len(mbs), seq_length=max(mb["input_ids"].shape[1] for mb in mbs),
-            micro_batch_size=mbs[0]["input_ids"].shape[0], forward_only=forward_only,
+            num_microbatches=len(mbs), seq_length=max(micro_batches.model_ids(m).shape[1] for m in mbs),
+            micro_batch_size=micro_batches.model_ids(mbs[0]).shape[0], forward_only=forward_only,
             collect_non_loss_data=forward_only,
         )
 
@@ -454,7 +451,7 @@ class MegatronEngine(Engine):
         for role, g in enumerate(groups):
             for i in range(0, g["input_ids"].shape[0], size):
                 chunk = {k: g[k][i : i + size] for k in ("input_ids", "attention_mask", "embed_mask")}
-                chunks.append(_pad_to_multiple(chunk, self._length_multiple))
+                chunks.append(self._finish(chunk))
                 roles.append(role)
         tokens = sum(int(c["attention_mask"].sum()) for c in chunks)
         rng = _rng_snapshot()
@@ -600,29 +597,3 @@ def _rng_restore(state: tuple) -> None:
     default, tracker = state
     set_rng_state(default)
     get_cuda_rng_tracker().set_states(dict(tracker))
-
-
-def _pad_to_multiple(mb: dict, multiple: int) -> dict:
-    """Right-pad a micro-batch's token tensors so the sequence length divides by `multiple`."""
-    length = mb["input_ids"].shape[1]
-    extra = -length % multiple
-    if not extra:
-        return mb
-    fill = {"labels": IGNORE_INDEX}
-    return {k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0))
-            if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == length else v for k, v in mb.items()}
-
-
-def _concat_groups(groups: list[dict]) -> dict:
-    """Role groups (each [n_g, s_g]) as one right-padded micro-batch [sum n_g, max s_g] + group sizes."""
-    longest = max(g["input_ids"].shape[1] for g in groups)
-
-    def pad(t: Tensor, value: int) -> Tensor:
-        return torch.nn.functional.pad(t, (0, longest - t.shape[1]), value=value)
-
-    return {
-        "input_ids": torch.cat([pad(g["input_ids"], 0) for g in groups]),
-        "attention_mask": torch.cat([pad(g["attention_mask"], 0) for g in groups]),
-        "embed_mask": torch.cat([pad(g["embed_mask"], 0) for g in groups]),
-        "sizes": [g["input_ids"].shape[0] for g in groups],
-    }

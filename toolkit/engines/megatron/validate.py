@@ -36,8 +36,16 @@ def validate(cfg: RunConfig, args: ModelArgs | None) -> None:
 
 
 def validate_model(cfg: RunConfig, args: ModelArgs) -> None:
-    """What the megatron layer spec builds: no other biases than Qwen2's q/k/v, default or llama3 rope,
-    full (not windowed) attention, and a TP x PP split of these shapes (even or uneven stages)."""
+    """What the megatron layer spec builds (`validate_architecture`), and a TP x PP split of these
+    shapes (even or uneven stages)."""
+    validate_architecture(args, cfg.model.max_length)
+    par = cfg.parallel
+    args.check_parallel(par.tp, par.pp, par.first_stage_layers, par.last_stage_layers)
+
+
+def validate_architecture(args: ModelArgs, max_length: int) -> None:
+    """No other biases than Qwen2's q/k/v, default or llama3 rope, full (not windowed) attention over
+    `max_length` tokens (0: not checked)."""
     if args.mlp_bias or (args.attention_bias and args.model_type != "qwen2"):
         raise ConfigError(f"engine=megatron: model_type={args.model_type!r} with attention_bias / mlp_bias: biases "
                           "other than Qwen2's q/k/v bias are not supported")
@@ -48,8 +56,6 @@ def validate_model(cfg: RunConfig, args: ModelArgs) -> None:
     if off:
         raise ConfigError(f"engine=megatron: llama3 rope scaling with {off} differs from megatron-core's fixed "
                           f"{MEGATRON_LLAMA3}; the positions would silently differ from the HF model")
-    if args.sliding_window and args.sliding_window < cfg.model.max_length:
+    if args.sliding_window and args.sliding_window < max_length:
         raise ConfigError(f"engine=megatron: sliding_window={args.sliding_window} < model.max_length="
-                          f"{cfg.model.max_length}; lower model.max_length (attention here is full, not windowed)")
-    par = cfg.parallel
-    args.check_parallel(par.tp, par.pp, par.first_stage_layers, par.last_stage_layers)
+                          f"{max_length}; lower model.max_length (attention here is full, not windowed)")
