@@ -52,20 +52,24 @@ def run_worker(impl: str, workload: str, model_dir: Path, data: Path, args) -> d
     return json.loads(lines[-1])
 
 
-def gemm_peak_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """This CPU's fp32 GEMM peak at `threads` threads, measured: the best of `repeats` n x n matmuls
-    (MFU's denominator; a vendor's nominal peak would hide what torch can reach here)."""
+def gemm_peak_flops(threads: int, n: int = 2048, repeats: int = 10, device: str = "cpu", dtype: str = "float32") -> float:
+    """This machine's GEMM peak (fp32 on CPU at `threads` threads; e.g. bf16 on a GPU), measured: the
+    best of `repeats` n x n matmuls (MFU's denominator; a vendor's nominal peak would hide what torch
+    can reach here)."""
     import time
 
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up: thread pool, caches
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b  # warm-up: thread pool, caches, kernel selection
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
