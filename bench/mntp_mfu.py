@@ -79,7 +79,9 @@ def main() -> None:
             m = packed.attention_mask(args.attn, dtype)
             out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=m)
             hidden = packed.unpack(out.last_hidden_state)
-            rows = [(packed.input_ids.shape[0], packed.input_ids.shape[1])]
+            # the varlen kernel attends within each text (sum of L^2); a block mask still computes T^2 per row
+            rows = ([(1, int(n)) for n in lengths] if m is None
+                    else [(packed.input_ids.shape[0], packed.input_ids.shape[1])])
         else:
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
             rows = [(b, s)]

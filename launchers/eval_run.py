@@ -5,7 +5,9 @@
 
 Results are mteb's ResultCache files under --cache (one folder per model and checkpoint), so rerunning
 computes only what is missing. Under torchrun (WORLD_SIZE > 1) every rank runs the same command and
-encoding is sharded across the ranks; rank 0 prints and writes.
+encoding is sharded across the ranks; rank 0 prints and writes. With --tp / --pp each group of
+tp x pp ranks holds one encoder as megatron stages (a model no single device holds) and the texts
+are sharded over the groups.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, metavar="DIR", help="mteb result cache (default: $EMBEDFORGE_CACHE/mteb-results)")
     p.add_argument("--instructions", default=None, metavar="FILE", help="JSON task -> instruction overrides")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model (megatron stages; torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages per model (megatron stages; torchrun)")
     p.add_argument("--overwrite", default="only-missing", choices=["only-missing", "always", "never", "only-cache"])
     p.add_argument("--output", default=None, metavar="FILE", help="results JSON (default: <cache>/eval_run.json)")
     p.set_defaults(func=run)
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     task_info = [{"name": t.metadata.name, "type": t.metadata.type, "main_score": t.metadata.main_score} for t in tasks]
     rows = []
     for spec in args.models:
-        model = load_model(spec, instructions=instructions, batch_size=args.batch_size, device=device)
+        model = load_model(spec, instructions=instructions, batch_size=args.batch_size, device=device, tp=args.tp,
+                           pp=args.pp)
         t0 = time.perf_counter()
         scores = evaluate(model, tasks, cache, args.overwrite, batch_size=args.batch_size)
         meta = model.mteb_model_meta

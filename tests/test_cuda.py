@@ -1,6 +1,7 @@
 """What needs a GPU (skipped without CUDA; run by bench/gpu_check.sh on a GPU machine).
 
-- SDPA core attention on CUDA (flash / memory-efficient kernels) == megatron's unfused attention;
+- SDPA core attention on CUDA == megatron's unfused attention (fp32), and in bf16 on the
+  memory-efficient kernel alone (a fallback to the math kernel fails);
 - packed == padded on CUDA for the HF backbone with sdpa and, when flash-attn is installed, with
   flash-attn's varlen non-causal kernel (bf16: within bf16 rounding of the padded fp32 reference);
 - one hf-engine training step on `device: cuda` in bf16 equals the CPU fp32 step's loss within bf16
@@ -79,7 +80,15 @@ def test_sdpa_core_attention_on_cuda_equals_unfused():
         keep = torch.arange(33, device="cuda")[None, :] < torch.tensor([33, 20, 7], device="cuda")[:, None]
         mask = ~keep[:, None, None, :]
         rows = keep.T[:, :, None]
-        torch.testing.assert_close(sdpa(q, k, v, mask) * rows, reference(q, k, v, mask) * rows, atol=1e-5, rtol=1e-5)
+        want = reference(q, k, v, mask) * rows
+        torch.testing.assert_close(sdpa(q, k, v, mask) * rows, want, atol=1e-5, rtol=1e-5)
+        # bf16 on the memory-efficient kernel only: a silent fallback to the math kernel (s x s scores)
+        # fails here instead of passing
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            got = sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).float() * rows
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

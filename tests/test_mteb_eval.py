@@ -273,13 +273,13 @@ def test_minilm_baseline_through_mteb(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data parallel
-def _rank_main(rank: int, world: int, port: int, folder: str, out: str, cache: str) -> None:
+def _rank_main(rank: int, world: int, port: int, folder: str, out: str, cache: str, tp: int = 1) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = load_model(folder, batch_size=4)
+        model = load_model(folder, batch_size=4, tp=tp)
         many = model.encode_texts(TEXTS, instruction="find the dog")
         few = model.encode_texts(["only one text"])  # fewer texts than ranks: one rank encodes nothing
         score = evaluate(model, select_tasks([SAME_SENSE]), cache)[SAME_SENSE]
@@ -289,12 +289,15 @@ def _rank_main(rank: int, world: int, port: int, folder: str, out: str, cache: s
 
 
 @pytest.mark.slow
-def test_two_rank_sharded_encoding_equals_one_rank(encoder_dir, tmp_path):
+@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["dp2", "dp2-tp2"])
+def test_sharded_encoding_equals_one_rank(encoder_dir, tmp_path, world, tp):
+    """Texts sharded over 2 data-parallel ranks, or over 2 groups of 2 ranks that each hold the encoder
+    as megatron TP2 stages (`MegatronEncoder`): embeddings and task score as one process."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, free_port(), str(encoder_dir), str(tmp_path), str(tmp_path / "dp-cache")),
-             nprocs=2, join=True)
-    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    mp.spawn(_rank_main, args=(world, free_port(), str(encoder_dir), str(tmp_path), str(tmp_path / "dp-cache"), tp),
+             nprocs=world, join=True)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(world)]
     single = load_model(str(encoder_dir), batch_size=4)
     want_many = single.encode_texts(TEXTS, instruction="find the dog")
     want_few = single.encode_texts(["only one text"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import CORPUS
-from toolkit.config import config_from_dict
+from toolkit.config import ConfigError, config_from_dict
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.spec import build_engine
 from toolkit.models.packing import pack_batch, pack_for_backbone
@@ -84,6 +84,18 @@ def test_packing_keeps_each_text_apart_and_computes_fewer_slots():
     torch.testing.assert_close(flat.unpack(flat.input_ids[..., None].float())[..., 0], (ids * mask).float())
     additive = packed.attention_mask("eager", torch.float32)
     assert bool(((additive == 0) == same).all())
+
+
+def test_packing_a_sliding_window_model_is_refused(tmp_path):
+    """sdpa / eager take the packed block mask as it is: a window shorter than the texts would be lost."""
+    from tests.helpers import save_tiny_decoder
+
+    model_dir = save_tiny_decoder(tmp_path / "mistral", "mistral", sliding_window=8)
+    cfg = recipe(model_dir, "mntp", "sdpa", pack=True)
+    engine = build_engine(cfg, ParallelDims.from_config(cfg.parallel, 1, 0))
+    engine.build(add_mask_token=False)
+    with pytest.raises(ConfigError, match=r"stages.mntp.data.pack=true: this model's sliding_window=8 < data.max_length=40"):
+        engine.begin_stage(0, cfg.stages[0], data_kind="text", generator=torch.Generator())
 
 
 # ---------------------------------------------------------------------------------------------- megatron

@@ -51,6 +51,7 @@ class Layout:
     sequence_parallel: bool = False
     recompute: str = "none"  # none | selective | full
     scores_materialized: bool = False  # unfused attention without recompute keeps the a*s*s scores
+    kv_repeated: bool = False  # K / V kept query-wide (megatron's masked SDPA on GPU repeats them)
     act_bytes: int = 2  # 2 = bf16 activations, 4 = fp32
     full_ft: bool = False  # every weight trainable (its linear keeps its input for the weight grad)
     lora_targets: tuple[str, ...] = ()
@@ -94,7 +95,7 @@ def layer_activation_bytes(arch: ModelArgs, lay: Layout, tokens: int, seq: int, 
     out = {"norms": 2 * e * tokens * h / rep}
     if keeps_input(("q_proj", "k_proj", "v_proj")):
         out["qkv input"] = e * tokens * h / rep
-    kv_saved = q if scores else kv
+    kv_saved = q if scores or lay.kv_repeated else kv
     out["q, k, v, attention output"] = e * tokens * (2 * q + 2 * kv_saved) / t
     if scores:
         drop = (1 + e) if lay.attention_dropout > 0 else 0
@@ -195,6 +196,7 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
         cfg.model.attention_dropout if cfg.model.attention_dropout is not None else arch.attention_dropout)
     lay = Layout(tp=tp, sequence_parallel=cfg.parallel.sequence_parallel, recompute=recompute,
                  scores_materialized=traits.scores_materialized or cfg.model.attn_implementation == "eager",
+                 kv_repeated=traits.kv_repeated,
                  act_bytes=2 if stage.precision == "bf16" else 4, full_ft=not lora.enabled,
                  lora_targets=tuple(lora.target_modules) if lora.enabled else (), lora_r=lora.r,
                  lora_dropout=lora.dropout, attention_dropout=attn_drop)

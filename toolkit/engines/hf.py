@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from toolkit.checkpoint.integrity import load_torch
-from toolkit.config import RunConfig, StageConfig
+from toolkit.config import ConfigError, RunConfig, StageConfig
 from toolkit.distributed.device import resolve_device
 from toolkit.distributed.gather import make_gather
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, any_rank, nonfinite, stage_attention_dropout
@@ -89,6 +89,12 @@ class HFEngine(Engine):
 
     def _build_step(self, stage: StageConfig, data_kind: str, generator: torch.Generator) -> None:
         self.encoder.pack = stage.data.pack
+        config = self.encoder.backbone.config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if stage.data.pack and window and window < stage.data.max_length:
+            raise ConfigError(f"stages.{stage.name}.data.pack=true: this model's sliding_window={window} < "
+                              f"data.max_length={stage.data.max_length}; the packed block mask would drop the "
+                              "window: set data.pack=false or data.max_length <= the window")
         gather = make_gather(self.dims.dp_group) if self.dims.dp > 1 else None
         self.step_fn = build_step(stage, self.encoder, self.lm_head, generator, gather, data_kind=data_kind)
 

@@ -36,6 +36,7 @@ class PlannerTraits:
     pipeline_micro_batches: bool = False  # parallel.micro_batch_size splits a step's batch (pipeline schedule)
     honours_recompute: bool = False  # parallel.recompute selects activation recomputation
     scores_materialized: bool = False  # attention keeps the [b*heads, s, s] scores (unfused core attention)
+    kv_repeated: bool = False  # attention keeps K / V repeated to every query head (GQA), on GPU
     distributed_optimizer: bool = False  # optimizer states sharded over DP (megatron's DistributedOptimizer)
     bf16_keeps_bf16_weights: bool = False  # precision bf16 = bf16 weights (trainable too) + fp32 masters
     partition: Partition | None = None  # ZeRO-style sharding of weights / grads / optimizer over DP

@@ -24,7 +24,10 @@ from mteb.cache import ResultCache
 from mteb.models.model_meta import ScoringFunction
 
 from toolkit.assets import cache_dir, minilm_dir
+from toolkit.config import ParallelConfig
+from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.export import consolidate
+from toolkit.engines.megatron.encoder import MegatronEncoder
 from toolkit.errors import InputError, MissingPathError
 from toolkit.eval.mteb_model import (
     EmbedforgeModel,
@@ -152,9 +155,14 @@ def consolidated_folder(step_dir: Path, work_dir: Path | None = None) -> Path:
 
 
 def load_model(spec: str, *, instructions: Instructions | str | Path | None = None, batch_size: int = 32,
-               work_dir: Path | None = None, device: str = "cpu") -> EmbedforgeModel:
-    """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily."""
+               work_dir: Path | None = None, device: str = "cpu", tp: int = 1, pp: int = 1) -> EmbedforgeModel:
+    """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily.
+
+    `tp` x `pp` > 1 (an encoder folder, every rank of the process group calling this alike): each
+    group of tp x pp ranks holds the backbone as megatron stages (`MegatronEncoder`) and the texts
+    are sharded over the groups."""
     table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)
+    dims = _model_parallel_dims(spec, tp, pp)
     if spec == MINILM:
         def load_minilm():
             from sentence_transformers import SentenceTransformer
@@ -175,11 +183,32 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
     student = folder is not None and json.loads((folder / SPEC_FILE).read_text()).get("iem_hidden", 0) > 0
 
     def load_encoder():
+        if dims is not None:
+            if folder is None:
+                raise InputError(f"{spec}: --tp / --pp evaluate encoder folders; export the checkpoint first "
+                                 "(`embedforge export`), which writes its stages' shards without one process holding it")
+            return encoder_backend(MegatronEncoder(folder, dims))
         return encoder_backend(Encoder.from_pretrained(folder or consolidated_folder(path, work_dir), device=device))
 
     meta = make_meta(name, revision, instructions=table, similarity=None if student else ScoringFunction.COSINE,
                      loader=mteb_loader, loader_kwargs={"spec": str(path.resolve())})
-    return EmbedforgeModel(load_encoder, meta, table, batch_size)
+    return EmbedforgeModel(load_encoder, meta, table, batch_size, group=dims.dp_group if dims else None)
+
+
+def _model_parallel_dims(spec: str, tp: int, pp: int) -> ParallelDims | None:
+    """The rank layout of a model-parallel evaluation (None for one process per model)."""
+    if tp < 1 or pp < 1:
+        raise InputError(f"--tp {tp} / --pp {pp}: must be >= 1")
+    if tp * pp == 1:
+        return None
+    if spec == MINILM:
+        raise InputError("--tp / --pp: the MiniLM baseline runs in one process; evaluate it without them")
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world % (tp * pp):
+        raise InputError(f"--tp {tp} x --pp {pp} does not divide the {world} ranks (run under torchrun)")
+    return ParallelDims.from_config(ParallelConfig(tp=tp, pp=pp), world, dist.get_rank() if world > 1 else 0)
 
 
 def mteb_loader(model_name: str, revision: str | None = None, *, spec: str, **kwargs: Any) -> EmbedforgeModel:

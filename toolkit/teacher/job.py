@@ -20,6 +20,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from data_pipelines.manifest import Manifest, ShardInfo, load_manifest, sha256_file
@@ -123,6 +124,9 @@ def load_teacher(job: ScoreJob, dims: ParallelDims | None = None):
     path = resolve_model_path(job.model)
     device = resolve_device(job.device, field="teacher --device")  # before any weight is read
     if dims is not None:
+        if device.type == "cpu" and torch.cuda.is_available():
+            raise InputError("teacher score --device cpu with --tp / --pp: the megatron stages run on the GPUs "
+                             "when CUDA is present; use --device auto")
         forward = MegatronForward(path, dims, dtype=DTYPES[job.dtype], include_head=True, max_length=job.prompt.max_length)
         return MegatronTeacher(forward, AutoTokenizer.from_pretrained(path), job.prompt)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype]).to(device)

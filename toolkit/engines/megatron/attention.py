@@ -2,8 +2,10 @@
 
 megatron-core's local `DotProductAttention` materialises the `[b * heads, s, s]` scores (and keeps
 them for backward) and repeats K / V to every query head; Transformer Engine's fused attention is
-not installed here. SDPA picks flash / memory-efficient kernels on GPUs and the fused CPU kernel on
-CPU, takes grouped K / V as they are (`enable_gqa`), and keeps only log-sum-exp rows for backward.
+not installed here. SDPA picks the memory-efficient kernel on GPUs (flash takes no mask) and the
+fused CPU kernel on CPU, and keeps only log-sum-exp rows for backward. The CPU kernel takes grouped
+K / V as they are (`enable_gqa`); on CUDA they are repeated to every query head, as megatron does,
+because the masked GPU kernel has no grouped form (the planner counts them query-wide).
 The module subclasses megatron's, so its per-partition sizes, softmax scale and dropout
 probability are megatron's own; only the forward differs.
 """
@@ -33,15 +35,20 @@ class SDPACoreAttention(DotProductAttention):
         allowed = None
         if attention_mask is not None:  # megatron's mask: True = masked; SDPA's boolean mask: True = attend
             allowed = ~attention_mask
-            # a row with no visible key (an all-padding sample) attends everywhere, as megatron's
-            # finite fill value makes it do, instead of becoming NaN
+            # a row with no visible key (an all-padding sample) attends to every key instead of
+            # becoming NaN (finite and never read, as megatron's fill value makes it)
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        if groups > 1 and allowed is not None and q.is_cuda:
+            # CUDA's memory-efficient kernel (the one that takes a mask) has no grouped K / V, and
+            # enable_gqa would fall back to the math kernel's s x s scores: repeat them instead
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            groups = 1
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         dropout = self.attention_dropout.p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 and not self.config.sequence_parallel
                else contextlib.nullcontext())
         with rng:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
-                enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scale,
+                                                 enable_gqa=groups > 1)
         return out.permute(2, 0, 1, 3).reshape(s, b, self.hidden_size_per_partition)

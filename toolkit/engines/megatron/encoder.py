@@ -22,7 +22,7 @@ from toolkit.engines.megatron.inference import MegatronForward
 from toolkit.engines.megatron.model import padding_mask
 from toolkit.errors import CheckpointError
 from toolkit.models.encoder import Encoder, check_safetensors
-from toolkit.models.folder import SPEC_FILE, load_pooling_weights, load_spec
+from toolkit.models.folder import SPEC_FILE, load_iem_weights, load_pooling_weights, load_spec
 from toolkit.models.pooling import Pooling
 
 BATCHES_PER_SCHEDULE = 32  # micro-batches per pipeline schedule (the stages overlap within one)
@@ -42,6 +42,8 @@ class MegatronEncoder(Encoder):
         load_pooling_weights(pooling, folder, required=True)
         super().__init__(None, AutoTokenizer.from_pretrained(folder), pooling.to(forward.device), spec)
         self.forward_stages = forward
+        if self.iem is not None:  # a D2LLM student: its pair scorer, as Encoder.from_pretrained loads it
+            load_iem_weights(self, folder)
         self.writes = dims.is_last_stage and dims.tp_rank == 0  # of the group's ranks, the one that writes
 
     @property
