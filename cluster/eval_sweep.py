@@ -18,13 +18,15 @@ JobRunner = Callable[[SweepJob], list[ResultRow]]
 
 
 def run_ray(jobs: list[SweepJob], run_job: JobRunner, *, address: str | None = None, cpus_per_job: float = 1.0,
-            max_retries: int = 2) -> list[ResultRow]:
+            gpus_per_job: float = 0.0, max_retries: int = 2) -> list[ResultRow]:
     """Run every job as a Ray task; rows in job order. `address` as in `ray_session` (a cluster
-    joined must see the cache folder on its nodes)."""
+    joined must see the cache folder on its nodes). A task given GPUs sees only them (Ray sets
+    CUDA_VISIBLE_DEVICES): `--device auto` is its cuda:0."""
     import ray
 
-    with ray_session(address, cpus_per_job):
-        task = ray.remote(num_cpus=cpus_per_job, max_retries=max_retries, retry_exceptions=True)(_run_one)
+    with ray_session(address, cpus_per_job, gpus_per_job):
+        task = ray.remote(num_cpus=cpus_per_job, num_gpus=gpus_per_job, max_retries=max_retries,
+                          retry_exceptions=True)(_run_one)
         refs = [task.remote(run_job, job) for job in jobs]
         rows: list[ResultRow] = []
         for job, ref in zip(jobs, refs):

@@ -45,7 +45,7 @@ def run_ray(job: ScoreJob, *, address: str | None = None, workers: int = 2, cpus
     manifest, pending = pending_shards(job)
     summary = {"pending": len(pending), "scored": [], "manifest": None}
     if pending:
-        with ray_session(address, cpus_per_worker):
+        with ray_session(address, cpus_per_worker, gpus_per_worker):
             scorer = _scorer_class(ray)
             actors = [scorer.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker).remote(job) for _ in range(min(workers, len(pending)))]
             pool = ray.util.ActorPool(actors)

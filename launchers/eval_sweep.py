@@ -40,6 +40,9 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="run jobs as Ray tasks: local, auto or HOST:PORT")
     s.add_argument("--cpus-per-job", type=float, default=1.0)
+    s.add_argument("--gpus-per-job", type=float, default=0.0,
+                   help="GPUs each Ray task / SLURM array task requests (SLURM: a whole number; default 0)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda, resolved where each job runs (default: auto)")
     s.add_argument("--slurm", action="store_true", help="submit the jobs as a SLURM array (+ a report job)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default=None)
@@ -87,7 +90,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
         write_jobs(jobs, output / "jobs.json")
     runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size,
-                               cache_only=args.report_only)
+                               cache_only=args.report_only, device=args.device)
     if args.job_index is not None:  # one SLURM array task
         if not 0 <= args.job_index < len(jobs):
             raise InputError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
@@ -99,7 +102,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.ray:
         from cluster.eval_sweep import run_ray
 
-        rows = run_ray(jobs, runner, address=None if args.ray == "local" else args.ray, cpus_per_job=args.cpus_per_job)
+        rows = run_ray(jobs, runner, address=None if args.ray == "local" else args.ray, cpus_per_job=args.cpus_per_job,
+                       gpus_per_job=args.gpus_per_job)
     else:
         rows = [row for job in jobs for row in runner(job)]
     if not rows:
@@ -118,10 +122,14 @@ def _submit_array(args: argparse.Namespace, n_jobs: int, output: Path, cache: Pa
     from launchers.slurm import submit_array
 
     common = ["--jobs-file", str(output / "jobs.json"), "--output", str(output), "--cache", str(cache),
-              "--batch-size", str(args.batch_size)] + (["--instructions", args.instructions] if args.instructions else [])
+              "--batch-size", str(args.batch_size), "--device", args.device] + (
+        ["--instructions", args.instructions] if args.instructions else [])
+    if args.gpus_per_job != int(args.gpus_per_job):
+        raise InputError(f"--gpus-per-job {args.gpus_per_job:g}: a SLURM array task takes whole GPUs")
     base = [sys.executable, "-m", "launchers.cli", "eval", "sweep", *common]
     ids = submit_array(name="ef-eval-sweep", n_tasks=n_jobs, task_command=[*base, "--job-index"],
                        report_command=[*base, "--report-only"], log_dir=output / "slurm", cpus=max(1, int(args.cpus_per_job)),
+                       gpus=int(args.gpus_per_job),
                        partition=args.partition, time=args.time, account=args.account, max_parallel=args.max_parallel)
     print(f"submitted array {ids[0]} ({n_jobs} jobs) and report job {ids[1]}; report in {output} "
           f"(rerun: {shlex.join(base)})")

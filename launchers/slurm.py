@@ -221,33 +221,39 @@ def submit(job: SlurmJob) -> list[str]:
 
 
 def submit_array(*, name: str, n_tasks: int, task_command: list[str], report_command: list[str], log_dir: Path,
-                 cpus: int = 1, partition: str | None = None, time: str | None = None, account: str | None = None,
-                 max_parallel: int = 0) -> tuple[str, str]:
-    """A job array whose task i runs `task_command i`, and a report job after all of them ended
-    (`afterany`: a failed task leaves a gap in the report, not a report that never comes)."""
+                 cpus: int = 1, gpus: int = 0, partition: str | None = None, time: str | None = None,
+                 account: str | None = None, max_parallel: int = 0) -> tuple[str, str]:
+    """A job array whose task i runs `task_command i` (with `gpus` GPUs each), and a report job after
+    all of them ended (`afterany`: a failed task leaves a gap in the report, not a report that never comes)."""
     check_sbatch_values(job_name=name, partition=partition, account=account, time=time, log_dir=log_dir)
     if n_tasks < 1:
         raise SubmitError("the sweep has no jobs")
-
-    def script(array: str | None, command: str) -> str:
-        lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={cpus}",
-                 f"#SBATCH --output={log_dir}/%x-%A_%a.out" if array else f"#SBATCH --output={log_dir}/%x-report-%j.out"]
-        lines += _placement(partition, time, account)
-        if array:
-            lines.append(f"#SBATCH --array={array}")
-        lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
-                  f"export OMP_NUM_THREADS={cpus} TOKENIZERS_PARALLELISM=false", command]
-        return "\n".join(lines) + "\n"
-
+    placement = _placement(partition, time, account)
     array = f"0-{n_tasks - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    tasks = script(array, " ".join(shlex.quote(a) for a in task_command) + ' "$SLURM_ARRAY_TASK_ID"')
-    report = script(None, " ".join(shlex.quote(a) for a in report_command))
+    tasks = array_script(name, log_dir, placement, " ".join(shlex.quote(a) for a in task_command) +
+                         ' "$SLURM_ARRAY_TASK_ID"', cpus=cpus, gpus=gpus, array=array)
+    report = array_script(name, log_dir, placement, " ".join(shlex.quote(a) for a in report_command), cpus=cpus)
     check(name, tasks)
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / f"{name}-array.sbatch").write_text(tasks)
     (log_dir / f"{name}-report.sbatch").write_text(report)
     array_id = _sbatch(log_dir / f"{name}-array.sbatch")
     return array_id, _sbatch(log_dir / f"{name}-report.sbatch", f"--dependency=afterany:{array_id}")
+
+
+def array_script(name: str, log_dir: Path, placement: list[str], command: str, *, cpus: int, gpus: int = 0,
+                 array: str | None = None) -> str:
+    """One sweep script: an array (`array` = its index range) or the report job."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={cpus}",
+             f"#SBATCH --output={log_dir}/%x-%A_%a.out" if array else f"#SBATCH --output={log_dir}/%x-report-%j.out"]
+    if gpus:
+        lines.append(f"#SBATCH --gpus-per-task={gpus}")
+    lines += placement
+    if array:
+        lines.append(f"#SBATCH --array={array}")
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
+              f"export OMP_NUM_THREADS={cpus} TOKENIZERS_PARALLELISM=false", command]
+    return "\n".join(lines) + "\n"
 
 
 def _sbatch(path: Path, *options: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from launchers.rank import slurm_rank_env
-from launchers.slurm import SlurmJob, SubmitError, render
+from launchers.slurm import SlurmJob, SubmitError, array_script, render
 from tests.helpers import EMBEDFORGE, losses, run_config, run_embedforge
 from toolkit.config import to_dict
 from toolkit.errors import EmbedforgeError
@@ -136,3 +136,14 @@ def test_sbatch_values_reject_a_trailing_newline(tmp_path):
             render(job(tmp_path, **kw))
     with pytest.raises(SubmitError, match="log folder"):
         render(dataclasses.replace(job(tmp_path), output_dir=tmp_path / "run\n"))
+
+
+def test_sweep_array_tasks_request_their_gpus_and_the_report_job_none(tmp_path):
+    placement = ["#SBATCH --partition=gpu"]
+    tasks = array_script("ef-eval-sweep", tmp_path, placement, "python -m launchers.cli eval sweep --job-index "
+                         '"$SLURM_ARRAY_TASK_ID"', cpus=4, gpus=1, array="0-9%2")
+    report = array_script("ef-eval-sweep", tmp_path, placement, "python -m launchers.cli eval sweep --report-only", cpus=4)
+    for script in (tasks, report):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    assert "#SBATCH --gpus-per-task=1\n" in tasks and "#SBATCH --array=0-9%2\n" in tasks
+    assert "gpus" not in report and "--array" not in report and "#SBATCH --partition=gpu" in report

@@ -107,6 +107,11 @@ def test_ray_scoring_on_a_local_cluster(teacher_dir, pairs, tmp_path):
     for key in want:
         assert want[key]["scores"] == pytest.approx(got[key]["scores"], abs=1e-6)
         assert want[key]["inbatch_scores"] == pytest.approx(got[key]["inbatch_scores"], abs=1e-6)
+    # actors asking for GPUs a CPU-only cluster does not have: refused in one line, not pending forever
+    r = score(teacher_dir, pairs, tmp_path / "gpu", "--ray", "local", "--gpus-per-worker", "1",
+              env={"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    assert r.returncode != 0 and "each Ray worker asks for 1 GPU(s) but the cluster has 0" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from mteb.models.model_meta import ScoringFunction
 
 from toolkit.assets import cache_dir, minilm_dir
 from toolkit.config import ParallelConfig
+from toolkit.distributed.device import resolve_device
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.export import consolidate
 from toolkit.engines.megatron.encoder import MegatronEncoder
@@ -246,13 +247,15 @@ def evaluate(model_spec: str | EmbedforgeModel, tasks: Iterable[AbsTask], cache_
 
 
 def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None, batch_size: int = 32,
-            cache_only: bool = False) -> list[ResultRow]:
+            cache_only: bool = False, device: str = "auto") -> list[ResultRow]:
     """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
     results are all cached loads no model) and return its rows, scores x 100. `cache_only`: read
-    what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed)."""
+    what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed).
+    `device` (auto | cpu | cuda) is resolved where the job runs (a Ray task's or array task's GPU)."""
     tasks = select_tasks(list(job.tasks))
     metric = {t.metadata.name: t.metadata.main_score for t in tasks}
-    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size)  # weights load lazily
+    where = str(resolve_device(device, field="eval sweep --device"))
+    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size, device=where)  # loads lazily
     if cache_only:
         scores = evaluate(model, tasks, cache_dir, "only-cache", batch_size=batch_size, raise_error=False)
     else:

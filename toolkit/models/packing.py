@@ -62,30 +62,34 @@ def pack_batch(input_ids: Tensor, attention_mask: Tensor, max_tokens: int, multi
     `max_tokens` slots (first fit, in batch order), the row width rounded up to `multiple`
     (sequence parallelism splits it over TP ranks); a text longer than `max_tokens` is refused."""
     b, s = input_ids.shape
-    keep = attention_mask.bool()
+    keep = attention_mask.bool().cpu()  # the layout is planned on the CPU: one transfer in, one out
     lengths = keep.sum(dim=1).tolist()
     if max(lengths, default=0) > max_tokens:
         raise ValueError(f"a text of {max(lengths)} tokens does not fit a packed row of {max_tokens}")
     rows = first_fit(lengths, max_tokens)
     width = max(sum(lengths[i] for i in row) for row in rows)
     width += -width % multiple
-    device = input_ids.device
-    ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=device)
-    pos = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    seg = torch.arange(b, b + width, device=device).repeat(len(rows), 1)  # free slots: ids >= b, own each
+    tokens = keep.reshape(-1).nonzero().squeeze(1)  # flat padded-layout index of every real token, text by text
+    first = [0]
+    for n in lengths:
+        first.append(first[-1] + n)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    seg = torch.arange(b, b + width).repeat(len(rows), 1)  # free slots: ids >= b, each its own
     sources, targets = [], []
-    token_index = torch.arange(b * s, device=device).view(b, s)
     for r, row in enumerate(rows):
         start = 0
         for i in row:
             n = lengths[i]
-            ids[r, start : start + n] = input_ids[i][keep[i]]
-            pos[r, start : start + n] = torch.arange(n, device=device)
+            pos[r, start : start + n] = torch.arange(n)
             seg[r, start : start + n] = i
-            sources.append(torch.arange(r * width + start, r * width + start + n, device=device))
-            targets.append(token_index[i][keep[i]])
+            sources.append(torch.arange(r * width + start, r * width + start + n))
+            targets.append(tokens[first[i] : first[i] + n])
             start += n
-    return PackedBatch(ids, pos, seg, torch.cat(sources), torch.cat(targets), (b, s))
+    device = input_ids.device
+    source, target = torch.cat(sources).to(device), torch.cat(targets).to(device)
+    ids = torch.zeros(len(rows) * width, dtype=input_ids.dtype, device=device)
+    ids[source] = input_ids.reshape(-1)[target]
+    return PackedBatch(ids.view(len(rows), width), pos.to(device), seg.to(device), source, target, (b, s))
 
 
 def pack_for_backbone(input_ids: Tensor, attention_mask: Tensor, attn_implementation: str) -> PackedBatch:
