@@ -82,6 +82,16 @@ class ParallelDims:
         return ((pp * self.dp + dp) * self.cp) * self.tp + tp
 
     @property
+    def group_writer_rank(self) -> int:
+        """The rank of this rank's model-parallel (tp x pp) group that holds the group's outputs and
+        writes them: last pipeline stage, TP rank 0."""
+        return self.rank_of(dp=self.dp_rank, tp=0, pp=self.pp - 1)
+
+    @property
+    def is_group_writer(self) -> bool:
+        return self.rank == self.group_writer_rank
+
+    @property
     def last_stage_rank(self) -> int:
         """The rank holding this rank's (dp, tp) position on the last pipeline stage."""
         return self.rank_of(dp=self.dp_rank, tp=self.tp_rank, pp=self.pp - 1)

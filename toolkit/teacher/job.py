@@ -224,9 +224,8 @@ def run_local(job: ScoreJob, rank: int = 0, world: int = 1) -> list[ShardInfo]:
         mine = [s for i, s in enumerate(manifest.shards) if i % dims.dp == dims.dp_rank and s.name in names]
         # the worker's ranks must run the same shards (another worker may finish one in between reads)
         agreed = [[s.name for s in mine]]
-        src = dims.rank_of(dp=dims.dp_rank, tp=0, pp=dims.pp - 1)
         if world > 1:
-            dist.broadcast_object_list(agreed, src=src, group=dims.group("mp"))
+            dist.broadcast_object_list(agreed, src=dims.group_writer_rank, group=dims.group("mp"))
         mine = [s for s in manifest.shards if s.name in agreed[0]]
     done = []
     for shard in mine:

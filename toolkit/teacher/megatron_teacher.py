@@ -20,8 +20,7 @@ class MegatronTeacher(Teacher):
     def __init__(self, forward: MegatronForward, tokenizer, prompt: TeacherPrompt | None = None):
         self.forward = forward
         self._read_prompt(tokenizer, prompt)
-        d = forward.dims
-        self.writes = d.is_last_stage and d.tp_rank == 0
+        self.writes = forward.dims.is_group_writer
         rows = forward.head_rows([self.yes_id, self.no_id])  # (on the last stage; broadcast below)
         [heads] = forward.broadcast([rows] if rows is not None else None, [(2, forward.arch.hidden_size)])
         self._direction = heads[0] - heads[1]

@@ -44,7 +44,7 @@ class MegatronEncoder(Encoder):
         self.forward_stages = forward
         if self.iem is not None:  # a D2LLM student: its pair scorer, as Encoder.from_pretrained loads it
             load_iem_weights(self, folder)
-        self.writes = dims.is_last_stage and dims.tp_rank == 0  # of the group's ranks, the one that writes
+        self.writes = dims.is_group_writer  # of the group's ranks, the one that writes
 
     @property
     def device(self) -> torch.device:

@@ -73,7 +73,6 @@ class MegatronForward:
         config = transformer_config(self.arch, tp=dims.tp, pp=dims.pp, dtype=dtype)
         self.model = build_backbone(self.arch, config, pre_process=dims.is_first_stage, post_process=dims.is_last_stage,
                                     pp_rank=dims.pp_rank).to(self.device).eval()
-        self.dtype = dtype
         with HFWeights(path, prefix=weights_prefix) as weights:  # one open per file, this rank's slices only
             load_stage_weights(self.model, weights, self.arch, dims, include_head=include_head, source=str(path))
 
@@ -123,10 +122,9 @@ class MegatronForward:
         d = self.dims
         if d.tp * d.pp == 1:
             return results
-        src = d.rank_of(dp=d.dp_rank, tp=0, pp=d.pp - 1)
         sizes = [math.prod(s) for s in shapes]
         flat = torch.empty(sum(sizes), dtype=torch.float32)
-        if d.rank == src:
+        if d.is_group_writer:
             flat = torch.cat([r.detach().float().cpu().reshape(-1) for r in results]) if results else flat
-        dist.broadcast(flat, src=src, group=d.group("mp"))
+        dist.broadcast(flat, src=d.group_writer_rank, group=d.group("mp"))
         return [t.view(s) for t, s in zip(torch.split(flat, sizes), shapes)]
