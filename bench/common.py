@@ -102,3 +102,34 @@ def table(results: list[dict], peak_flops: float | None = None) -> str:
                 ratios.append(f"| {workload} | {impl} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x "
                               f"| {a['peak_rss_mb'] / b['peak_rss_mb']:.2f} |")
     return "\n".join(rows + ratios)
+
+
+# ------------------------------------------------------------------ per-process memory
+def status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+
+
+def make_model(folder: Path, layers: int, hidden: int, vocab: int, **overrides) -> Path:
+    """A random fp32 Llama (the tests' tiny tokenizer; the vocabulary rows beyond it are never used)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import build_tokenizer
+    from toolkit.models.tiny import tiny_config
+
+    tok = build_tokenizer()
+    cfg = tiny_config("llama", vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, num_hidden_layers=layers, hidden_size=hidden,
+                      intermediate_size=hidden * 11 // 4, num_attention_heads=hidden // 128,
+                      num_key_value_heads=max(hidden // 256, 2), head_dim=128, **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

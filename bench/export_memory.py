@@ -29,34 +29,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-
-
-def make_model(folder: Path, layers: int, hidden: int, vocab: int) -> Path:
-    """A random fp32 Llama (the tests' tiny tokenizer; the vocabulary rows beyond it are never used)."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.helpers import build_tokenizer
-    from toolkit.models.tiny import tiny_config
-
-    tok = build_tokenizer()
-    cfg = tiny_config("llama", vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, num_hidden_layers=layers, hidden_size=hidden,
-                      intermediate_size=hidden * 11 // 4, num_attention_heads=hidden // 128,
-                      num_key_value_heads=max(hidden // 256, 2), head_dim=128)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+from bench.common import make_model, reset_peak, status  # noqa: E402
 
 
 def run_config(model_dir: Path, tp: int, pp: int):
@@ -94,10 +67,10 @@ def _worker(rank: int, world: int, port: int, model_dir: str, tp: int, pp: int, 
         engine.build(add_mask_token=False)
         own = sum(p.numel() * p.element_size() for p in engine.model.parameters())
         dist.barrier()
-        before = _status("VmRSS")
-        _reset_peak()
+        before = status("VmRSS")
+        reset_peak()
         engine.end_stage(Path(out) / f"final-{world}")
-        peak = _status("VmHWM") - before
+        peak = status("VmHWM") - before
         row = {"layout": f"tp{tp} pp{pp}", "rank": rank, "tp_rank": dims.tp_rank, "pp_rank": dims.pp_rank,
                "own_shard": own, "before": before, "peak_extra": peak}
         if save_step:  # a full-weights step checkpoint for the streaming export
@@ -120,10 +93,10 @@ def _stream_worker(model_dir: str, out: str, queue) -> None:
     torch.set_num_threads(1)
     init_single_process_group()
     cfg = run_config(Path(model_dir), 1, 1)
-    before = _status("VmRSS")
-    _reset_peak()
+    before = status("VmRSS")
+    reset_peak()
     export_step_streaming(cfg, 0, Path(out) / "step-1", Path(out) / "streamed")
-    queue.put((before, _status("VmHWM") - before))
+    queue.put((before, status("VmHWM") - before))
 
 
 def main() -> None:

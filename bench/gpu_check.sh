@@ -6,11 +6,11 @@
 #
 # 1. tests/test_cuda.py: SDPA core attention on CUDA == megatron's unfused attention; packed ==
 #    padded on CUDA (sdpa, and flash-attn's varlen non-causal kernel when installed); an hf-engine
-#    step on device=cuda in bf16 == the CPU fp32 step.
+#    step on device=cuda in bf16 == the CPU fp32 step; deepspeed (ZeRO-3) and megatron-core training
+#    on device=cuda == the hf engine on CUDA (the quickstart's MNTP step on each engine).
 # 2. The CPU parity suites that gate the GPU paths (megatron == HF, packed == padded) on this box.
 # 3. MFU of a bf16 bidirectional MNTP step on Llama-3.2-1B shapes (random weights), padded and packed,
 #    sdpa and flash_attention_2 (bench/mntp_mfu.py), against this GPU's measured bf16 GEMM peak.
-# Not here yet: the megatron and deepspeed engines refuse device=cuda in this version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

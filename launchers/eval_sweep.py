@@ -7,7 +7,8 @@ A sweep is one job per (model or checkpoint, task group); jobs run in this proce
 a local or remote cluster, or as a SLURM array (plus a dependent job that writes the report). Every
 job writes through mteb's result cache (`--cache`, default `<output>/cache`), so an interrupted sweep
 rerun computes only what is missing, and the report (results.csv / .md / .json, score_vs_step.png,
-heatmap.png) is rebuilt from the cache.
+heatmap.png) is rebuilt from the cache. With --tp / --pp each job's model runs as megatron stages on a
+group of tp x pp ranks: run the sweep under torchrun, or with --slurm, where each array task runs torchrun.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--gpus-per-job", type=float, default=0.0,
                    help="GPUs each Ray task / SLURM array task requests (SLURM: a whole number; default 0)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda, resolved where each job runs (default: auto)")
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model (megatron stages): run the "
+                                                     "sweep under torchrun, or --slurm (each array task runs torchrun)")
+    s.add_argument("--pp", type=int, default=1, help="pipeline stages per model (as --tp)")
     s.add_argument("--slurm", action="store_true", help="submit the jobs as a SLURM array (+ a report job)")
     s.add_argument("--partition", default=None)
     s.add_argument("--time", default=None)
@@ -71,10 +75,16 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    from toolkit.distributed.parallel_dims import init_distributed
     from toolkit.eval.mteb_run import run_job
     from toolkit.eval.sweep import expand_models, plan_jobs, read_jobs, write_jobs
     from toolkit.eval.sweep_report import write_report
 
+    model_parallel = args.tp * args.pp > 1 and not args.report_only
+    if model_parallel and args.ray:
+        raise InputError(f"eval sweep --ray with --tp {args.tp} / --pp {args.pp}: a job's model-parallel group runs "
+                         "under torchrun; use --slurm (each array task runs torchrun) or run the sweep under torchrun")
+    rank, _ = init_distributed()  # under torchrun (--tp / --pp): every rank runs each job, rank 0 reports
     output = Path(args.output).resolve()
     cache = Path(args.cache).resolve() if args.cache else output / "cache"
     if args.jobs_file:
@@ -88,9 +98,11 @@ def run_sweep(args: argparse.Namespace) -> int:
         tasks = select_tasks(split_values(args.tasks), split_values(args.task_types), split_values(args.languages),
                              args.benchmark)
         jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
-        write_jobs(jobs, output / "jobs.json")
+        if rank == 0:
+            write_jobs(jobs, output / "jobs.json")
+    parallel = {"tp": args.tp, "pp": args.pp} if model_parallel else {}
     runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size,
-                               cache_only=args.report_only, device=args.device)
+                               cache_only=args.report_only, device=args.device, **parallel)
     if args.job_index is not None:  # one SLURM array task
         if not 0 <= args.job_index < len(jobs):
             raise InputError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
@@ -98,7 +110,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         return 0
     if args.slurm:
         return _submit_array(args, len(jobs), output, cache)
-    print(f"sweep: {len(jobs)} job(s) over {len({j.model.label for j in jobs})} model(s); cache {cache}", flush=True)
+    if rank == 0:
+        print(f"sweep: {len(jobs)} job(s) over {len({j.model.label for j in jobs})} model(s); cache {cache}", flush=True)
     if args.ray:
         from cluster.eval_sweep import run_ray
 
@@ -106,6 +119,8 @@ def run_sweep(args: argparse.Namespace) -> int:
                        gpus_per_job=args.gpus_per_job)
     else:
         rows = [row for job in jobs for row in runner(job)]
+    if rank != 0:
+        return 0  # rank 0 writes the report
     if not rows:
         raise InputError(f"{cache}: no results to report (did every job fail? see the logs in {output / 'slurm'})")
     missing = sum(len(j.tasks) for j in jobs) - len(rows)
@@ -127,8 +142,18 @@ def _submit_array(args: argparse.Namespace, n_jobs: int, output: Path, cache: Pa
     if args.gpus_per_job != int(args.gpus_per_job):
         raise InputError(f"--gpus-per-job {args.gpus_per_job:g}: a SLURM array task takes whole GPUs")
     base = [sys.executable, "-m", "launchers.cli", "eval", "sweep", *common]
-    ids = submit_array(name="ef-eval-sweep", n_tasks=n_jobs, task_command=[*base, "--job-index"],
-                       report_command=[*base, "--report-only"], log_dir=output / "slurm", cpus=max(1, int(args.cpus_per_job)),
+    task = [*base, "--job-index"]
+    group = args.tp * args.pp
+    if group > 1:  # each array task: one model-parallel group on its node, under torchrun
+        task = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={group}",
+                "-m", "launchers.cli", "eval", "sweep", *common, "--tp", str(args.tp), "--pp", str(args.pp),
+                "--job-index"]
+        if args.gpus_per_job and args.gpus_per_job < group:
+            raise InputError(f"--gpus-per-job {args.gpus_per_job:g} < --tp {args.tp} x --pp {args.pp}: each rank of a "
+                             "job's group takes a GPU")
+    ids = submit_array(name="ef-eval-sweep", n_tasks=n_jobs, task_command=task,
+                       report_command=[*base, "--report-only"], log_dir=output / "slurm",
+                       cpus=max(1, int(args.cpus_per_job), group),
                        gpus=int(args.gpus_per_job),
                        partition=args.partition, time=args.time, account=args.account, max_parallel=args.max_parallel)
     print(f"submitted array {ids[0]} ({n_jobs} jobs) and report job {ids[1]}; report in {output} "

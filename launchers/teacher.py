@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         return 0 if summary["manifest"] else 1
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if job.model_parallel:  # the stages talk: torchrun's ranks join one process group
-        job.workers(world)  # refused before any rank waits for the others
+        job.dims(world, rank)  # refused before any rank waits for the others
         rank, world = init_distributed()
     done = run_local(job, rank, world)
     manifest = finish(job, pending_shards(job)[0])

@@ -5,7 +5,8 @@
 - packed == padded on CUDA for the HF backbone with sdpa and, when flash-attn is installed, with
   flash-attn's varlen non-causal kernel (bf16: within bf16 rounding of the padded fp32 reference);
 - one hf-engine training step on `device: cuda` in bf16 equals the CPU fp32 step's loss within bf16
-  rounding.
+  rounding;
+- the deepspeed (ZeRO-3) and megatron engines train on `device: cuda` with the hf engine's losses.
 """
 
 from __future__ import annotations
@@ -115,3 +116,31 @@ def test_hf_engine_step_on_cuda_bf16_matches_cpu_fp32(tiny_llama_dir):
                  for i in range(4)]
         losses[device] = engine.step_fn.step(batch, 1.0).loss
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=5e-2)
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "megatron"])
+def test_engine_trains_on_cuda_like_the_hf_engine(tiny_llama_dir, tmp_path, engine):
+    """A 3-step full fine-tuning MNTP stage on `device: cuda` (fp32, one process): the deepspeed engine
+    at ZeRO-3 (built partitioned) and megatron-core on CUDA give the hf engine's losses on CUDA."""
+    import yaml
+
+    from tests.helpers import losses, run_embedforge, write_data
+
+    texts, _ = write_data(tmp_path)
+    runs = {}
+    for name in ("hf", engine):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "output_dir": str(tmp_path / name), "seed": 4, "engine": name, "device": "cuda",
+            **({"zero": {"stage": 3}} if name == "deepspeed" else {}),
+            "model": {"path": str(tiny_llama_dir), "max_length": 40}, "pooling": {"mode": "mean"},
+            "stages": [{"name": "mntp", "steps": 3, "lora": {"enabled": False},
+                        "objective": {"kind": "mntp", "mntp": {"mask_token": "eos", "mask_probability": 0.3}},
+                        "data": {"path": str(texts), "batch_size": 4, "max_length": 40}, "optimizer": {"lr": 1e-3}}],
+            "checkpoint": {"every_steps": 100}, "logging": {"every_steps": 1, "tensorboard": False, "progress": False}}))
+        r = run_embedforge("train", str(recipe))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = losses(tmp_path / name)
+    assert runs[engine].keys() == runs["hf"].keys() and len(runs["hf"]) == 3
+    for key, want in runs["hf"].items():
+        assert runs[engine][key] == pytest.approx(want, rel=1e-3), key

@@ -2,7 +2,7 @@
 
 On this CPU machine: auto and cpu train on the CPU with the same losses; device=cuda is refused by
 the training rank (never by `plan` / `submit`, which run on machines without GPUs) before any weight
-is read; engines that train on the CPU only refuse device=cuda at the pre-flight. CUDA itself is
+is read; every engine accepts device=cuda (megatron-core refuses device=cpu where CUDA is). CUDA itself is
 checked by bench/gpu_check.sh when a GPU is lent.
 """
 
@@ -15,7 +15,7 @@ import yaml
 from launchers.cli import main
 from tests.helpers import losses, run_config
 from toolkit.config import ConfigError, config_from_dict, to_dict
-from toolkit.distributed.device import resolve_device
+from toolkit.distributed.device import resolve_device, resolve_megatron_device
 from toolkit.train import run_recipe
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
@@ -57,11 +57,20 @@ def test_train_refuses_cuda_in_one_line_before_reading_weights(tmp_path, tiny_ll
     assert "device=cuda: CUDA is not available here" in err and "\n" not in err
 
 
-def test_engines_without_cuda_refuse_it_at_the_pre_flight(tmp_path, tiny_llama_dir, capsys):
-    cfg = _recipe(tmp_path, tiny_llama_dir, device="cuda", engine="megatron")
-    cfg["stages"][0]["objective"]["mntp"]["mask_token"] = "eos"
-    path = tmp_path / "megatron.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["plan", str(path), "--gpus", "1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "device=cuda: engine=megatron trains on cpu only in this version; set device: auto (or use engine: hf)" in err
+def test_every_engine_plans_cuda_and_megatron_refuses_the_cpu_where_cuda_is(tmp_path, tiny_llama_dir, capsys,
+                                                                              monkeypatch):
+    """hf, deepspeed and megatron all train on CUDA (bench/gpu_check.sh runs each there): a CUDA recipe
+    plans on this machine for each; megatron-core's CPU path exists only without CUDA, so on a CUDA
+    machine device=cpu is refused in one line (the CUDA check is emulated: this machine has none)."""
+    for engine in ("hf", "deepspeed", "megatron"):
+        cfg = _recipe(tmp_path, tiny_llama_dir, device="cuda", engine=engine)
+        cfg["stages"][0]["objective"]["mntp"]["mask_token"] = "eos"
+        path = tmp_path / f"{engine}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["plan", str(path), "--gpus", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert resolve_megatron_device("auto") == torch.device("cpu")  # no CUDA here: the shimmed CPU path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"^teacher --device=cpu: megatron-core runs on the GPUs when CUDA is "
+                                          r"present .*; set teacher --device: auto$"):
+        resolve_megatron_device("cpu", field="teacher --device")

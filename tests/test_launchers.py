@@ -147,3 +147,33 @@ def test_sweep_array_tasks_request_their_gpus_and_the_report_job_none(tmp_path):
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     assert "#SBATCH --gpus-per-task=1\n" in tasks and "#SBATCH --array=0-9%2\n" in tasks
     assert "gpus" not in report and "--array" not in report and "#SBATCH --partition=gpu" in report
+
+
+def test_sweep_at_tp_pp_runs_each_array_task_under_torchrun_and_refuses_ray(tmp_path, monkeypatch, capsys):
+    """--tp / --pp: a SLURM array task runs its job's model-parallel group under torchrun (tp x pp
+    processes, at least that many CPUs; the report job reads the cache in one process); Ray has no
+    such group for a sweep job, so `--ray` with them is refused in one line."""
+    import launchers.slurm
+    from launchers.cli import main
+
+    model = tmp_path / "enc"
+    model.mkdir()
+    (model / "embedforge.json").write_text("{}")
+    # no controller here (tests/test_slurm_cluster.py submits sweeps to a real one): the scripts are the subject
+    monkeypatch.setattr(launchers.slurm, "check", lambda name, script: None)
+    monkeypatch.setattr(launchers.slurm, "_sbatch", lambda path, *options: "41" if "array" in path.name else "42")
+    common = ["eval", "sweep", "--models", str(model), "--tasks", "EmbedforgeWordNetSameSense",
+              "--output", str(tmp_path / "out")]
+    assert main([*common, "--slurm", "--tp", "2", "--pp", "2", "--gpus-per-job", "4"]) == 0
+    tasks = (tmp_path / "out" / "slurm" / "ef-eval-sweep-array.sbatch").read_text()
+    report = (tmp_path / "out" / "slurm" / "ef-eval-sweep-report.sbatch").read_text()
+    assert "-m torch.distributed.run --standalone --nproc-per-node=4 -m launchers.cli eval sweep" in tasks
+    assert "--tp 2 --pp 2 --job-index \"$SLURM_ARRAY_TASK_ID\"" in tasks and "#SBATCH --gpus-per-task=4" in tasks
+    assert "#SBATCH --cpus-per-task=4" in tasks
+    assert "torch.distributed.run" not in report and "--tp" not in report and "--report-only" in report
+    assert main([*common, "--slurm", "--tp", "2", "--gpus-per-job", "1"]) == 2
+    assert "--gpus-per-job 1 < --tp 2 x --pp 1" in capsys.readouterr().err
+    assert main([*common, "--ray", "local", "--tp", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval sweep --ray with --tp 2 / --pp 1: a job's model-parallel group runs under torchrun" in err
+    assert "\n" not in err

@@ -324,3 +324,39 @@ def test_eval_run_command_prints_table_and_writes_json(encoder_dir, tmp_path, ca
     result = json.loads((tmp_path / "cache" / "eval_run.json").read_text())
     assert set(result["models"][0]["scores"]) == {SAME_SENSE, RETRIEVAL} and result["models"][0]["computed"]
     assert args.func(args) == 0 and "all cached" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_megatron_step_checkpoint_swept_at_tp2_equals_one_process(tiny_llama_dir, tmp_path, monkeypatch):
+    """A megatron run's step-N/ through `eval sweep --tp 2` under torchrun: the checkpoint is streamed
+    into an encoder folder once (a layer at a time, by rank 0), then each rank of the TP2 group reads
+    its slices and encodes as a megatron stage; the sweep's table equals the one-process sweep's."""
+    import subprocess
+
+    import yaml
+
+    from tests.helpers import EMBEDFORGE, torchrun, write_data
+
+    monkeypatch.setenv("EMBEDFORGE_CACHE", str(tmp_path / "ef-cache"))  # where step-N/ folders are written
+    texts, _ = write_data(tmp_path)
+    recipe = tmp_path / "megatron.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "run"), "seed": 2, "engine": "megatron",
+        "model": {"path": str(tiny_llama_dir), "max_length": 160}, "pooling": {"mode": "mean"},
+        "stages": [{"name": "simcse", "steps": 3, "lora": {"enabled": False}, "objective": {"kind": "simcse"},
+                    "data": {"path": str(texts), "batch_size": 4, "max_length": 48}, "optimizer": {"lr": 1e-2}}],
+        "checkpoint": {"every_steps": 2}, "logging": {"every_steps": 1, "tensorboard": False, "progress": False}}))
+    r = subprocess.run([EMBEDFORGE, "train", str(recipe)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sweep = ["eval", "sweep", "--checkpoints", f"{tmp_path / 'run'}/*/step-*", "--tasks", SAME_SENSE]
+    one = subprocess.run([EMBEDFORGE, *sweep, "--output", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    tp2 = torchrun(*sweep, "--tp", "2", "--output", str(tmp_path / "tp2"))
+    assert tp2.returncode == 0, tp2.stderr[-3000:]
+    rows = {name: json.loads((tmp_path / name / "results.json").read_text())["rows"] for name in ("one", "tp2")}
+    assert len(rows["one"]) == 1 and rows["one"][0]["step"] == 2
+    assert rows["tp2"][0]["score"] == pytest.approx(rows["one"][0]["score"], abs=1e-3)  # x100 scale
+    assert {k: v for k, v in rows["tp2"][0].items() if k != "score"} == \
+        {k: v for k, v in rows["one"][0].items() if k != "score"}

@@ -27,3 +27,13 @@ def resolve_device(requested: str, *, field: str = "device") -> torch.device:
     if requested == "cpu" or not has_cuda:
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_megatron_device(requested: str, *, field: str = "device") -> torch.device:
+    """`resolve_device` for megatron-core: on this rank's GPU when CUDA is present; on the CPU only
+    where CUDA is absent, since its CPU shims (`megatron_shims`) apply only there."""
+    device = resolve_device(requested, field=field)
+    if device.type == "cpu" and torch.cuda.is_available():
+        raise ConfigError(f"{field}=cpu: megatron-core runs on the GPUs when CUDA is present (its CPU path is for "
+                          f"machines without CUDA); set {field}: auto")
+    return device

@@ -13,10 +13,12 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from toolkit.config import ConfigError, ParallelConfig
 from toolkit.distributed import megatron_shims
+from toolkit.errors import InputError
 
 
 @dataclass(kw_only=True)
@@ -51,6 +53,17 @@ class ParallelDims:
             )
         dp = cfg.dp or world_size // model_parallel
         return cls(dp=dp, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, world_size=world_size, rank=rank)
+
+    @classmethod
+    def model_parallel_groups(cls, tp: int, pp: int, world_size: int, rank: int, *, what: str) -> "ParallelDims":
+        """Inference (teacher scoring, evaluation) at `tp` x `pp`: the world as groups of tp x pp ranks,
+        one model each; `what` names the command in the one-line refusal of a layout the world cannot hold."""
+        if tp < 1 or pp < 1:
+            raise InputError(f"{what}: --tp {tp} / --pp {pp}: must be >= 1")
+        if world_size % (tp * pp):
+            raise InputError(f"{what}: --tp {tp} x --pp {pp} does not divide the {world_size} ranks"
+                             + ("" if world_size > 1 else " (run it under torchrun)"))
+        return cls.from_config(ParallelConfig(tp=tp, pp=pp), world_size, rank)
 
     # ------------------------------------------------------------------ coordinates (tp fastest, pp slowest)
     @property
@@ -160,7 +173,10 @@ def init_single_process_group() -> None:
     for torchrun's agent store instead of serving its own)."""
     if dist.is_initialized():
         return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if torch.cuda.is_available():  # DeepSpeed's collectives on CUDA tensors need nccl, as with several ranks
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
@@ -173,8 +189,6 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        import torch
-
         # With GPUs: NCCL for CUDA tensors and gloo for the CPU ones (loader / stop flags, object gathers).
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():

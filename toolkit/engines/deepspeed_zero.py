@@ -13,6 +13,9 @@ Trainable weights are always read back as full fp32 tensors (gathered across par
 known ZeRO-3 failure is LoRA tensors saved with size 0), so a stage's merged encoder and
 `embedforge export` equal what the unsharded model would give. A checkpoint resumed at another DP size
 (same ZeRO stage) is converted to DeepSpeed's universal format first (`_load_universal`).
+
+At ZeRO-3 the model is built already partitioned and filled by rank 0 (`zero3_load`): no rank holds
+it whole while it loads, at the first stage or at a later stage's start.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ from toolkit.distributed.parallel_dims import ParallelDims, init_single_process_
 from toolkit.engines.base import StepResult, any_rank, nonfinite
 from toolkit.engines.hf import HFEngine
 from toolkit.engines.spec import EngineSpec, PlannerTraits, register_engine
+from toolkit.engines.zero3_load import load_partitioned, zero3_construction
 from toolkit.errors import CheckpointError, MissingPathError
+from toolkit.models.bidirectional import check_bidirectional
+from toolkit.models.folder import backbone_files, load_head_weights
+from toolkit.models.loading import build_encoder
 from toolkit.models.stage_encoder import merged_stage_encoder
 from toolkit.optim import lr_lambda
 from toolkit.run_layout import RunLayout
@@ -150,26 +157,62 @@ class DeepSpeedEngine(HFEngine):
         super().__init__(cfg, dims)
         self.ds = None  # the DeepSpeed engine of the current stage
 
+    def _ensure_process_group(self) -> None:
+        if self.dims.world_size == 1:
+            init_single_process_group()  # DeepSpeed (and zero.Init) need a process group, even of one rank
+            os.environ.setdefault("LOCAL_RANK", "0")  # and assert a launcher set this
+
     def _release(self) -> None:
         if self.ds is not None:
             self.ds.destroy()
             self.ds = None
 
+    def build(self, *, add_mask_token: bool) -> None:
+        self._building = 0  # the stage whose DeepSpeed config a ZeRO-3 construction follows
+        super().build(add_mask_token=add_mask_token)
+
+    def _load_encoder(self) -> tuple:
+        """ZeRO-3: built partitioned, weights read by rank 0 only (`zero3_load`); ZeRO 0-2 keep whole
+        weights on every rank anyway, so they load as the hf engine does."""
+        if self.cfg.zero.stage != 3:
+            return super()._load_encoder()
+        self._ensure_process_group()
+        _import_deepspeed()
+        stage = self.cfg.stages[self._building]
+        config = ds_config(self.cfg, stage, self.dims.dp)
+        # zero.Init reads the partitioning and the precision it creates weights in (the stage's, or the
+        # model's bf16); its batch check runs before DeepSpeed knows the world size, so no batch totals
+        config["bf16"] = {"enabled": stage.precision == "bf16" or self.cfg.model.dtype == "bfloat16"}
+        for total in ("train_batch_size", "gradient_accumulation_steps"):
+            config.pop(total)
+        with zero3_construction(config) as gathered:
+            return build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
+                                 add_mask_token=self.add_mask_token, partitioned=gathered)
+
     def load_stage_output(self, final_dir: Path) -> None:
-        """A fresh, unpartitioned model with the finished stage's merged weights (ZeRO-3 left the last
-        one partitioned and hooked)."""
+        """A fresh model with the finished stage's merged weights (ZeRO-3 left the last one partitioned
+        and hooked); at ZeRO-3 built partitioned again and filled from rank 0's read of the folder."""
         self._release()
+        self._building = self._stage_after(final_dir)
         self._build_encoder()
-        super().load_stage_output(final_dir)
+        if self.cfg.zero.stage != 3:
+            return super().load_stage_output(final_dir)
+        load_partitioned(self.encoder.backbone, backbone_files(final_dir), rank=self.dims.rank, source=final_dir)
+        load_head_weights(self.encoder, final_dir)  # pooling / IEM: small, whole until DeepSpeed partitions them
+
+    def _stage_after(self, final_dir: Path) -> int:
+        layout = RunLayout(Path(self.cfg.output_dir))
+        for index, stage in enumerate(self.cfg.stages):
+            if layout.final_dir(index, stage.name).resolve() == Path(final_dir).resolve():
+                return index + 1
+        raise RuntimeError(f"{final_dir}: not the final folder of any stage of this run")
 
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
         deepspeed = _import_deepspeed()
         if stage.precision == "bf16" and self.cfg.zero.stage == 0 and self.dims.rank == 0:
             log.warning("stage %s: ZeRO-0 with bf16 accumulates and all-reduces gradients in bf16 (DeepSpeed has "
                         "no fp32 accumulation without ZeRO); zero.stage >= 2 accumulates in fp32", stage.name)
-        if self.dims.world_size == 1:
-            init_single_process_group()  # DeepSpeed needs a process group, even of one rank
-            os.environ.setdefault("LOCAL_RANK", "0")  # and asserts a launcher set this
+        self._ensure_process_group()
         self._prepare_trainable(index, stage)
         optimizer = self._make_optimizer(stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, stage.steps))
@@ -183,6 +226,9 @@ class DeepSpeedEngine(HFEngine):
         if self.cfg.zero.stage == 0:  # no ZeRO optimizer records the norm: keep the clip's return value
             self.ds.clip_fp32_gradients = self._clip_and_record
         self._install_skip_gate()
+        if self.cfg.zero.stage == 3 and self.encoder.spec.bidirectional:
+            with torch.no_grad():  # the proof the hf engine runs at build: a partitioned model runs in its engine
+                self.ds(check_bidirectional, self.encoder.backbone)
         self.ds.train()
 
     def _install_skip_gate(self) -> None:
@@ -491,6 +537,7 @@ def zero_partition(cfg: RunConfig, dp: int, weights: float, grads: float, optim:
 
 SPEC = register_engine(EngineSpec(
     name="deepspeed", engine_cls=DeepSpeedEngine, parallel_dims=frozenset({"dp"}), export_step=export_step,
+    devices=frozenset({"cpu", "cuda"}),
     planner=PlannerTraits(bf16_keeps_bf16_weights=True, partition=zero_partition,
                           gathers_layer_weights=lambda cfg: cfg.zero.stage == 3),
     trajectory_settings=lambda cfg: {"zero": {"stage": cfg.zero.stage}},

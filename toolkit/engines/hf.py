@@ -22,6 +22,7 @@ from toolkit.distributed.gather import make_gather
 from toolkit.engines.base import Engine, StepResult, allreduce_mean, any_rank, nonfinite, stage_attention_dropout
 from toolkit.engines.spec import EngineSpec, register_engine
 from toolkit.errors import CheckpointError, MissingPathError
+from toolkit.models.arch import active_sliding_window
 from toolkit.models.folder import load_encoder_weights
 from toolkit.models.loading import build_encoder, set_attention_dropout
 from toolkit.models.lora import add_lora, merge_lora
@@ -46,14 +47,17 @@ class HFEngine(Engine):
 
     def _build_encoder(self) -> None:
         self.device = resolve_device(self.cfg.device)
-        self.encoder, self.lm_head = build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed,
-                                                   add_mask_token=self.add_mask_token)
+        self.encoder, self.lm_head = self._load_encoder()
         self.encoder.to(self.device)  # the steps move each batch to the encoder's device
         if self.lm_head is not None:
             self.lm_head.to(self.device)
         if self.cfg.model.gradient_checkpointing:  # non-reentrant: gradient hooks fire once per parameter
             self.encoder.backbone.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def _load_encoder(self) -> tuple:
+        """(encoder, frozen MNTP head) of the recipe's model: whole, in this process."""
+        return build_encoder(self.cfg.model, self.cfg.pooling, seed=self.cfg.seed, add_mask_token=self.add_mask_token)
 
     def load_stage_output(self, final_dir: Path) -> None:
         load_encoder_weights(self.encoder, final_dir)
@@ -90,7 +94,7 @@ class HFEngine(Engine):
     def _build_step(self, stage: StageConfig, data_kind: str, generator: torch.Generator) -> None:
         self.encoder.pack = stage.data.pack
         config = self.encoder.backbone.config
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        window = active_sliding_window(config.to_dict())
         if stage.data.pack and window and window < stage.data.max_length:
             raise ConfigError(f"stages.{stage.name}.data.pack=true: this model's sliding_window={window} < "
                               f"data.max_length={stage.data.max_length}; the packed block mask would drop the "

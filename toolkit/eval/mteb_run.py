@@ -24,7 +24,6 @@ from mteb.cache import ResultCache
 from mteb.models.model_meta import ScoringFunction
 
 from toolkit.assets import cache_dir, minilm_dir
-from toolkit.config import ParallelConfig
 from toolkit.distributed.device import resolve_device
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.export import consolidate
@@ -159,9 +158,11 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
                work_dir: Path | None = None, device: str = "cpu", tp: int = 1, pp: int = 1) -> EmbedforgeModel:
     """An mteb model for `spec` ("minilm", an encoder folder or a step-N checkpoint); weights load lazily.
 
-    `tp` x `pp` > 1 (an encoder folder, every rank of the process group calling this alike): each
-    group of tp x pp ranks holds the backbone as megatron stages (`MegatronEncoder`) and the texts
-    are sharded over the groups."""
+    `tp` x `pp` > 1 (every rank of the process group calling this alike): each group of tp x pp ranks
+    holds the backbone as megatron stages (`MegatronEncoder`: each rank reads only its slices) and the
+    texts are sharded over the groups. A step-N/ is first written as an encoder folder in `work_dir`
+    by one rank, streamed unit by unit (`consolidated_folder`: a megatron checkpoint's export holds
+    at most two layers at a time, never the model), then loaded as stages like any folder."""
     table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)
     dims = _model_parallel_dims(spec, tp, pp)
     if spec == MINILM:
@@ -185,10 +186,7 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
 
     def load_encoder():
         if dims is not None:
-            if folder is None:
-                raise InputError(f"{spec}: --tp / --pp evaluate encoder folders; export the checkpoint first "
-                                 "(`embedforge export`), which writes its stages' shards without one process holding it")
-            return encoder_backend(MegatronEncoder(folder, dims))
+            return encoder_backend(MegatronEncoder(folder or consolidated_folder(path, work_dir), dims))
         return encoder_backend(Encoder.from_pretrained(folder or consolidated_folder(path, work_dir), device=device))
 
     meta = make_meta(name, revision, instructions=table, similarity=None if student else ScoringFunction.COSINE,
@@ -198,8 +196,6 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
 
 def _model_parallel_dims(spec: str, tp: int, pp: int) -> ParallelDims | None:
     """The rank layout of a model-parallel evaluation (None for one process per model)."""
-    if tp < 1 or pp < 1:
-        raise InputError(f"--tp {tp} / --pp {pp}: must be >= 1")
     if tp * pp == 1:
         return None
     if spec == MINILM:
@@ -207,9 +203,7 @@ def _model_parallel_dims(spec: str, tp: int, pp: int) -> ParallelDims | None:
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world % (tp * pp):
-        raise InputError(f"--tp {tp} x --pp {pp} does not divide the {world} ranks (run under torchrun)")
-    return ParallelDims.from_config(ParallelConfig(tp=tp, pp=pp), world, dist.get_rank() if world > 1 else 0)
+    return ParallelDims.model_parallel_groups(tp, pp, world, dist.get_rank() if world > 1 else 0, what="eval")
 
 
 def mteb_loader(model_name: str, revision: str | None = None, *, spec: str, **kwargs: Any) -> EmbedforgeModel:
@@ -247,15 +241,17 @@ def evaluate(model_spec: str | EmbedforgeModel, tasks: Iterable[AbsTask], cache_
 
 
 def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None, batch_size: int = 32,
-            cache_only: bool = False, device: str = "auto") -> list[ResultRow]:
+            cache_only: bool = False, device: str = "auto", tp: int = 1, pp: int = 1) -> list[ResultRow]:
     """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
     results are all cached loads no model) and return its rows, scores x 100. `cache_only`: read
     what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed).
-    `device` (auto | cpu | cuda) is resolved where the job runs (a Ray task's or array task's GPU)."""
+    `device` (auto | cpu | cuda) is resolved where the job runs (a Ray task's or array task's GPU);
+    `tp` x `pp` > 1: every rank of this process group runs the job alike (`load_model`)."""
     tasks = select_tasks(list(job.tasks))
     metric = {t.metadata.name: t.metadata.main_score for t in tasks}
     where = str(resolve_device(device, field="eval sweep --device"))
-    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size, device=where)  # loads lazily
+    model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size, device=where, tp=tp,
+                       pp=pp)  # loads lazily
     if cache_only:
         scores = evaluate(model, tasks, cache_dir, "only-cache", batch_size=batch_size, raise_error=False)
     else:

@@ -26,6 +26,13 @@ LORA_TARGETS: dict[str, tuple[str, str, bool]] = {
 _REQUIRED = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
+def active_sliding_window(hf_config: dict) -> int | None:
+    """The attention window an HF config (as a dict) puts in force: Mistral-style `sliding_window`,
+    unless `use_sliding_window` is off (Qwen2 ships a window it does not use)."""
+    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+    return window or None
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelArgs:
     model_type: str
@@ -61,7 +68,6 @@ class ModelArgs:
         heads = d["num_attention_heads"]
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        window = d.get("sliding_window") if d.get("use_sliding_window", True) else None
         return cls(
             model_type=d["model_type"], hidden_size=d["hidden_size"], ffn_hidden_size=d["intermediate_size"],
             num_layers=d["num_hidden_layers"], num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
@@ -71,7 +77,7 @@ class ModelArgs:
             rope_type=rope_type, rope_scaling=dict(rope) if rope_type != "default" else None,
             attention_bias=d["model_type"] == "qwen2" or bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)), tied_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_positions=int(d.get("max_position_embeddings") or 2048), sliding_window=window or None,
+            max_positions=int(d.get("max_position_embeddings") or 2048), sliding_window=active_sliding_window(d),
             attention_dropout=float(d.get("attention_dropout", 0.0) or 0.0),
         )
 

@@ -66,19 +66,27 @@ def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
 
 def backbone_state_dict(folder: Path) -> dict:
     """The backbone's tensors of an encoder folder, single-file or sharded (`model.safetensors.index.json`)."""
+    state: dict = {}
+    for file in backbone_files(Path(folder)):
+        state.update(load_file(str(file)))
+    return state
+
+
+def backbone_files(folder: Path) -> list[Path]:
+    """The safetensors files holding an encoder folder's backbone: one, or the shards its index lists."""
     index = folder / BACKBONE_INDEX
     if not index.is_file():
-        return load_file(str(folder / BACKBONE_FILE))
+        if not (folder / BACKBONE_FILE).is_file():
+            raise MissingPathError(f"{folder / BACKBONE_FILE}: missing (not an encoder folder?)")
+        return [folder / BACKBONE_FILE]
     try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
-    state: dict = {}
-    for name in files:
+    for name in names:
         if not (folder / name).is_file():
             raise MissingPathError(f"{folder / name}: listed in {index.name} but missing")
-        state.update(load_file(str(folder / name)))
-    return state
+    return [folder / name for name in names]
 
 
 def load_head_weights(encoder: Encoder, folder: Path) -> None:

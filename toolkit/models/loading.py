@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from typing import ContextManager
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -38,11 +42,14 @@ def build_encoder(
     seed: int = 0,
     bidirectional: bool | None = None,
     add_mask_token: bool = False,
+    partitioned: Callable[[list[nn.Parameter]], ContextManager] | None = None,
 ) -> tuple[Encoder, nn.Module]:
     """Encoder over the causal LM's decoder, and the (frozen) LM head kept for MNTP.
 
     `add_mask_token` adds a new `<mask>` token (MNTP `mask_token: new`) and resizes the embeddings
-    before the decoder is split off.
+    before the decoder is split off. `partitioned` (DeepSpeed ZeRO-3: the model was loaded already
+    partitioned over the ranks) gathers full parameters for the frozen copy of a tied head; the
+    bidirectional proof is then left to the caller, since a partitioned model only runs inside its engine.
     """
     causal, tokenizer = load_causal_lm(model_cfg, bidirectional)
     if add_mask_token:
@@ -50,13 +57,14 @@ def build_encoder(
             causal.resize_token_embeddings(len(tokenizer))
     bidir = model_cfg.bidirectional if bidirectional is None else bidirectional
     backbone = causal.get_decoder()
-    if bidir:
+    if bidir and partitioned is None:
         check_bidirectional(backbone)
     lm_head = causal.get_output_embeddings()
     if lm_head.weight is backbone.get_input_embeddings().weight:
         # Tied embeddings: the MNTP head is a frozen copy, so full fine-tuning trains the input
         # embeddings without moving the head (as on the megatron engine, where stages hold them apart).
-        lm_head.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
+        with (partitioned or (lambda _: contextlib.nullcontext()))([lm_head.weight]):
+            lm_head.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
     lm_head.requires_grad_(False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

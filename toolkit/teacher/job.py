@@ -20,7 +20,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from data_pipelines.manifest import Manifest, ShardInfo, load_manifest, sha256_file
@@ -28,8 +27,7 @@ from data_pipelines.records import sample_key
 from data_pipelines.stream import ReadStats, read_shard
 from data_pipelines.writer import TAR_MTIME
 from toolkit.atomic import atomic_write_text
-from toolkit.config import ParallelConfig
-from toolkit.distributed.device import resolve_device
+from toolkit.distributed.device import resolve_device, resolve_megatron_device
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.inference import MegatronForward
 from toolkit.errors import InputError
@@ -78,11 +76,9 @@ class ScoreJob:
     def model_parallel(self) -> bool:
         return self.tp * self.pp > 1
 
-    def workers(self, world: int) -> int:
-        """Teachers `world` ranks hold (tp x pp ranks each); refused unless tp x pp divides `world`."""
-        if world % (self.tp * self.pp):
-            raise InputError(f"teacher job: --tp {self.tp} x --pp {self.pp} does not divide the {world} ranks")
-        return world // (self.tp * self.pp)
+    def dims(self, world: int, rank: int) -> ParallelDims:
+        """The world as teachers of tp x pp ranks each; refused unless tp x pp divides `world`."""
+        return ParallelDims.model_parallel_groups(self.tp, self.pp, world, rank, what="teacher job")
 
 
 def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:
@@ -122,13 +118,11 @@ def load_teacher(job: ScoreJob, dims: ParallelDims | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(job.model)
-    device = resolve_device(job.device, field="teacher --device")  # before any weight is read
     if dims is not None:
-        if device.type == "cpu" and torch.cuda.is_available():
-            raise InputError("teacher score --device cpu with --tp / --pp: the megatron stages run on the GPUs "
-                             "when CUDA is present; use --device auto")
+        resolve_megatron_device(job.device, field="teacher --device")  # before any weight is read
         forward = MegatronForward(path, dims, dtype=DTYPES[job.dtype], include_head=True, max_length=job.prompt.max_length)
         return MegatronTeacher(forward, AutoTokenizer.from_pretrained(path), job.prompt)
+    device = resolve_device(job.device, field="teacher --device")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype]).to(device)
     return Teacher(model, AutoTokenizer.from_pretrained(path), job.prompt)
 
@@ -218,8 +212,7 @@ def run_local(job: ScoreJob, rank: int = 0, world: int = 1) -> list[ShardInfo]:
         mine = [s for i, s in enumerate(manifest.shards) if i % world == rank and s.name in names]
         teacher = load_teacher(job) if mine else None
     else:
-        job.workers(world)
-        dims = ParallelDims.from_config(ParallelConfig(tp=job.tp, pp=job.pp), world, rank)
+        dims = job.dims(world, rank)
         teacher = load_teacher(job, dims)  # every rank: building the stages is collective
         mine = [s for i, s in enumerate(manifest.shards) if i % dims.dp == dims.dp_rank and s.name in names]
         # the worker's ranks must run the same shards (another worker may finish one in between reads)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from toolkit.checkpoint.pending import SaveHandle
 from toolkit.config import RunConfig, StageConfig
+from toolkit.distributed.device import resolve_megatron_device
 from toolkit.distributed.gather import make_gather
 from toolkit.distributed.megatron_shims import seed_model_parallel_rng
 from toolkit.distributed.parallel_dims import ParallelDims
@@ -100,7 +101,7 @@ class MegatronEngine(Engine):
         if meta:
             self.device = torch.device("meta")
         else:
-            self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            self.device = resolve_megatron_device(cfg.device)
         self.mconfig = transformer_config(  # attention dropout: set per stage in begin_stage
             self.arch, tp=dims.tp, pp=dims.pp, dtype=DTYPES[cfg.model.dtype],
             sequence_parallel=cfg.parallel.sequence_parallel,
