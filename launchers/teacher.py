@@ -24,10 +24,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16, help="pairs per teacher forward")
     s.add_argument("--features", action="store_true", help="also store teacher features (feature imitation)")
     s.add_argument("--symmetric-tasks", default="", help="comma-separated tasks scored with the symmetric template")
-    s.add_argument("--yes", default="yes", help="the positive answer word (one token)")
-    s.add_argument("--no", default="no", help="the negative answer word (one token)")
-    s.add_argument("--no-chat", action="store_true", help="plain prompt, not the tokenizer's chat template")
-    s.add_argument("--max-length", type=int, default=512, help="prompt tokens at most (passage truncated first)")
+    s.add_argument("--prompt", default=None, metavar="FILE",
+                   help="YAML/JSON prompt: templates, yes/no words, chat, answer_prefix, max_length (e.g. an LLM "
+                        "reranker's own format); default: a fine-tuned teacher folder's own prompt, else the built-in")
+    s.add_argument("--yes", default=None, help="the positive answer word (one token; default: the prompt's, 'yes')")
+    s.add_argument("--no", default=None, help="the negative answer word (one token; default: the prompt's, 'no')")
+    s.add_argument("--chat", default=None, action=argparse.BooleanOptionalAction,
+                   help="wrap the prompt in the tokenizer's chat template (default: the prompt's, on)")
+    s.add_argument("--max-length", type=int, default=None,
+                   help="prompt tokens at most, passage truncated first (default: the prompt's, 512)")
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="run on Ray: local, auto or ray://HOST:PORT")
     s.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the teacher once)")
     s.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -44,10 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from toolkit.distributed.parallel_dims import init_distributed
     from toolkit.errors import InputError
-    from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local
-    from toolkit.teacher.scoring import TeacherPrompt
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local
 
-    prompt = TeacherPrompt(yes=args.yes, no=args.no, chat=not args.no_chat, max_length=args.max_length)
+    prompt = resolve_prompt(args.model, args.prompt, yes=args.yes, no=args.no, chat=args.chat,
+                            max_length=args.max_length)
     job = ScoreJob(model=args.model, input=args.input, output=args.output, group_size=args.group_size,
                    batch_size=args.batch_size, features=args.features, prompt=prompt,
                    symmetric_tasks=[t for t in args.symmetric_tasks.split(",") if t], dtype=args.dtype,

@@ -106,12 +106,83 @@ class D2LLMConfig:
             raise ConfigError("d2llm.temperature must be > 0 and d2llm.iem_hidden >= 1")
 
 
+TEACHER_SYMMETRIC = ("Sentence A: {query}\nSentence B: {passage}\n"
+                     "Does sentence B correctly describe or follow from sentence A? Answer yes or no.")
+TEACHER_ASYMMETRIC = ("Query: {query}\nPassage: {passage}\n"
+                      "Does the passage answer the query? Answer yes or no.")
+
+
+@dataclass(kw_only=True)
+class TeacherPrompt:
+    """How a yes/no cross-encoder (the D2LLM teacher) is asked about a (query, passage) pair: the same
+    for scoring and for fine-tuning it, and recorded in a fine-tuned teacher's folder.
+
+    With `chat`, the prompt is the user turn of the tokenizer's chat template and the answer word
+    follows the generation prompt; without it, the prompt is followed by a newline and
+    `answer_prefix`, and the answer word by a space; with neither (answer_prefix ""), the template is
+    the whole prompt, verbatim (special tokens included: a reranker's own format), and the answer
+    word follows it directly."""
+
+    symmetric: str = TEACHER_SYMMETRIC
+    asymmetric: str = TEACHER_ASYMMETRIC
+    yes: str = "yes"
+    no: str = "no"
+    chat: bool = True  # wrap the prompt as a user turn of the tokenizer's chat template (if it has one)
+    answer_prefix: str = "Answer:"  # without a chat template: the prompt ends with this, the answer follows
+    temperature: float = 1.0
+    max_length: int = 512
+    max_query_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("symmetric", "asymmetric"):
+            template = getattr(self, name)
+            positions = [template.find("{query}"), template.find("{passage}")]
+            if min(positions) < 0:
+                raise ConfigError(f"teacher.{name}: the template must contain {{query}} and {{passage}}")
+            if template.rstrip().endswith("}"):
+                raise ConfigError(f"teacher.{name}: the question must come after {{query}} and {{passage}}, "
+                                  "not before (the student decomposes query and passage)")
+        if self.temperature <= 0:
+            raise ConfigError(f"teacher.temperature: must be > 0, got {self.temperature}")
+        _check_sizes("teacher", self, {"max_length": 8, "max_query_tokens": 1})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TeacherPrompt":
+        """A prompt from a YAML or JSON file of these fields (a reranker's own templates and answer words)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such prompt file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not YAML or JSON ({exc})") from None
+        return config_from_dict(data or {}, cls, source=str(path))
+
+
+@dataclass(kw_only=True)
+class TeacherObjectiveConfig:
+    """Fine-tuning the yes/no cross-encoder itself (METHODS.md 2.1) on pairs with hard negatives: the
+    score s = sigmoid((z_yes - z_no) / T) of [positive] + negatives, trained pointwise (binary cross-
+    entropy, the positive 1 and each negative 0) or listwise (softmax over the positive and its
+    negatives, the positive the target)."""
+
+    loss: Literal["pointwise", "listwise"] = "pointwise"
+    prompt: TeacherPrompt = field(default_factory=TeacherPrompt)
+    prompt_file: str = ""  # a TeacherPrompt file, instead of `prompt` (its max_length: the stage's data.max_length)
+    symmetric_tasks: list[str] = field(default_factory=list)  # a sample's task here: the symmetric template
+
+    def __post_init__(self) -> None:
+        if self.prompt_file:
+            self.prompt = TeacherPrompt.from_file(self.prompt_file)
+
+
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    kind: Literal["mntp", "simcse", "supervised", "d2llm"]
+    kind: Literal["mntp", "simcse", "supervised", "d2llm", "teacher"]
     temperature: float = 0.05  # SimCSE 0.05 (scale 20), supervised 0.02 (scale 50)
     mntp: MNTPConfig = field(default_factory=MNTPConfig)
     d2llm: D2LLMConfig = field(default_factory=D2LLMConfig)
+    teacher: TeacherObjectiveConfig = field(default_factory=TeacherObjectiveConfig)
     gradcache_chunk_size: int = 0  # 0 = off; else embed in chunks of this many texts
 
     def __post_init__(self) -> None:
@@ -363,6 +434,13 @@ class RunConfig:
             raise ConfigError("stages: at least one stage is required")
         if len(set(names)) != len(names):
             raise ConfigError(f"stages: stage names must be unique, got {names}")
+        teachers = [s.name for s in self.stages if s.objective.kind == "teacher"]
+        if teachers and len(teachers) != len(self.stages):
+            raise ConfigError(f"stages: {teachers} fine-tune a teacher (objective.kind=teacher), the others an encoder; "
+                              "a recipe trains one of the two (the D2LLM student is its own recipe)")
+        if teachers and self.model.bidirectional:
+            raise ConfigError("model.bidirectional: a teacher (objective.kind=teacher) is the causal LLM; set "
+                              "model.bidirectional: false")
         for s in self.stages:
             if s.objective.kind == "d2llm" and (s.objective.d2llm.in_batch or s.objective.d2llm.rank_pairwise) \
                     and s.data.batch_size < 2:

@@ -411,8 +411,9 @@ class DeepSpeedEngine(HFEngine):
         trainable = self.trainable_state()
         self._release()  # partitions, masters and moments go before rank 0 rebuilds the model unsharded
         if self.dims.rank == 0:
-            merged_stage_encoder(self.cfg, self.index, RunLayout(Path(self.cfg.output_dir)), trainable,
-                                 source=f"stage {self.stage.name}").save_pretrained(final_dir)
+            encoder, _ = merged_stage_encoder(self.cfg, self.index, RunLayout(Path(self.cfg.output_dir)), trainable,
+                                              source=f"stage {self.stage.name}")
+            encoder.save_pretrained(final_dir)
         if dist.is_initialized():
             dist.barrier()
         return final_dir
@@ -510,8 +511,8 @@ def read_trainable(step_dir: Path) -> dict[str, Tensor]:
 def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:
     """A `step-N/` of this engine: its ZeRO partitions read back as full fp32 tensors, merged into the
     stage's rebuilt start."""
-    encoder = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent), read_trainable(step_dir),
-                                   source=str(step_dir))
+    encoder, _ = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent), read_trainable(step_dir),
+                                      source=str(step_dir))
     return encoder.save_pretrained(output)
 
 

@@ -9,6 +9,7 @@ its overlap), so dp ranks equal one process accumulating their shards.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -23,10 +24,12 @@ from toolkit.engines.base import Engine, StepResult, allreduce_mean, any_rank, n
 from toolkit.engines.spec import EngineSpec, register_engine
 from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.arch import active_sliding_window
+from toolkit.models.encoder import Encoder
 from toolkit.models.folder import load_encoder_weights
 from toolkit.models.loading import build_encoder, set_attention_dropout
 from toolkit.models.lora import add_lora, merge_lora
 from toolkit.models.stage_encoder import merged_stage_encoder
+from toolkit.models.teacher_folder import save_teacher_folder
 from toolkit.objectives.steps import build_step
 from toolkit.optim import lr_lambda
 from toolkit.run_layout import RunLayout
@@ -81,7 +84,7 @@ class HFEngine(Engine):
             encoder.backbone = add_lora(base, stage.lora)
         else:
             base.requires_grad_(True)
-        encoder.pooling.requires_grad_(True)
+        encoder.pooling.requires_grad_(stage.objective.kind != "teacher")  # a teacher reads the LM head, not a pool
         if stage.objective.kind == "d2llm":  # the student's pair scorer, trained with the pooling head
             with torch.random.fork_rng():
                 torch.manual_seed(iem_seed(self.cfg.seed, index))
@@ -166,10 +169,19 @@ class HFEngine(Engine):
         self.encoder.backbone = merge_lora(self.encoder.backbone)
         self.encoder.backbone.requires_grad_(False)
         if self.dims.rank == 0:
-            self.encoder.save_pretrained(final_dir)
+            save_stage_output(self.cfg, self.stage, self.encoder, self.lm_head, final_dir)
         if dist.is_initialized():
             dist.barrier()
         return final_dir
+
+
+def save_stage_output(cfg: RunConfig, stage: StageConfig, encoder: Encoder, lm_head, folder: Path) -> Path:
+    """A finished stage's merged model: an encoder folder, or for a teacher stage a causal-LM folder
+    that `teacher score` reads with the stage's prompt."""
+    if stage.objective.kind != "teacher":
+        return encoder.save_pretrained(folder)
+    prompt = dataclasses.replace(stage.objective.teacher.prompt, max_length=stage.data.max_length)
+    return save_teacher_folder(encoder.backbone, lm_head, encoder.tokenizer, cfg.model, prompt, folder)
 
 
 def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:
@@ -177,12 +189,12 @@ def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Pat
     trainable = step_dir / TRAINABLE
     if not trainable.is_file():
         raise CheckpointError(f"{trainable}: missing from a checkpoint marked complete")
-    encoder = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent), load_file(str(trainable)),
-                                   source=str(step_dir))
-    return encoder.save_pretrained(output)
+    encoder, lm_head = merged_stage_encoder(cfg, index, RunLayout.of_stage_dir(step_dir.parent),
+                                            load_file(str(trainable)), source=str(step_dir))
+    return save_stage_output(cfg, cfg.stages[index], encoder, lm_head, output)
 
 
 SPEC = register_engine(EngineSpec(
     name="hf", engine_cls=HFEngine, parallel_dims=frozenset({"dp"}), export_step=export_step,
-    devices=frozenset({"cpu", "cuda"}),
+    devices=frozenset({"cpu", "cuda"}), objectives=frozenset({"mntp", "simcse", "supervised", "d2llm", "teacher"}),
 ))

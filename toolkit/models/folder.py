@@ -48,6 +48,9 @@ def load_spec(spec_file: Path) -> EncoderSpec:
         data = json.loads(spec_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{spec_file}: invalid JSON ({exc})") from None
+    if isinstance(data, dict) and data.get("kind") == "teacher":
+        raise CheckpointError(f"{spec_file}: a fine-tuned teacher (a causal LLM folder), not an encoder; score "
+                              f"pairs with it: `embedforge teacher score --model {spec_file.parent}`")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{spec_file}: format_version={version!r}, this Embedforge reads {FORMAT_VERSION}")

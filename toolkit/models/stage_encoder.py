@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from toolkit.config import RunConfig
 from toolkit.errors import CheckpointError, MissingPathError
@@ -29,13 +30,13 @@ def previous_final(layout: RunLayout, cfg: RunConfig, index: int) -> Path:
 
 
 def merged_stage_encoder(cfg: RunConfig, index: int, layout: RunLayout, tensors: dict[str, torch.Tensor],
-                         source: str) -> Encoder:
+                         source: str) -> tuple[Encoder, nn.Module]:
     """Stage `index`'s starting model rebuilt in one process (base weights, previous stage merged, a
     fresh adapter), its trainable `tensors` loaded (names as in `encoder.named_parameters()`), the
-    adapter merged: what the stage's training produced, unsharded."""
+    adapter merged: what the stage's training produced, unsharded, with its frozen LM head."""
     stage = cfg.stages[index]
     needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)
-    encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
+    encoder, lm_head = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
     if index > 0:
         load_encoder_weights(encoder, previous_final(layout, cfg, index))
     if stage.objective.kind == "d2llm":
@@ -53,4 +54,4 @@ def merged_stage_encoder(cfg: RunConfig, index: int, layout: RunLayout, tensors:
                                   f"{tuple(params[name].shape)}")
             params[name].copy_(value)
     encoder.backbone = merge_lora(encoder.backbone)
-    return encoder
+    return encoder, lm_head

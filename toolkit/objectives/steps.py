@@ -10,6 +10,7 @@ when gradients accumulate, and reduces / partitions gradients in its backward).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -17,13 +18,15 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from toolkit.config import ConfigError, ObjectiveConfig, StageConfig
+from toolkit.config import ConfigError, ObjectiveConfig, StageConfig, TeacherObjectiveConfig
 from toolkit.errors import InputError
 from toolkit.models.encoder import Encoder
+from toolkit.models.yes_no import YesNoPrompter, instructed_query, last_position_hidden
 from toolkit.objectives.contrastive import GatherFn, simcse_loss, supervised_contrastive_loss
 from toolkit.objectives.distill import d2llm_loss
 from toolkit.objectives.gradcache import gradcache_backward
 from toolkit.objectives.mntp import NEW_MASK_TOKEN, MaskingSpec, mask_for_mntp, mntp_loss, resolve_mask_token
+from toolkit.objectives.reranker import listwise_loss, pointwise_loss
 
 
 def autograd_backward(loss: Tensor) -> None:
@@ -209,6 +212,58 @@ class D2LLMStep(_ContrastiveStep):
         return groups, loss_fn
 
 
+class TeacherStep(EngineHooks):
+    """Teacher fine-tuning (`objectives.reranker`): every (query, candidate) prompt through the causal
+    backbone, the yes / no logit at its last position, pointwise or listwise loss."""
+
+    def __init__(self, encoder: Encoder, lm_head: nn.Module, cfg: TeacherObjectiveConfig, max_length: int,
+                 precision: str):
+        self.encoder, self.lm_head, self.cfg, self.precision = encoder, lm_head, cfg, precision
+        # the stage's data.max_length bounds the prompt, as it will when the fine-tuned teacher scores
+        self.prompter = YesNoPrompter(encoder.tokenizer, dataclasses.replace(cfg.prompt, max_length=max_length))
+
+    def prepare(self, samples: list[dict]) -> dict[str, Tensor]:
+        """Prompts of every (query, candidate) pair, left-padded; pair labels and the [queries, candidates] layout."""
+        rows, counts = [], []
+        for s in samples:
+            candidates = (s["positive"], *s["negatives"])
+            if len(candidates) < 2:
+                raise InputError(f"teacher fine-tuning: sample {s.get('id', '?')!r} has no negatives; mine hard "
+                                 "negatives first (`embedforge data mine`)")
+            symmetric = s.get("task") in self.cfg.symmetric_tasks
+            query = instructed_query(s["query"], s.get("instruction"))
+            rows += [self.prompter.render(query, c, symmetric) for c in candidates]
+            counts.append(len(candidates))
+        ids, mask = self.prompter.left_pad(rows)
+        width = max(counts)
+        valid = torch.arange(width)[None] < torch.tensor(counts)[:, None]  # [queries, candidates]
+        labels = torch.zeros(len(samples), width)
+        labels[:, 0] = 1.0
+        return {"input_ids": ids, "attention_mask": mask, "valid": valid, "labels": labels[valid]}
+
+    def step(self, samples: list[dict], loss_scale: float) -> StepStats:
+        batch = self.prepare(samples)
+        loss = self.forward(self._loss, batch)
+        self.backward(loss * loss_scale)
+        return StepStats(float(loss.detach()), int(batch["attention_mask"].sum()))
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """(z_yes - z_no) / T of every pair, in the order of `prepare`'s rows."""
+        device = self.encoder.device
+        with autocast(self.precision, device):
+            last = last_position_hidden(self.encoder.backbone, batch["input_ids"], batch["attention_mask"])
+        direction = self.prompter.direction(self.lm_head.weight).detach().float().to(device)
+        return last.float() @ direction / self.cfg.prompt.temperature
+
+    def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        logits = self.logits(batch)
+        valid = batch["valid"].to(logits.device)
+        if self.cfg.loss == "pointwise":
+            return pointwise_loss(logits, batch["labels"].to(logits.device))
+        table = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device).masked_scatter(valid, logits)
+        return listwise_loss(table, valid)
+
+
 def mask_token_id(tokenizer, choice: str) -> int:
     """The MNTP mask id; `new` must already have been added (and embeddings resized) at model build."""
     if choice == "new":
@@ -218,7 +273,8 @@ def mask_token_id(tokenizer, choice: str) -> int:
     return resolve_mask_token(tokenizer, choice)[0]
 
 
-NEEDS_KIND = {"mntp": ("text",), "simcse": ("text",), "supervised": ("pair", "scored"), "d2llm": ("scored",)}
+NEEDS_KIND = {"mntp": ("text",), "simcse": ("text",), "supervised": ("pair", "scored"), "d2llm": ("scored",),
+              "teacher": ("pair", "scored")}
 
 
 def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, generator: torch.Generator,
@@ -244,4 +300,6 @@ def build_step(stage: StageConfig, encoder: Encoder, lm_head: nn.Module | None, 
         if encoder.iem is None:
             raise ValueError(f"stages.{stage.name}: objective d2llm needs the encoder's IEM (added by the engine)")
         return D2LLMStep(encoder, obj, stage.data.max_length, stage.precision)
+    if obj.kind == "teacher":
+        return TeacherStep(encoder, lm_head, obj.teacher, stage.data.max_length, stage.precision)
     return SupervisedStep(encoder, obj, stage.data.max_length, stage.precision, gather)

@@ -14,6 +14,7 @@ shard is built under a temporary name and renamed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.inference import MegatronForward
 from toolkit.errors import InputError
 from toolkit.models.loading import DTYPES, resolve_model_path
+from toolkit.models.teacher_folder import read_teacher_prompt
+from toolkit.models.yes_no import instructed_query
 from toolkit.teacher.megatron_teacher import MegatronTeacher
 from toolkit.teacher.scoring import Teacher, TeacherPrompt
 
@@ -79,6 +82,15 @@ class ScoreJob:
     def dims(self, world: int, rank: int) -> ParallelDims:
         """The world as teachers of tp x pp ranks each; refused unless tp x pp divides `world`."""
         return ParallelDims.model_parallel_groups(self.tp, self.pp, world, rank, what="teacher job")
+
+
+def resolve_prompt(model: str, prompt_file: str | None = None, **overrides) -> TeacherPrompt:
+    """The prompt a job scores with: `prompt_file`, else the one a fine-tuned teacher folder was trained
+    with, else the built-in; then the `overrides` that are not None (command-line flags)."""
+    path = resolve_model_path(model)
+    base = (TeacherPrompt.from_file(prompt_file) if prompt_file else None) or \
+        (read_teacher_prompt(path) if path.is_dir() else None) or TeacherPrompt()
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:
@@ -159,7 +171,7 @@ def _score_group(teacher, group: list[dict], group_id: str, symmetric: bool, job
     """Every pair one group's training step reads, scored in one call, back onto its samples."""
     queries, passages, where = [], [], []
     for i, s in enumerate(group):
-        query = (s["instruction"] + "\n" + s["query"]) if s.get("instruction") else s["query"]
+        query = instructed_query(s["query"], s.get("instruction"))
         for k, cand in enumerate([s["positive"], *s["negatives"]]):
             queries.append(query)
             passages.append(cand)

@@ -1,0 +1,73 @@
+"""A fine-tuned D2LLM teacher on disk: an HF causal-LM folder plus `embedforge.json` naming its prompt.
+
+`embedforge teacher score --model FOLDER` loads it like any LLM and reads the prompt it was trained
+with (templates, answer words, chat template or not, truncation length), so it is scored exactly as
+it learned. The LM head is written as its own tensor when it no longer equals the input embeddings
+(full fine-tuning of a tied model trains the embeddings; the head stayed a frozen copy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from toolkit.assets import resolve_model_path
+from toolkit.config import ModelConfig, TeacherPrompt, config_from_dict
+from toolkit.errors import CheckpointError
+from toolkit.models.folder import FORMAT_VERSION, SPEC_FILE
+from toolkit.models.loading import DTYPES
+
+TEACHER_KIND = "teacher"
+
+
+def save_teacher_folder(backbone: nn.Module, lm_head: nn.Module, tokenizer, model_cfg: ModelConfig,
+                        prompt: TeacherPrompt, folder: Path) -> Path:
+    """Write the teacher (merged `backbone` + frozen `lm_head`) atomically: a temporary sibling, renamed."""
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(resolve_model_path(model_cfg.path))
+    embeddings = backbone.get_input_embeddings().weight
+    tied = lm_head.weight.shape == embeddings.shape and torch.equal(lm_head.weight, embeddings)
+    config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False) and tied)
+    with torch.random.fork_rng():  # its random init is overwritten below
+        causal = AutoModelForCausalLM.from_config(config, dtype=DTYPES[model_cfg.dtype])
+    causal.resize_token_embeddings(embeddings.shape[0])
+    missing, unexpected = causal.get_decoder().load_state_dict(backbone.state_dict(), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: the trained backbone does not fit {model_cfg.path}'s causal LM "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if not config.tie_word_embeddings:
+        with torch.no_grad():
+            causal.get_output_embeddings().weight.copy_(lm_head.weight)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    causal.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    spec = {"format_version": FORMAT_VERSION, "kind": TEACHER_KIND, "prompt": asdict(prompt)}
+    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def is_teacher_folder(folder: Path) -> bool:
+    spec = Path(folder) / SPEC_FILE
+    if not spec.is_file():
+        return False
+    try:
+        return json.loads(spec.read_text()).get("kind") == TEACHER_KIND
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_teacher_prompt(folder: Path) -> TeacherPrompt | None:
+    """The prompt a fine-tuned teacher folder was trained with; None for any other model."""
+    if not is_teacher_folder(folder):
+        return None
+    spec = Path(folder) / SPEC_FILE
+    return config_from_dict(json.loads(spec.read_text())["prompt"], TeacherPrompt, source=f"{spec} (prompt)")
