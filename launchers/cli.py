@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from launchers import d2llm, evaluate, plan, search, submit, teacher
+from launchers.intermixed import take_overrides_anywhere
 from toolkit.errors import EmbedforgeError, InputError, MissingPathError, OutputError, PathExistsError
 
 EXIT_USAGE = 2
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun underneath); for several "
                    "nodes use `embedforge submit slurm|ray`")
     t.set_defaults(func=_cmd_train)
+    take_overrides_anywhere(t)
 
     e = sub.add_parser("encode", help="embed texts with a trained encoder")
     e.add_argument("--model", required=True, help="encoder folder (a stage's final/ or an export)")
@@ -250,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     q.add_argument("--resume", default="auto")
     q.set_defaults(func=_cmd_quickstart)
+    take_overrides_anywhere(q)
 
     d = sub.add_parser("data", help="build, verify and inspect sharded (WebDataset) datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -10,20 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Lets overrides follow the options (`plan CONFIG --gpus 8 parallel.tp=2`), not only precede them."""
-
-    _inner = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inner:  # parse_known_intermixed_args calls back into parse_known_args
-            return super().parse_known_args(args, namespace)
-        self._inner = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inner = False
+from launchers.intermixed import take_overrides_anywhere
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,8 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="--dry-run: largest relative difference from the plan that still passes (default 0.02)")
     p.set_defaults(func=run)
-    p.__class__ = _IntermixedParser  # subparsers build plain parsers; this one also takes overrides last
-    return p
+    return take_overrides_anywhere(p)
 
 
 def run(args: argparse.Namespace) -> int:

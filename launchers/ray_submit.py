@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from launchers.intermixed import take_overrides_anywhere
 from toolkit.errors import EmbedforgeError
 
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL", re.IGNORECASE)
@@ -138,4 +139,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--python", default="python", help="the cluster's Python with embedforge installed (default: python)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.set_defaults(func=run)
-    return p
+    return take_overrides_anywhere(p)

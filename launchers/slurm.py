@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from launchers.intermixed import take_overrides_anywhere
 from toolkit.errors import EmbedforgeError
 
 # Checked with fullmatch: `$` also matches before a trailing newline, which would start a new #SBATCH line.
@@ -287,7 +288,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=3, help="--launch ray: worker-group restarts")
     s.add_argument("--dry-run", action="store_true", help="print the script, queue nothing")
     s.set_defaults(func=run)
-    return s
+    return take_overrides_anywhere(s)
 
 
 def run(args: argparse.Namespace) -> int:

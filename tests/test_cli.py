@@ -90,3 +90,19 @@ def test_errors_are_one_clear_line(tiny_llama_dir, tmp_path, capsys):
     assert f"{bad}: a file, not a shard folder (data.path)" in capsys.readouterr().err
     assert main(["data", "build", "--input", str(bad), "--output", str(tmp_path / "bad-shards"), "--kind", "text"]) == 2
     assert f"{bad}:2" in capsys.readouterr().err and not (tmp_path / "bad-shards").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "r.yaml", "--resume", "never", "stages.mntp.steps=3", "seed=2"],
+    ["train", "r.yaml", "stages.mntp.steps=3", "--resume", "never", "seed=2"],
+    ["submit", "slurm", "r.yaml", "--nodes", "2", "stages.mntp.steps=3", "seed=2"],
+    ["submit", "ray", "r.yaml", "--workers", "2", "stages.mntp.steps=3", "seed=2"],
+    ["plan", "r.yaml", "--gpus", "8", "stages.mntp.steps=3", "seed=2"],
+    ["quickstart", "--resume", "never", "stages.mntp.steps=3", "seed=2"],
+    ["d2llm", "quickstart", "--resume", "never", "stages.mntp.steps=3", "seed=2"],
+])
+def test_overrides_are_taken_anywhere_on_the_line(argv):
+    from launchers.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.overrides == ["stages.mntp.steps=3", "seed=2"]

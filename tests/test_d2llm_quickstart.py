@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launchers.d2llm_quickstart import _heldout, _ranking, _spearman
+from launchers.d2llm_quickstart import _heldout, _random_ranking, _ranking, _spearman
 
 
 def test_ranking_metrics_column_zero_is_relevant():
@@ -15,6 +15,14 @@ def test_ranking_metrics_column_zero_is_relevant():
     assert m["mrr"] == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
     assert m["ndcg"] == pytest.approx((1 + 1 / np.log2(4) + 1 / np.log2(3)) / 3)
     assert m["top1"] == pytest.approx(1 / 3)
+    rr = np.array([1, 1 / 3, 1 / 2])
+    assert m["mrr_se"] == pytest.approx(rr.std(ddof=1) / np.sqrt(3))
+
+
+def test_random_order_expectation():
+    r = _random_ranking(64, 8)
+    assert r["mrr"] == pytest.approx(sum(1 / k for k in range(1, 9)) / 8)  # 0.3397: the README's "34.0"
+    assert r["top1"] == pytest.approx(1 / 8) and r["top1_se"] == pytest.approx(np.sqrt(1 / 8 * 7 / 8) / 8)
 
 
 def test_spearman_per_query_mean():

@@ -136,13 +136,37 @@ def test_resolve_mask_token():
     uid, added = resolve_mask_token(tok, "underscore")
     assert not added and tok.convert_ids_to_tokens(uid) == "_"
     assert resolve_mask_token(tok, "eos") == (tok.eos_token_id, False)
+    assert resolve_mask_token(tok, "auto") == (uid, False)  # the default: no mask token here, so "_"
 
     n = len(tok)
     mid, added = resolve_mask_token(tok, "new")
     assert added and mid == n and len(tok) == n + 1
     assert tok("a <mask> b", add_special_tokens=False)["input_ids"].count(mid) == 1
     assert resolve_mask_token(tok, "tokenizer") == (mid, False)
+    assert resolve_mask_token(tok, "auto") == (mid, False)  # now the tokenizer has one
     assert resolve_mask_token(tok, "new") == (mid, False)  # idempotent
+
+
+def test_default_mask_token_works_for_the_shipped_model_and_is_checked_before_loading(tmp_path):
+    """The default (auto) resolves for SmolLM2 (no mask token: "_"); a choice the tokenizer cannot
+    honour is refused by the pre-flight, naming the stage, before any weight is read."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import save_tiny_decoder
+    from toolkit.assets import resolve_model_path
+    from toolkit.config import MNTPConfig, config_from_dict
+    from toolkit.train import preflight
+
+    smol = AutoTokenizer.from_pretrained(resolve_model_path("asset:smollm2-135m-instruct"))
+    assert MNTPConfig().mask_token == "auto" and resolve_mask_token(smol, "auto") == (smol.convert_tokens_to_ids("_"), False)
+    model = save_tiny_decoder(tmp_path / "m")
+    (model / "model.safetensors").unlink()  # the check needs the tokenizer only
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "model": {"path": str(model)},
+                            "stages": [{"name": "mntp", "steps": 1, "data": {"path": "unused"},
+                                        "objective": {"kind": "mntp", "mntp": {"mask_token": "tokenizer"}}}]})
+    with pytest.raises(ValueError, match=r"^stages\.mntp\.objective\.mntp\.mask_token=tokenizer: this tokenizer has "
+                                         r"no mask token"):
+        preflight(cfg, check_data=False)
 
 
 def _word_tokenizer(model, pre_tokenizer):

@@ -82,7 +82,8 @@ class LoraConfig:
 class MNTPConfig:
     mask_probability: float = 0.2
     strategy: Literal["bert", "all_mask"] = "bert"  # bert = 80/10/10
-    mask_token: Literal["tokenizer", "underscore", "eos", "new"] = "tokenizer"
+    # auto: the tokenizer's mask token if it has one, else "_" (the reference's) if it is one token, else EOS
+    mask_token: Literal["auto", "tokenizer", "underscore", "eos", "new"] = "auto"
 
 
 @dataclass(kw_only=True)

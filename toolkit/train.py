@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from transformers import AutoTokenizer
 
 from data_pipelines.loader import StreamingLoader, open_dataset
 from toolkit.assets import model_config_file
@@ -50,6 +51,7 @@ from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, vali
 from toolkit.errors import CheckpointError, NonFiniteError
 from toolkit.models.arch import ModelArgs, read_model_args
 from toolkit.models.folder import SPEC_FILE
+from toolkit.objectives.mntp import resolve_mask_token
 from toolkit.run_layout import COMPLETE, FINAL_DIR, STOP_REQUEST, STOPPED, RunLayout, parse_step_dir
 from toolkit.run_settings import (
     check_changes,
@@ -271,7 +273,7 @@ class Trainer:
 
         _injected_failure(dims.rank, stage.name, "end")
         final = engine.end_stage(self.layout.final_dir(index, stage.name))
-        log.info("stage %s: done, merged encoder saved to %s", stage.name, final)
+        log.info("stage %s: done, merged model saved to %s", stage.name, final)
         return StageOutcome(stage.name, final, step, last_loss)
 
     # ------------------------------------------------------------------ helpers
@@ -492,6 +494,7 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
     data paths. Returns the model's ModelArgs when the engine needs them."""
     spec = engine_spec(cfg.engine)
     _check_context(cfg)
+    _check_mask_tokens(cfg)
     config_json = model_config_file(cfg.model.path) if spec.needs_model_args else None
     model_args = read_model_args(config_json) if config_json else None
     validate_run(cfg, model_args)
@@ -520,6 +523,24 @@ def _check_context(cfg: RunConfig) -> None:
         if value > context:
             raise ConfigError(f"{name}: {value} is longer than the model's context ({context} tokens, "
                               f"max_position_embeddings in {config_json})")
+
+
+def _check_mask_tokens(cfg: RunConfig) -> None:
+    """Each MNTP stage's mask token exists in the model's tokenizer (read alone, when the model is on disk):
+    a choice the tokenizer cannot honour fails here, not after the model has loaded."""
+    stages = [s for s in cfg.stages if s.objective.kind == "mntp"]
+    config_json = model_config_file(cfg.model.path) if stages else None
+    if config_json is None:
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config_json.parent)
+    except (OSError, ValueError):  # no (readable) tokenizer beside the config: the model loader reports it
+        return
+    for stage in stages:
+        try:
+            resolve_mask_token(tokenizer, stage.objective.mntp.mask_token)
+        except ConfigError as exc:
+            raise ConfigError(f"stages.{stage.name}.objective.{exc} ({config_json.parent})") from None
 
 
 def train(cfg: RunConfig, resume: Literal["auto", "never"] | str = "auto",

@@ -39,8 +39,17 @@ class MaskingSpec:
             raise ValueError(f"MaskingSpec.mask_token_id {self.mask_token_id} is outside the vocabulary ({self.vocab_size})")
 
 
-def resolve_mask_token(tokenizer, choice: Literal["tokenizer", "underscore", "eos", "new"]) -> tuple[int, bool]:
-    """(mask id, whether a token was added); after `new` the caller must resize the embeddings."""
+def resolve_mask_token(tokenizer, choice: Literal["auto", "tokenizer", "underscore", "eos", "new"]) -> tuple[int, bool]:
+    """(mask id, whether a token was added); after `new` the caller must resize the embeddings.
+    `auto` works for every tokenizer with an EOS (METHODS.md 1.2): its own mask token, else `_`, else EOS."""
+    if choice == "auto":
+        for fallback in ("tokenizer", "underscore", "eos"):
+            try:
+                return resolve_mask_token(tokenizer, fallback)
+            except ConfigError:
+                continue
+        raise ConfigError("mntp.mask_token=auto: this tokenizer has no mask token, no single-token '_' and no EOS; "
+                          "use mask_token: new")
     if choice == "tokenizer":
         if tokenizer.mask_token_id is None:
             raise ConfigError(f"mntp.mask_token=tokenizer: this tokenizer has no mask token; {_ALTERNATIVES}")
@@ -66,7 +75,7 @@ def resolve_mask_token(tokenizer, choice: Literal["tokenizer", "underscore", "eo
         else:  # keep the tokenizer's own mask token registered; ours is just an extra special token
             tokenizer.add_tokens([NEW_MASK_TOKEN], special_tokens=True)
         return tokenizer.convert_tokens_to_ids(NEW_MASK_TOKEN), True
-    raise ConfigError(f"mntp.mask_token must be tokenizer, underscore, eos or new; got {choice!r}")
+    raise ConfigError(f"mntp.mask_token must be auto, tokenizer, underscore, eos or new; got {choice!r}")
 
 
 def mask_for_mntp(input_ids: Tensor, attention_mask: Tensor, spec: MaskingSpec,
