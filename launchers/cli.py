@@ -28,6 +28,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from toolkit.run_layout import STOPPED
     from toolkit.train import preflight, run_recipe
 
+    swallowed = [k for k in args.resume_with_changes if "=" in k]
+    if swallowed:  # `--resume-with-changes a.b c.d=1`: the override would be read as a key and never applied
+        raise InputError(f"--resume-with-changes {' '.join(swallowed)}: takes setting names, not overrides; put "
+                         "key=value overrides before --resume-with-changes")
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from toolkit.distributed.parallel_dims import ParallelDims
@@ -121,12 +125,15 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from toolkit.engines.export import consolidate
+    from toolkit.models.teacher_folder import is_teacher_folder
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise PathExistsError(f"{out}: already exists; pass --overwrite to replace it")
     consolidate(Path(args.checkpoint), out)
-    print(f"exported {args.checkpoint} -> {out} (load with Encoder.from_pretrained or SentenceTransformer)")
+    use = ("score pairs with `embedforge teacher score --model`" if is_teacher_folder(out)
+           else "load with Encoder.from_pretrained or SentenceTransformer")
+    print(f"exported {args.checkpoint} -> {out} ({use})")
     return 0
 
 

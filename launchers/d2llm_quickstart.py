@@ -43,7 +43,7 @@ def _prepare_pairs(data: Path, n_train: int) -> Path:
     if (mined / "manifest.json").is_file():
         return mined
     data.mkdir(parents=True, exist_ok=True)
-    raw = data / "pairs.jsonl"
+    raw = data / "pairs.jsonl"  # `data` is per training-set size: another --train-queries builds its own
     raw.write_text("".join(json.dumps(p) + "\n" for p in wordnet_training_pairs(n_train)))
     if not (data / "pairs" / "manifest.json").is_file():
         build_shards([str(raw)], data / "pairs", "pair")
@@ -53,17 +53,17 @@ def _prepare_pairs(data: Path, n_train: int) -> Path:
 
 def _score(teacher: Path, mined: Path, scored: Path, group: int, log) -> Path:
     """The teacher's scores of every pair the student reads (`teacher score`, resumable)."""
-    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local, teacher_defaults
 
-    if (scored / "manifest.json").is_file():
-        return scored
+    trained = teacher_defaults(str(teacher))
     job = ScoreJob(model=str(teacher), input=str(mined), output=str(scored), group_size=group,
-                   prompt=resolve_prompt(str(teacher)))
-    t0 = time.perf_counter()
-    run_local(job)
+                   prompt=resolve_prompt(str(teacher)), symmetric_tasks=trained[1] if trained else [])
+    if pending_shards(job)[1]:  # (refuses an output scored with other settings: another teacher)
+        t0 = time.perf_counter()
+        run_local(job)
+        log(f"teacher scored the training pairs in {time.perf_counter() - t0:.0f} s")
     if finish(job, pending_shards(job)[0]) is None:
         raise EmbedforgeError(f"{scored}: teacher scoring did not finish")
-    log(f"teacher scored the training pairs in {time.perf_counter() - t0:.0f} s")
     return scored
 
 
@@ -182,7 +182,7 @@ def run_d2llm_quickstart(config: Path, overrides: list[str], *, teacher_config: 
     cfg = load_config(config, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
+    data = out / f"data-{n_train}"
     mined = _prepare_pairs(data, n_train)
     teacher_cfg = load_config(teacher_config, [f"output_dir={out / 'teacher'}",
                                                f"stages.0.data.path={mined}"])

@@ -23,7 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=int, default=8, help="queries per planned batch (in-batch pairs scored)")
     s.add_argument("--batch-size", type=int, default=16, help="pairs per teacher forward")
     s.add_argument("--features", action="store_true", help="also store teacher features (feature imitation)")
-    s.add_argument("--symmetric-tasks", default="", help="comma-separated tasks scored with the symmetric template")
+    s.add_argument("--symmetric-tasks", default=None,
+                   help="comma-separated tasks scored with the symmetric template (default: a fine-tuned teacher's "
+                        "own, else none)")
     s.add_argument("--prompt", default=None, metavar="FILE",
                    help="YAML/JSON prompt: templates, yes/no words, chat, answer_prefix, max_length (e.g. an LLM "
                         "reranker's own format); default: a fine-tuned teacher folder's own prompt, else the built-in")
@@ -49,13 +51,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from toolkit.distributed.parallel_dims import init_distributed
     from toolkit.errors import InputError
-    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local, teacher_defaults
 
     prompt = resolve_prompt(args.model, args.prompt, yes=args.yes, no=args.no, chat=args.chat,
                             max_length=args.max_length)
+    trained = teacher_defaults(args.model)
+    symmetric = ([t for t in args.symmetric_tasks.split(",") if t] if args.symmetric_tasks is not None
+                 else trained[1] if trained else [])
     job = ScoreJob(model=args.model, input=args.input, output=args.output, group_size=args.group_size,
                    batch_size=args.batch_size, features=args.features, prompt=prompt,
-                   symmetric_tasks=[t for t in args.symmetric_tasks.split(",") if t], dtype=args.dtype,
+                   symmetric_tasks=symmetric, dtype=args.dtype,
                    device=args.device, tp=args.tp, pp=args.pp)
     if args.ray and job.model_parallel:
         raise InputError("teacher score --ray with --tp / --pp: a Ray scoring worker is one process; run a "

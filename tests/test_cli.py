@@ -106,3 +106,11 @@ def test_overrides_are_taken_anywhere_on_the_line(argv):
 
     args = build_parser().parse_args(argv)
     assert args.overrides == ["stages.mntp.steps=3", "seed=2"]
+
+
+def test_an_override_after_resume_with_changes_is_refused_not_swallowed(capsys):
+    from launchers.cli import main
+
+    assert main(["train", "r.yaml", "--resume-with-changes", "stages.mntp.optimizer.lr", "seed=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume-with-changes seed=2: takes setting names, not overrides" in err and "\n" not in err

@@ -16,7 +16,7 @@ import yaml
 from tests.helpers import EMBEDFORGE, run_config, run_embedforge, subprocess_env
 from toolkit.config import ConfigError, load_config, to_dict
 from toolkit.errors import CheckpointError
-from toolkit.run_settings import stage_fingerprint
+from toolkit.run_settings import settings_changes, stage_fingerprint
 from toolkit.train import StopFlag, Trainer
 
 
@@ -163,3 +163,22 @@ def test_ctrl_c_saves_a_checkpoint_and_auto_resume_continues(tiny_llama_dir, tmp
     trainer = Trainer(load_config(recipe), resume="auto")
     trainer.stop_after_steps = 1
     assert trainer.run()[0].steps_done == saved + 1
+
+
+def test_checkpoint_from_before_a_setting_existed_resumes_while_it_is_default(tiny_llama_dir, tmp_path):
+    """A setting added after a checkpoint was written (here the teacher objective's and data.pack) is
+    missing from its meta.json: no change while it holds its default, a refused change otherwise."""
+    cfg = stopped_run(tmp_path, tiny_llama_dir)
+    meta_file = tmp_path / "run" / "00-mntp" / "step-3" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    added = [k for k in meta["settings"] if ".objective.teacher." in k or k.endswith(".data.pack")]
+    assert added
+    meta["settings"] = {k: v for k, v in meta["settings"].items() if k not in added}
+    meta_file.write_text(json.dumps(meta))
+    saved = meta["settings"]
+    assert settings_changes(saved, {**saved, "stages.mntp.data.pack": False}) == []
+    assert settings_changes(saved, {**saved, "stages.mntp.data.pack": True}) == [
+        {"key": "stages.mntp.data.pack", "from": None, "to": True}]
+    trainer = Trainer(cfg)
+    trainer.stop_after_steps = 1
+    assert trainer.run()[0].steps_done == 4

@@ -88,6 +88,10 @@ def test_teacher_recipes_are_causal_and_alone():
                                                    "objective": {"kind": "simcse"}}]}
     with pytest.raises(ValueError, match=r"stages: \['t'\] fine-tune a teacher"):
         config_from_dict(mixed)
+    two = {**base, "stages": [*base["stages"], {"name": "u", "steps": 1, "data": {"path": "d"},
+                                                 "objective": {"kind": "teacher"}}]}
+    with pytest.raises(ValueError, match=r"stages: \['t', 'u'\]: a teacher recipe has one teacher stage"):
+        config_from_dict(two)
     with pytest.raises(ValueError, match="engine=megatron trains"):
         from toolkit.engines.spec import validate_run
 
@@ -115,6 +119,12 @@ def test_prompt_file_verbatim_reranker_format(teacher_dir, tmp_path):
     assert prompter.yes_id == tok.encode(YES, add_special_tokens=False)[0]
     with pytest.raises(ValueError, match=r"no-such\.yaml: no such prompt file"):
         TeacherPrompt.from_file(tmp_path / "no-such.yaml")
+    # a recipe's prompt_file is read once: the run records the prompt itself (an edited file changes nothing)
+    from toolkit.config import TeacherObjectiveConfig, to_dict
+
+    cfg = config_from_dict({"prompt_file": str(file)}, TeacherObjectiveConfig)
+    assert cfg.prompt == prompt and cfg.prompt_file == ""
+    assert config_from_dict(to_dict(cfg), TeacherObjectiveConfig).prompt == prompt
 
 
 # ------------------------------------------------------------------------------------------ slow
@@ -125,7 +135,7 @@ def _recipe(tmp_path: Path, teacher_dir: Path, pairs: Path) -> Path:
                                                                    "max_length": 256},
         "stages": [{"name": "teacher", "steps": 4, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
                     "data": {"path": str(pairs), "batch_size": 2, "max_length": 256},
-                    "objective": {"kind": "teacher", "teacher": {"loss": "listwise",
+                    "objective": {"kind": "teacher", "teacher": {"loss": "listwise", "symmetric_tasks": ["t2"],
                                                                  "prompt": {"yes": YES, "no": NO}}},
                     "optimizer": {"lr": 5e-3}}],
         "checkpoint": {"every_steps": 2, "keep_last": 2},
@@ -161,6 +171,7 @@ def test_teacher_finetunes_resumes_and_scores_everywhere(teacher_dir, pairs, tmp
     # the folder: an HF causal LM with its prompt; not an encoder
     spec = json.loads((final / "embedforge.json").read_text())
     assert spec["kind"] == "teacher" and spec["prompt"]["yes"] == YES and spec["prompt"]["max_length"] == 256
+    assert spec["symmetric_tasks"] == ["t2"]
     with pytest.raises(ValueError, match="a fine-tuned teacher .*`embedforge teacher score --model"):
         Encoder.from_pretrained(final)
     reference = Teacher(AutoModelForCausalLM.from_pretrained(final), AutoTokenizer.from_pretrained(final),
@@ -171,7 +182,7 @@ def test_teacher_finetunes_resumes_and_scores_everywhere(teacher_dir, pairs, tmp
 
         return read_all(out)
 
-    # `teacher score` reads the folder's own prompt (no --yes / --no given): local, torchrun, Ray
+    # `teacher score` reads the folder's own prompt and symmetric tasks (no flags given): local, torchrun, Ray
     common = ["teacher", "score", "--model", str(final), "--input", str(pairs), "--group-size", "3"]
     local = run_embedforge(*common, "--output", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-3000:]
@@ -185,7 +196,7 @@ def test_teacher_finetunes_resumes_and_scores_everywhere(teacher_dir, pairs, tmp
     for key, sample in rows["local"].items():
         query = f"{sample['instruction']}\n{sample['query']}" if sample.get("instruction") else sample["query"]
         cands = [sample["positive"], *sample["negatives"]]
-        want_scores, _ = reference.score([query] * len(cands), cands, False)
+        want_scores, _ = reference.score([query] * len(cands), cands, sample["task"] == "t2")
         assert sample["scores"] == pytest.approx(want_scores.tolist(), abs=1e-5), key
         for other in ("ranks", "ray"):
             assert rows[other][key]["scores"] == pytest.approx(sample["scores"], abs=1e-6), (other, key)

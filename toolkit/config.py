@@ -169,12 +169,13 @@ class TeacherObjectiveConfig:
 
     loss: Literal["pointwise", "listwise"] = "pointwise"
     prompt: TeacherPrompt = field(default_factory=TeacherPrompt)
-    prompt_file: str = ""  # a TeacherPrompt file, instead of `prompt` (its max_length: the stage's data.max_length)
+    prompt_file: str = ""  # a TeacherPrompt file read into `prompt` when the recipe loads (max_length: data.max_length)
     symmetric_tasks: list[str] = field(default_factory=list)  # a sample's task here: the symmetric template
 
     def __post_init__(self) -> None:
-        if self.prompt_file:
+        if self.prompt_file:  # read once: the run's config.yaml records the prompt itself, not the file
             self.prompt = TeacherPrompt.from_file(self.prompt_file)
+            self.prompt_file = ""
 
 
 @dataclass(kw_only=True)
@@ -439,6 +440,9 @@ class RunConfig:
         if teachers and len(teachers) != len(self.stages):
             raise ConfigError(f"stages: {teachers} fine-tune a teacher (objective.kind=teacher), the others an encoder; "
                               "a recipe trains one of the two (the D2LLM student is its own recipe)")
+        if len(teachers) > 1:
+            raise ConfigError(f"stages: {teachers}: a teacher recipe has one teacher stage (its folder is a causal LM, "
+                              "not the start of another stage); fine-tune further from it in a new recipe")
         if teachers and self.model.bidirectional:
             raise ConfigError("model.bidirectional: a teacher (objective.kind=teacher) is the causal LLM; set "
                               "model.bidirectional: false")

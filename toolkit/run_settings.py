@@ -6,9 +6,11 @@ refused resume names each differing key; `--resume-with-changes KEY...` lists th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import typing
 from dataclasses import asdict
 from typing import Any, Sequence
 
@@ -54,9 +56,50 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
-    """[{key, from, to}] for every key whose value differs (a missing key reads as None)."""
+    """[{key, from, to}] for every key whose value differs (a missing key reads as None). A setting
+    added to Embedforge after `old` was recorded is no change while it holds its default: the older
+    run trained as the default does (a checkpoint stays resumable across an upgrade)."""
     return [{"key": k, "from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new))
-            if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+            if json.dumps(old.get(k)) != json.dumps(new.get(k))
+            and not (k not in old and _is_default(k, new.get(k)))]
+
+
+def _is_default(key: str, value: Any) -> bool:
+    default = setting_default(key)
+    return default is not _NO_DEFAULT and json.dumps(value) == json.dumps(default)
+
+
+_NO_DEFAULT = object()
+
+
+def setting_default(key: str) -> Any:
+    """The default of a flat setting name (`stages.<name>.objective.teacher.loss`, `model.dtype`), from
+    the config dataclasses; a sentinel when the field is unknown or required."""
+    parts = key.split(".")
+    cls: Any = RunConfig
+    if parts[0] == "stages" and len(parts) > 2:
+        cls, parts = StageConfig, parts[2:]  # the stage's name is a key, not a field
+    for i, name in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return _NO_DEFAULT
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            return _NO_DEFAULT
+        f = fields[name]
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:  # required here: its default can only come from deeper down
+            cls = typing.get_type_hints(cls)[name]
+            continue
+        for rest in parts[i + 1:]:
+            if not dataclasses.is_dataclass(value) or not hasattr(value, rest):
+                return _NO_DEFAULT
+            value = getattr(value, rest)
+        value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return json.loads(json.dumps(value, default=str))
+    return _NO_DEFAULT
 
 
 def describe_change(change: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ it whole while it loads, at the first stage or at a later stage's start.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -193,6 +194,9 @@ class DeepSpeedEngine(HFEngine):
         """A fresh model with the finished stage's merged weights (ZeRO-3 left the last one partitioned
         and hooked); at ZeRO-3 built partitioned again and filled from rank 0's read of the folder."""
         self._release()
+        self.encoder = self.lm_head = self.step_fn = None  # the old partitions go before the new ones are built
+        self.params = {}
+        gc.collect()
         self._building = self._stage_after(final_dir)
         self._build_encoder()
         if self.cfg.zero.stage != 3:

@@ -181,7 +181,8 @@ def save_stage_output(cfg: RunConfig, stage: StageConfig, encoder: Encoder, lm_h
     if stage.objective.kind != "teacher":
         return encoder.save_pretrained(folder)
     prompt = dataclasses.replace(stage.objective.teacher.prompt, max_length=stage.data.max_length)
-    return save_teacher_folder(encoder.backbone, lm_head, encoder.tokenizer, cfg.model, prompt, folder)
+    return save_teacher_folder(encoder.backbone, lm_head, encoder.tokenizer, cfg.model, prompt, folder,
+                               stage.objective.teacher.symmetric_tasks)
 
 
 def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:

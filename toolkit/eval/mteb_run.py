@@ -161,8 +161,8 @@ def load_model(spec: str, *, instructions: Instructions | str | Path | None = No
     `tp` x `pp` > 1 (every rank of the process group calling this alike): each group of tp x pp ranks
     holds the backbone as megatron stages (`MegatronEncoder`: each rank reads only its slices) and the
     texts are sharded over the groups. A step-N/ is first written as an encoder folder in `work_dir`
-    by one rank, streamed unit by unit (`consolidated_folder`: a megatron checkpoint's export holds
-    at most two layers at a time, never the model), then loaded as stages like any folder."""
+    by one rank (`consolidated_folder`: a megatron checkpoint is streamed a unit at a time, at most two
+    layers in memory; an hf / deepspeed one is rebuilt whole in that process), then loaded as stages."""
     table = instructions if isinstance(instructions, Instructions) else Instructions(instructions)
     dims = _model_parallel_dims(spec, tp, pp)
     if spec == MINILM:

@@ -9,7 +9,6 @@ it learned. The LM head is written as its own tensor when it no longer equals th
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from toolkit.assets import resolve_model_path
+from toolkit.atomic import atomic_dir
 from toolkit.config import ModelConfig, TeacherPrompt, config_from_dict
 from toolkit.errors import CheckpointError
 from toolkit.models.folder import FORMAT_VERSION, SPEC_FILE
@@ -27,8 +27,9 @@ TEACHER_KIND = "teacher"
 
 
 def save_teacher_folder(backbone: nn.Module, lm_head: nn.Module, tokenizer, model_cfg: ModelConfig,
-                        prompt: TeacherPrompt, folder: Path) -> Path:
-    """Write the teacher (merged `backbone` + frozen `lm_head`) atomically: a temporary sibling, renamed."""
+                        prompt: TeacherPrompt, folder: Path, symmetric_tasks: list[str] | None = None) -> Path:
+    """Write the teacher (merged `backbone` + frozen `lm_head`) atomically (`atomic_dir`), with the prompt
+    and the tasks it reads with the symmetric template."""
     folder = Path(folder)
     config = AutoConfig.from_pretrained(resolve_model_path(model_cfg.path))
     embeddings = backbone.get_input_embeddings().weight
@@ -44,14 +45,12 @@ def save_teacher_folder(backbone: nn.Module, lm_head: nn.Module, tokenizer, mode
     if not config.tie_word_embeddings:
         with torch.no_grad():
             causal.get_output_embeddings().weight.copy_(lm_head.weight)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    causal.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    spec = {"format_version": FORMAT_VERSION, "kind": TEACHER_KIND, "prompt": asdict(prompt)}
-    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        causal.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        spec = {"format_version": FORMAT_VERSION, "kind": TEACHER_KIND, "prompt": asdict(prompt),
+                "symmetric_tasks": list(symmetric_tasks or [])}
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     return folder
 
 
@@ -65,9 +64,11 @@ def is_teacher_folder(folder: Path) -> bool:
         return False
 
 
-def read_teacher_prompt(folder: Path) -> TeacherPrompt | None:
-    """The prompt a fine-tuned teacher folder was trained with; None for any other model."""
+def read_teacher_spec(folder: Path) -> tuple[TeacherPrompt, list[str]] | None:
+    """(prompt, symmetric tasks) a fine-tuned teacher folder was trained with; None for any other model."""
     if not is_teacher_folder(folder):
         return None
     spec = Path(folder) / SPEC_FILE
-    return config_from_dict(json.loads(spec.read_text())["prompt"], TeacherPrompt, source=f"{spec} (prompt)")
+    data = json.loads(spec.read_text())
+    prompt = config_from_dict(data["prompt"], TeacherPrompt, source=f"{spec} (prompt)")
+    return prompt, [str(t) for t in data.get("symmetric_tasks", [])]

@@ -7,7 +7,7 @@ the query to `max_query_tokens`, so the question at the end is never cut off) an
 tokens. Batches are left-padded so the last position is every row's; only that position's hidden state
 is projected, and only onto the yes / no rows of the LM head (the [b, s, V] logits are never built).
 The teacher that scores (toolkit.teacher.scoring) and the stage that fine-tunes it
-(toolkit.objectives.teacher_step) read pairs through this one module, so a fine-tuned teacher is
+(toolkit.objectives.steps.TeacherStep) read pairs through this one module, so a fine-tuned teacher is
 scored exactly as it was trained.
 """
 

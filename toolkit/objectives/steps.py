@@ -226,10 +226,7 @@ class TeacherStep(EngineHooks):
         """Prompts of every (query, candidate) pair, left-padded; pair labels and the [queries, candidates] layout."""
         rows, counts = [], []
         for s in samples:
-            candidates = (s["positive"], *s["negatives"])
-            if len(candidates) < 2:
-                raise InputError(f"teacher fine-tuning: sample {s.get('id', '?')!r} has no negatives; mine hard "
-                                 "negatives first (`embedforge data mine`)")
+            candidates = (s["positive"], *s["negatives"])  # none: its positive alone (a listwise loss of 0)
             symmetric = s.get("task") in self.cfg.symmetric_tasks
             query = instructed_query(s["query"], s.get("instruction"))
             rows += [self.prompter.render(query, c, symmetric) for c in candidates]

@@ -33,7 +33,7 @@ from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.inference import MegatronForward
 from toolkit.errors import InputError
 from toolkit.models.loading import DTYPES, resolve_model_path
-from toolkit.models.teacher_folder import read_teacher_prompt
+from toolkit.models.teacher_folder import read_teacher_spec
 from toolkit.models.yes_no import instructed_query
 from toolkit.teacher.megatron_teacher import MegatronTeacher
 from toolkit.teacher.scoring import Teacher, TeacherPrompt
@@ -87,10 +87,17 @@ class ScoreJob:
 def resolve_prompt(model: str, prompt_file: str | None = None, **overrides) -> TeacherPrompt:
     """The prompt a job scores with: `prompt_file`, else the one a fine-tuned teacher folder was trained
     with, else the built-in; then the `overrides` that are not None (command-line flags)."""
-    path = resolve_model_path(model)
+    trained = teacher_defaults(model)
     base = (TeacherPrompt.from_file(prompt_file) if prompt_file else None) or \
-        (read_teacher_prompt(path) if path.is_dir() else None) or TeacherPrompt()
+        (trained[0] if trained else None) or TeacherPrompt()
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def teacher_defaults(model: str) -> tuple[TeacherPrompt, list[str]] | None:
+    """(prompt, symmetric tasks) of a fine-tuned teacher folder, so it scores as it was trained; None
+    for any other model."""
+    path = resolve_model_path(model)
+    return read_teacher_spec(path) if path.is_dir() else None
 
 
 def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:

@@ -22,7 +22,7 @@ def validate(cfg: RunConfig, args: ModelArgs | None) -> None:
         where = f"stages[{index}] ({stage.name})"
         if stage.objective.kind == "mntp" and stage.objective.mntp.mask_token == "new":
             raise ConfigError(f"{where}: engine=megatron: mntp.mask_token=new (resizing the vocabulary) is not "
-                              "supported; use mask_token: underscore, eos or tokenizer")
+                              "supported; use mask_token: auto, underscore, eos or tokenizer")
         if not stage.lora.enabled and cfg.model.dtype == "bfloat16" and not cfg.parallel.distributed_optimizer:
             raise ConfigError(f"{where}.lora.enabled=false with model.dtype=bfloat16: full fine-tuning needs fp32 "
                               "master weights, which engine=megatron keeps only with parallel.distributed_optimizer="
