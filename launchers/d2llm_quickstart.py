@@ -53,11 +53,11 @@ def _prepare_pairs(data: Path, n_train: int) -> Path:
 
 def _score(teacher: Path, mined: Path, scored: Path, group: int, log) -> Path:
     """The teacher's scores of every pair the student reads (`teacher score`, resumable)."""
-    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local, teacher_defaults
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local, teacher_settings
 
-    trained = teacher_defaults(str(teacher))
-    job = ScoreJob(model=str(teacher), input=str(mined), output=str(scored), group_size=group,
-                   prompt=resolve_prompt(str(teacher)), symmetric_tasks=trained[1] if trained else [])
+    prompt, symmetric = teacher_settings(str(teacher))
+    job = ScoreJob(model=str(teacher), input=str(mined), output=str(scored), group_size=group, prompt=prompt,
+                   symmetric_tasks=symmetric)
     if pending_shards(job)[1]:  # (refuses an output scored with other settings: another teacher)
         t0 = time.perf_counter()
         run_local(job)
@@ -155,11 +155,11 @@ def _teacher_scores(folder: Path, evalset: list[dict], instruction: str) -> tupl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from toolkit.models.yes_no import instructed_query
-    from toolkit.teacher.job import resolve_prompt
+    from toolkit.teacher.job import teacher_settings
     from toolkit.teacher.scoring import Teacher
 
     llm = AutoModelForCausalLM.from_pretrained(folder)
-    teacher = Teacher(llm, AutoTokenizer.from_pretrained(folder), resolve_prompt(str(folder)))
+    teacher = Teacher(llm, AutoTokenizer.from_pretrained(folder), teacher_settings(str(folder))[0])
     queries = [instructed_query(e["query"], instruction) for e in evalset for _ in e["candidates"]]
     passages = [c for e in evalset for c in e["candidates"]]
     t0 = time.perf_counter()

@@ -51,13 +51,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from toolkit.distributed.parallel_dims import init_distributed
     from toolkit.errors import InputError
-    from toolkit.teacher.job import ScoreJob, finish, pending_shards, resolve_prompt, run_local, teacher_defaults
+    from toolkit.teacher.job import ScoreJob, finish, pending_shards, run_local, teacher_settings
 
-    prompt = resolve_prompt(args.model, args.prompt, yes=args.yes, no=args.no, chat=args.chat,
-                            max_length=args.max_length)
-    trained = teacher_defaults(args.model)
-    symmetric = ([t for t in args.symmetric_tasks.split(",") if t] if args.symmetric_tasks is not None
-                 else trained[1] if trained else [])
+    symmetric = [t for t in args.symmetric_tasks.split(",") if t] if args.symmetric_tasks is not None else None
+    prompt, symmetric = teacher_settings(args.model, args.prompt, symmetric, yes=args.yes, no=args.no,
+                                         chat=args.chat, max_length=args.max_length)
     job = ScoreJob(model=args.model, input=args.input, output=args.output, group_size=args.group_size,
                    batch_size=args.batch_size, features=args.features, prompt=prompt,
                    symmetric_tasks=symmetric, dtype=args.dtype,

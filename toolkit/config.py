@@ -172,6 +172,10 @@ class TeacherObjectiveConfig:
     prompt_file: str = ""  # a TeacherPrompt file read into `prompt` when the recipe loads (max_length: data.max_length)
     symmetric_tasks: list[str] = field(default_factory=list)  # a sample's task here: the symmetric template
 
+    def stage_prompt(self, max_length: int) -> TeacherPrompt:
+        """The prompt a teacher stage trains with and its folder records: its stage's data.max_length bounds it."""
+        return dataclasses.replace(self.prompt, max_length=max_length)
+
     def __post_init__(self) -> None:
         if self.prompt_file:  # read once: the run's config.yaml records the prompt itself, not the file
             self.prompt = TeacherPrompt.from_file(self.prompt_file)

@@ -9,7 +9,6 @@ its overlap), so dp ranks equal one process accumulating their shards.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -180,9 +179,9 @@ def save_stage_output(cfg: RunConfig, stage: StageConfig, encoder: Encoder, lm_h
     that `teacher score` reads with the stage's prompt."""
     if stage.objective.kind != "teacher":
         return encoder.save_pretrained(folder)
-    prompt = dataclasses.replace(stage.objective.teacher.prompt, max_length=stage.data.max_length)
-    return save_teacher_folder(encoder.backbone, lm_head, encoder.tokenizer, cfg.model, prompt, folder,
-                               stage.objective.teacher.symmetric_tasks)
+    teacher = stage.objective.teacher
+    return save_teacher_folder(encoder.backbone, lm_head, encoder.tokenizer, cfg.model,
+                               teacher.stage_prompt(stage.data.max_length), folder, teacher.symmetric_tasks)
 
 
 def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Path:

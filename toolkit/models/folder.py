@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from toolkit.models.pooling import Pooling
 
 SPEC_FILE = "embedforge.json"
+TEACHER_KIND = "teacher"  # embedforge.json's `kind` in a fine-tuned teacher's folder (models/teacher_folder.py)
 FORMAT_VERSION = 1
 IEM_FILE = "iem.safetensors"
 BACKBONE_FILE = "model.safetensors"
@@ -48,7 +49,7 @@ def load_spec(spec_file: Path) -> EncoderSpec:
         data = json.loads(spec_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{spec_file}: invalid JSON ({exc})") from None
-    if isinstance(data, dict) and data.get("kind") == "teacher":
+    if isinstance(data, dict) and data.get("kind") == TEACHER_KIND:
         raise CheckpointError(f"{spec_file}: a fine-tuned teacher (a causal LLM folder), not an encoder; score "
                               f"pairs with it: `embedforge teacher score --model {spec_file.parent}`")
     version = data.get("format_version")

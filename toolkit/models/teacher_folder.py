@@ -20,10 +20,8 @@ from toolkit.assets import resolve_model_path
 from toolkit.atomic import atomic_dir
 from toolkit.config import ModelConfig, TeacherPrompt, config_from_dict
 from toolkit.errors import CheckpointError
-from toolkit.models.folder import FORMAT_VERSION, SPEC_FILE
+from toolkit.models.folder import FORMAT_VERSION, SPEC_FILE, TEACHER_KIND
 from toolkit.models.loading import DTYPES
-
-TEACHER_KIND = "teacher"
 
 
 def save_teacher_folder(backbone: nn.Module, lm_head: nn.Module, tokenizer, model_cfg: ModelConfig,
@@ -55,20 +53,24 @@ def save_teacher_folder(backbone: nn.Module, lm_head: nn.Module, tokenizer, mode
 
 
 def is_teacher_folder(folder: Path) -> bool:
-    spec = Path(folder) / SPEC_FILE
-    if not spec.is_file():
-        return False
-    try:
-        return json.loads(spec.read_text()).get("kind") == TEACHER_KIND
-    except (json.JSONDecodeError, AttributeError):
-        return False
+    return _teacher_spec(folder) is not None
 
 
 def read_teacher_spec(folder: Path) -> tuple[TeacherPrompt, list[str]] | None:
     """(prompt, symmetric tasks) a fine-tuned teacher folder was trained with; None for any other model."""
-    if not is_teacher_folder(folder):
+    data = _teacher_spec(folder)
+    if data is None:
         return None
-    spec = Path(folder) / SPEC_FILE
-    data = json.loads(spec.read_text())
-    prompt = config_from_dict(data["prompt"], TeacherPrompt, source=f"{spec} (prompt)")
+    prompt = config_from_dict(data["prompt"], TeacherPrompt, source=f"{Path(folder) / SPEC_FILE} (prompt)")
     return prompt, [str(t) for t in data.get("symmetric_tasks", [])]
+
+
+def _teacher_spec(folder: Path) -> dict | None:
+    spec = Path(folder) / SPEC_FILE
+    if not spec.is_file():
+        return None
+    try:
+        data = json.loads(spec.read_text())
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data.get("kind") == TEACHER_KIND else None

@@ -10,7 +10,6 @@ when gradients accumulate, and reduces / partitions gradients in its backward).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -220,7 +219,7 @@ class TeacherStep(EngineHooks):
                  precision: str):
         self.encoder, self.lm_head, self.cfg, self.precision = encoder, lm_head, cfg, precision
         # the stage's data.max_length bounds the prompt, as it will when the fine-tuned teacher scores
-        self.prompter = YesNoPrompter(encoder.tokenizer, dataclasses.replace(cfg.prompt, max_length=max_length))
+        self.prompter = YesNoPrompter(encoder.tokenizer, cfg.stage_prompt(max_length))
 
     def prepare(self, samples: list[dict]) -> dict[str, Tensor]:
         """Prompts of every (query, candidate) pair, left-padded; pair labels and the [queries, candidates] layout."""

@@ -84,20 +84,17 @@ class ScoreJob:
         return ParallelDims.model_parallel_groups(self.tp, self.pp, world, rank, what="teacher job")
 
 
-def resolve_prompt(model: str, prompt_file: str | None = None, **overrides) -> TeacherPrompt:
-    """The prompt a job scores with: `prompt_file`, else the one a fine-tuned teacher folder was trained
-    with, else the built-in; then the `overrides` that are not None (command-line flags)."""
-    trained = teacher_defaults(model)
+def teacher_settings(model: str, prompt_file: str | None = None, symmetric_tasks: list[str] | None = None,
+                     **overrides) -> tuple[TeacherPrompt, list[str]]:
+    """(prompt, symmetric tasks) a job scores with: `prompt_file`, else the prompt a fine-tuned teacher
+    folder was trained with, else the built-in, then the `overrides` that are not None (command-line
+    flags); `symmetric_tasks` when given, else the folder's, else none."""
+    path = resolve_model_path(model)
+    trained = read_teacher_spec(path) if path.is_dir() else None
     base = (TeacherPrompt.from_file(prompt_file) if prompt_file else None) or \
         (trained[0] if trained else None) or TeacherPrompt()
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def teacher_defaults(model: str) -> tuple[TeacherPrompt, list[str]] | None:
-    """(prompt, symmetric tasks) of a fine-tuned teacher folder, so it scores as it was trained; None
-    for any other model."""
-    path = resolve_model_path(model)
-    return read_teacher_spec(path) if path.is_dir() else None
+    prompt = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    return prompt, symmetric_tasks if symmetric_tasks is not None else trained[1] if trained else []
 
 
 def pending_shards(job: ScoreJob) -> tuple[Manifest, list[ShardInfo]]:
