@@ -92,10 +92,18 @@ def test_teacher_recipes_are_causal_and_alone():
                                                  "objective": {"kind": "teacher"}}]}
     with pytest.raises(ValueError, match=r"stages: \['t', 'u'\]: a teacher recipe has one teacher stage"):
         config_from_dict(two)
-    with pytest.raises(ValueError, match="engine=megatron trains"):
-        from toolkit.engines.spec import validate_run
+    from toolkit.engines.spec import validate_run
 
-        validate_run(config_from_dict({**base, "engine": "megatron"}))
+    validate_run(config_from_dict({**base, "engine": "megatron"}))  # causal prompts on the megatron engine
+    with pytest.raises(ValueError, match="engine=deepspeed trains"):
+        validate_run(config_from_dict({**base, "engine": "deepspeed"}))
+    packed = {**base, "stages": [{**base["stages"][0], "data": {"path": "d", "pack": True}}]}
+    with pytest.raises(ValueError, match=r"stages\[0\] \(t\)\.data\.pack=true: engine=megatron does not pack"):
+        validate_run(config_from_dict({**packed, "engine": "megatron"}))
+    causal_encoder = {**base, "model": {"path": "m", "bidirectional": False},
+                      "stages": [{"name": "s", "steps": 1, "data": {"path": "d"}, "objective": {"kind": "simcse"}}]}
+    with pytest.raises(ValueError, match="engine=megatron: model.bidirectional=false is supported only for a teacher"):
+        validate_run(config_from_dict({**causal_encoder, "engine": "megatron"}))
 
 
 def test_prompt_file_verbatim_reranker_format(teacher_dir, tmp_path):

@@ -203,7 +203,8 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
     notes: list[str] = []
     # Texts per step and per micro-batch (what is alive at once).
     seq, batch = stage.data.max_length, stage.data.batch_size
-    texts_per_sample = {"mntp": 1, "simcse": 2}.get(kind, 2 + negatives)
+    # a teacher stage's texts are its (query, candidate) prompts: the positive's and each negative's
+    texts_per_sample = {"mntp": 1, "simcse": 2, "teacher": 1 + negatives}.get(kind, 2 + negatives)
     step_texts = batch * texts_per_sample
     chunk = stage.objective.gradcache_chunk_size
     if kind == "mntp":
@@ -237,7 +238,7 @@ def plan_stage(cfg: RunConfig, stage: StageConfig, arch: ModelArgs, *, gpus: int
         lm_head = vocab_rows * arch.hidden_size  # a frozen copy even when tied (toolkit.models.loading)
         frozen_head = (arch.hidden_size + lm_head) if last else 0  # final norm + LM head
         adapters = n_layers * arch.lora_params(lay.lora_targets, lora.r, tp) if lora.enabled else 0
-        extra = head if last else 0
+        extra = head if last and kind != "teacher" else 0  # a teacher trains no pooling head
         if lora.enabled:
             trainable = adapters + extra
             weights = (base + frozen_head) * wbytes + trainable * twbytes

@@ -46,10 +46,16 @@ def save_teacher_folder(backbone: nn.Module, lm_head: nn.Module, tokenizer, mode
     with atomic_dir(folder) as tmp:
         causal.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        spec = {"format_version": FORMAT_VERSION, "kind": TEACHER_KIND, "prompt": asdict(prompt),
-                "symmetric_tasks": list(symmetric_tasks or [])}
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        write_teacher_spec(tmp, prompt, symmetric_tasks)
     return folder
+
+
+def write_teacher_spec(folder: Path, prompt: TeacherPrompt, symmetric_tasks: list[str] | None) -> None:
+    """`embedforge.json` of a teacher folder: its prompt and the tasks read with the symmetric template
+    (data: `read_teacher_spec` parses it back)."""
+    spec = {"format_version": FORMAT_VERSION, "kind": TEACHER_KIND, "prompt": asdict(prompt),
+            "symmetric_tasks": list(symmetric_tasks or [])}
+    (Path(folder) / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
 
 def is_teacher_folder(folder: Path) -> bool:

@@ -4,7 +4,8 @@
 
 `YesNoPrompter` renders a pair as token ids (the template, truncated by tokens, the passage first and
 the query to `max_query_tokens`, so the question at the end is never cut off) and names the two answer
-tokens. Batches are left-padded so the last position is every row's; only that position's hidden state
+tokens. Batches are left-padded so the last position is every row's (right-padded on megatron, which reads
+each row's last real position); only that position's hidden state
 is projected, and only onto the yes / no rows of the LM head (the [b, s, V] logits are never built).
 The teacher that scores (toolkit.teacher.scoring) and the stage that fine-tunes it
 (toolkit.objectives.steps.TeacherStep) read pairs through this one module, so a fine-tuned teacher is
@@ -79,19 +80,21 @@ class YesNoPrompter:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return bos + self._ids(prompt + "\n" + self.prompt.answer_prefix)
 
-    def left_pad(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
-        """(ids, attention mask) of prompts padded on the left: the last position is every row's."""
+    def pad(self, rows: list[list[int]], side: str = "left") -> tuple[Tensor, Tensor]:
+        """(ids, attention mask) of prompts padded on the left (the last position is every row's: HF
+        scoring and training) or on the right (positions 0.. as megatron numbers its slots)."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+            span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, span] = torch.tensor(r)
+            mask[i, span] = 1
         return ids, mask
 
     def direction(self, lm_head_weight: Tensor) -> Tensor:
-        """W[yes] - W[no]: z_yes - z_no = h . direction at the last position."""
-        return lm_head_weight[self.yes_id] - lm_head_weight[self.no_id]
+        """W[yes] - W[no] in float32: z_yes - z_no = h . direction at the last position."""
+        return lm_head_weight[self.yes_id].detach().float() - lm_head_weight[self.no_id].detach().float()
 
 
 def last_position_hidden(decoder: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:

@@ -221,8 +221,9 @@ class TeacherStep(EngineHooks):
         # the stage's data.max_length bounds the prompt, as it will when the fine-tuned teacher scores
         self.prompter = YesNoPrompter(encoder.tokenizer, cfg.stage_prompt(max_length))
 
-    def prepare(self, samples: list[dict]) -> dict[str, Tensor]:
-        """Prompts of every (query, candidate) pair, left-padded; pair labels and the [queries, candidates] layout."""
+    def prepare(self, samples: list[dict], side: str = "left") -> dict[str, Tensor]:
+        """Prompts of every (query, candidate) pair, padded on `side` (`last`: each row's last real
+        position); pair labels and the [queries, candidates] layout."""
         rows, counts = [], []
         for s in samples:
             candidates = (s["positive"], *s["negatives"])  # none: its positive alone (a listwise loss of 0)
@@ -230,12 +231,13 @@ class TeacherStep(EngineHooks):
             query = instructed_query(s["query"], s.get("instruction"))
             rows += [self.prompter.render(query, c, symmetric) for c in candidates]
             counts.append(len(candidates))
-        ids, mask = self.prompter.left_pad(rows)
+        ids, mask = self.prompter.pad(rows, side)
         width = max(counts)
         valid = torch.arange(width)[None] < torch.tensor(counts)[:, None]  # [queries, candidates]
         labels = torch.zeros(len(samples), width)
         labels[:, 0] = 1.0
-        return {"input_ids": ids, "attention_mask": mask, "valid": valid, "labels": labels[valid]}
+        last = torch.full((len(rows),), ids.shape[1] - 1) if side == "left" else mask.sum(1) - 1
+        return {"input_ids": ids, "attention_mask": mask, "last": last, "valid": valid, "pair_labels": labels[valid]}
 
     def step(self, samples: list[dict], loss_scale: float) -> StepStats:
         batch = self.prepare(samples)
@@ -248,14 +250,20 @@ class TeacherStep(EngineHooks):
         device = self.encoder.device
         with autocast(self.precision, device):
             last = last_position_hidden(self.encoder.backbone, batch["input_ids"], batch["attention_mask"])
-        direction = self.prompter.direction(self.lm_head.weight).detach().float().to(device)
-        return last.float() @ direction / self.cfg.prompt.temperature
+        return self.pair_logits(last, self.prompter.direction(self.lm_head.weight))
+
+    def pair_logits(self, last: Tensor, direction: Tensor) -> Tensor:
+        """(z_yes - z_no) / T from the last positions' hidden states [n, h] and W[yes] - W[no] (float32)."""
+        return last.float() @ direction.to(last.device) / self.cfg.prompt.temperature
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
-        logits = self.logits(batch)
+        return self.loss_from_logits(self.logits(batch), batch)
+
+    def loss_from_logits(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """The stage's loss (pointwise or listwise) over the pair logits of `prepare`'s batch."""
         valid = batch["valid"].to(logits.device)
         if self.cfg.loss == "pointwise":
-            return pointwise_loss(logits, batch["labels"].to(logits.device))
+            return pointwise_loss(logits, batch["pair_labels"].to(logits.device))
         table = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device).masked_scatter(valid, logits)
         return listwise_loss(table, valid)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from toolkit.engines.megatron.inference import MegatronForward, causal_padding_mask
+from toolkit.engines.megatron.inference import MegatronForward
+from toolkit.engines.megatron.model import causal_padding_mask
 from toolkit.teacher.scoring import Teacher, TeacherPrompt
 
 

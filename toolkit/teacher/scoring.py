@@ -55,7 +55,7 @@ class Teacher:
         prompts = [self.render(q, p, s) for q, p, s in zip(queries, passages, flags)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # little padding per batch
         chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-        lasts = self.last_hidden([self.prompter.left_pad([prompts[i] for i in idx]) for idx in chunks])
+        lasts = self.last_hidden([self.prompter.pad([prompts[i] for i in idx]) for idx in chunks])
         scores = torch.empty(len(prompts))
         feats = torch.empty(len(prompts), lasts[0].shape[1]) if features and lasts else None
         direction = self._direction.float()

@@ -7,7 +7,10 @@ megatron's pipeline schedule over micro-batches; pooling and losses run on the l
   is divided by its batch's masked-token count, so micro-batching never changes the loss;
 - contrastive: a batch's role groups (queries, positives, negatives / two SimCSE views) travel as one
   micro-batch, because their loss couples them, or as GradCache chunks (two passes, see
-  `_gradcache`); negatives are gathered across DP with gradient.
+  `_gradcache`); negatives are gathered across DP with gradient;
+- teacher (the D2LLM cross-encoder, fine-tuned): a batch's right-padded prompts under a causal +
+  key-padding mask as one micro-batch; each row's last real position onto W[yes] - W[no] of the
+  frozen vocabulary-parallel head (gathered once per stage), then the pointwise / listwise loss.
 Gradients are then summed over TP for replicated tensors under sequence parallelism, averaged over
 DP, clipped by the global norm (TP shards counted once per shard, replicated tensors once) and
 applied by torch AdamW: elementwise, so a sharded update equals the unsharded one; with
@@ -48,10 +51,10 @@ from toolkit.engines.megatron import micro_batches
 from toolkit.engines.megatron.async_save import MegatronAsyncSave
 from toolkit.engines.megatron.convert import megatron_to_hf
 from toolkit.engines.megatron.dist_optimizer import DistributedOptimizer
-from toolkit.engines.megatron.hf_export import StageWeights, export_encoder_folder
+from toolkit.engines.megatron.hf_export import StageWeights, export_encoder_folder, export_teacher_folder
 from toolkit.engines.megatron.inference import load_stage_weights
 from toolkit.engines.megatron.lora import MegatronLora
-from toolkit.engines.megatron.model import build_backbone, transformer_config
+from toolkit.engines.megatron.model import build_backbone, tp_sharded_parameters, transformer_config, vocab_rows
 from toolkit.engines.megatron.validate import validate
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.arch import ModelArgs
@@ -73,6 +76,7 @@ class MegatronEngine(Engine):
         self.lora = None
         self.optimizer = None
         self.scheduler = None
+        self.stage: StageConfig | None = None  # the stage begun last (None: weights loaded, no stage yet)
 
     @property
     def tokenizer(self):
@@ -202,11 +206,18 @@ class MegatronEngine(Engine):
         self.step_obj = build_step(stage, self.encoder, None, generator, make_gather(self.dims.dp_group),
                                    data_kind=data_kind)
         self.kind = stage.objective.kind
+        self._yes_no = None  # a teacher stage's W[yes] - W[no] (frozen LM head), on the last stage
+        if self.kind == "teacher" and self.dims.is_last_stage:
+            prompter = self.step_obj.prompter
+            rows = vocab_rows(self.model.output_layer.weight, [prompter.yes_id, prompter.no_id],
+                              tp_rank=self.dims.tp_rank, tp_group=self.dims.tp_group if self.dims.tp > 1 else None)
+            self._yes_no = rows[0] - rows[1]
 
     def build_trainable(self, index: int, stage: StageConfig) -> None:
         """A stage's trainable state: LoRA adapters (or the whole backbone), the heads on the last
         stage, and the optimizer over them; the dry run builds it alone, on the meta device."""
-        self.encoder.pooling.requires_grad_(self.dims.is_last_stage)
+        trains_heads = self.dims.is_last_stage and stage.objective.kind != "teacher"  # a teacher reads the LM head
+        self.encoder.pooling.requires_grad_(trains_heads)
         if stage.lora.enabled:
             self.model.requires_grad_(False)
             self.lora = MegatronLora(self.model, self.arch, stage.lora, tp=self.dims.tp, tp_rank=self.dims.tp_rank,
@@ -222,7 +233,7 @@ class MegatronEngine(Engine):
             self.params = {f"backbone.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
             self.tp_sharded = {f"backbone.{n}" for n in tp_sharded_parameters(self.model)}
         self._prepare_iem(index, stage)
-        if self.dims.is_last_stage:
+        if trains_heads:
             self.params.update({f"pooling.{n}": p for n, p in self.encoder.pooling.named_parameters()})
             if stage.objective.kind == "d2llm":
                 self.params.update({f"iem.{n}": p for n, p in self.encoder.iem.named_parameters()})
@@ -296,6 +307,8 @@ class MegatronEngine(Engine):
                 masked = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                 size = self.cfg.parallel.micro_batch_size or b["input_ids"].shape[0]
                 out += micro_batches.mntp_chunks(b, size=size, scale=1.0 / (accum * max(masked, 1)))
+            elif self.kind == "teacher":  # right-padded prompts under a causal mask; pairs of a query coupled
+                out.append({**self.step_obj.prepare(samples, side="right"), "causal": True, "scale": 1.0 / accum})
             else:
                 groups, loss_fn = self.step_obj.prepare(samples)
                 out.append({**micro_batches.concat_groups(groups), "loss_fn": loss_fn, "scale": 1.0 / accum})
@@ -336,6 +349,10 @@ class MegatronEngine(Engine):
                     logits = self.model.lm_logits(rows).float()
                 logits = self._mask_padded_vocab(logits)
                 loss = vocab_parallel_cross_entropy(logits, targets[selected]).sum() * mb["scale"]
+        elif self.kind == "teacher":  # each prompt's last real position, read onto the yes / no rows
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), mb["last"].to(hidden.device)]
+            logits = self.step_obj.pair_logits(last, self._yes_no)
+            loss = self.step_obj.loss_from_logits(logits, mb) * mb["scale"]
         else:
             emb = self.encoder.pooling(hidden.float(), mb["attention_mask"].to(self.device),
                                        mb["embed_mask"].to(self.device))
@@ -371,7 +388,7 @@ class MegatronEngine(Engine):
     def forward_backward(self, micro_batches: list[list[dict]]) -> tuple[float, int]:
         """Gradients of the step's loss, averaged over DP; returns (loss, real tokens over all DP ranks)."""
         distributed = isinstance(self.optimizer, DistributedOptimizer)
-        if self.kind != "mntp" and self.stage.objective.gradcache_chunk_size:
+        if self.kind not in ("mntp", "teacher") and self.stage.objective.gradcache_chunk_size:
             losses, tokens = [], 0
             # GradCache's two passes and several schedules: reduce once, after all of them
             with self.optimizer.without_overlap() if distributed else contextlib.nullcontext():
@@ -543,18 +560,26 @@ class MegatronEngine(Engine):
             get_cuda_rng_tracker().set_states(state["tracker"])
 
     def end_stage(self, final_dir: Path) -> Path:
-        """Merge the adapters in place and write the encoder folder from every rank's shards: each
-        pipeline stage writes its own safetensors files (`hf_export`); no rank holds the model."""
+        """Merge the adapters in place and write the encoder folder (a teacher stage: the causal-LM
+        folder, LM head included) from every rank's shards: each pipeline stage writes its own
+        safetensors files (`hf_export`); no rank holds the model."""
         self.merge_adapters()
         dims = self.dims
+        teacher = self.stage is not None and self.stage.objective.kind == "teacher"
         weights = StageWeights(self.model, tp_sharded_parameters(self.model), self.arch, tp=dims.tp,
                                tp_rank=dims.tp_rank, pp=dims.pp, pp_rank=dims.pp_rank,
                                tp_group=dims.tp_group if dims.tp > 1 else None,
-                               split=(self.cfg.parallel.first_stage_layers, self.cfg.parallel.last_stage_layers))
-        export_encoder_folder(final_dir, weights, dp_rank=dims.dp_rank, rank=dims.rank, world=dims.world_size,
-                              hf_config=self.hf_config, dtype=DTYPES[self.cfg.model.dtype],
-                              tokenizer=self.encoder.tokenizer, spec=self.encoder.spec,
-                              pooling=self.encoder.pooling, iem=self.encoder.iem)
+                               split=(self.cfg.parallel.first_stage_layers, self.cfg.parallel.last_stage_layers),
+                               causal_lm=teacher)
+        where = dict(dp_rank=dims.dp_rank, rank=dims.rank, world=dims.world_size, hf_config=self.hf_config,
+                     dtype=DTYPES[self.cfg.model.dtype], tokenizer=self.encoder.tokenizer)
+        if teacher:
+            objective = self.stage.objective.teacher
+            export_teacher_folder(final_dir, weights, **where, prompt=objective.stage_prompt(self.stage.data.max_length),
+                                  symmetric_tasks=objective.symmetric_tasks)
+        else:
+            export_encoder_folder(final_dir, weights, **where, spec=self.encoder.spec, pooling=self.encoder.pooling,
+                                  iem=self.encoder.iem)
         self._output_in_place = Path(final_dir).resolve()
         return final_dir
 
@@ -563,23 +588,6 @@ class MegatronEngine(Engine):
         if self.lora is not None:
             self.lora.merge_into(self.model)
             self.lora = None
-
-
-def tp_sharded_parameters(model) -> set[str]:
-    """Names of parameters split across TP ranks (everything else is replicated on each TP rank).
-
-    Decided by layer type, not by megatron's `tensor_model_parallel` attribute, which is not set when
-    weights are created on CPU without initialisation (ours come from the HF checkpoint).
-    """
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-
-    names = set()
-    for prefix, module in model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
-                    isinstance(module, RowParallelLinear) and pname == "weight"):
-                names.add(f"{prefix}.{pname}" if prefix else pname)
-    return names
 
 
 HEADS = ("pooling.", "iem.")  # trainable modules outside the backbone, on the last pipeline stage

@@ -13,6 +13,8 @@ ranks send one parameter at a time (bench/export_memory.py measures it per rank)
 rank 0 writes config, tokenizer, index and the sentence-transformers files. The folder is built in a
 temp sibling that rank 0 renames into place once every rank succeeded, so it appears whole or not
 at all. Such a folder loads with `AutoModel`, `SentenceTransformer` and `Encoder.from_pretrained`.
+A teacher stage's folder is the causal LM instead (`causal_lm`: `model.` names and the LM head as the
+last stage's last unit), with its prompt, for `embedforge teacher score`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from toolkit.atomic import atomic_dir
+from toolkit.config import TeacherPrompt
 from toolkit.engines.base import any_rank
 from toolkit.engines.megatron.convert import hf_layer_shapes, megatron_layer_to_hf
 from toolkit.engines.megatron.weights import INDEX, SINGLE
 from toolkit.models.arch import ModelArgs
 from toolkit.models.bidirectional import make_bidirectional
 from toolkit.models.export import write_folder_files, write_heads
+from toolkit.models.teacher_folder import write_teacher_spec
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # per file; only the file count depends on it, never the memory
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
@@ -46,18 +50,23 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
 class Unit:
     """What one gather moves: the embedding, one decoder layer or the final norm, of one pipeline stage."""
 
-    kind: str  # "embed" | "layer" | "norm"
+    kind: str  # "embed" | "layer" | "norm" | "head" (a causal LM's, last stage)
     stage: int
     layer: int = -1
 
 
-def unit_shapes(arch: ModelArgs, unit: Unit) -> dict[str, tuple[int, ...]]:
-    """HF backbone names (as `AutoModel` stores them: no `model.` prefix) and shapes of a unit."""
+def unit_shapes(arch: ModelArgs, unit: Unit, causal_lm: bool = False) -> dict[str, tuple[int, ...]]:
+    """HF names and shapes of a unit: as `AutoModel` stores them (no `model.` prefix), or with
+    `causal_lm` as `AutoModelForCausalLM` does (`model.` backbone, `lm_head.weight`)."""
+    if unit.kind == "head":
+        return {"lm_head.weight": (arch.vocab_size, arch.hidden_size)}
     if unit.kind == "embed":
-        return {"embed_tokens.weight": (arch.vocab_size, arch.hidden_size)}
-    if unit.kind == "norm":
-        return {"norm.weight": (arch.hidden_size,)}
-    return {k.removeprefix("model."): v for k, v in hf_layer_shapes(arch, unit.layer).items()}
+        shapes = {"embed_tokens.weight": (arch.vocab_size, arch.hidden_size)}
+    elif unit.kind == "norm":
+        shapes = {"norm.weight": (arch.hidden_size,)}
+    else:
+        shapes = {k.removeprefix("model."): v for k, v in hf_layer_shapes(arch, unit.layer).items()}
+    return {f"model.{k}": v for k, v in shapes.items()} if causal_lm else shapes
 
 
 @dataclass
@@ -76,18 +85,20 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def plan_shards(arch: ModelArgs, pp: int, element_size: int, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                split: tuple[int, int] = (0, 0)) -> list[ShardFile]:
+                split: tuple[int, int] = (0, 0), causal_lm: bool = False) -> list[ShardFile]:
     """The backbone files, filled greedily up to `shard_bytes` per file (a unit is never split, a file
     never spans two pipeline stages): the same list on every rank, from the architecture and the
-    pipeline split (`split`: first / last stage layers, 0 = even) alone."""
+    pipeline split (`split`: first / last stage layers, 0 = even) alone; `causal_lm` adds the LM head
+    after the final norm (a teacher's folder)."""
     files: list[ShardFile] = []
     for stage in range(pp):
         units = [Unit("embed", stage)] if stage == 0 else []
         units += [Unit("layer", stage, i) for i in arch.stage_layers(pp, stage, *split)]
         units += [Unit("norm", stage)] if stage == pp - 1 else []
+        units += [Unit("head", stage)] if stage == pp - 1 and causal_lm else []
         current, size = None, 0
         for unit in units:
-            shapes = unit_shapes(arch, unit)
+            shapes = unit_shapes(arch, unit, causal_lm)
             nbytes = sum(_numel(s) for s in shapes.values()) * element_size
             if current is None or (size + nbytes > shard_bytes and current.units):
                 current, size = ShardFile("", stage), 0
@@ -175,6 +186,19 @@ def unit_shapes_order(shard: ShardFile, unit: Unit, tensors: dict[str, Tensor]) 
     return names
 
 
+def write_causal_config(folder: Path, hf_config, dtype: torch.dtype) -> None:
+    """config.json as `AutoModelForCausalLM(...).save_pretrained` writes it, the head untied (its own tensor)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(hf_config)
+    config.tie_word_embeddings = False
+    with torch.device("meta"):
+        causal = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    causal.config.dtype = str(dtype).split(".")[1]
+    causal.config.architectures = [causal.__class__.__name__]
+    causal.config.save_pretrained(folder)
+
+
 def write_config(folder: Path, hf_config, dtype: torch.dtype) -> None:
     """config.json as `AutoModel(...).save_pretrained` writes it, bidirectional (built on meta: no weights)."""
     from transformers import AutoModel
@@ -243,9 +267,16 @@ class StageWeights:
     pp_rank: int
     tp_group: object = None
     split: tuple[int, int] = (0, 0)  # first / last pipeline stage layers (0 = even)
+    causal_lm: bool = False  # HF causal-LM names and the LM head (a teacher's folder)
 
     def unit_tensors(self, unit: Unit) -> dict[str, Tensor] | None:
         """The unit's HF tensors on TP rank 0 (gathered layer by layer), None on the other TP ranks."""
+        tensors = self._backbone_unit_tensors(unit)
+        if tensors is None or not self.causal_lm or unit.kind == "head":
+            return tensors
+        return {f"model.{k}": v for k, v in tensors.items()}
+
+    def _backbone_unit_tensors(self, unit: Unit) -> dict[str, Tensor] | None:
         params = dict(self.model.named_parameters())
         arch = self.arch
 
@@ -255,6 +286,9 @@ class StageWeights:
                 return _tp_gather(p, self.tp_group, self.tp, self.tp_rank)
             return [p.detach()] * self.tp if self.tp_rank == 0 else None
 
+        if unit.kind == "head":  # vocabulary-parallel, padded like the embedding
+            parts = pieces("output_layer.weight")
+            return None if parts is None else {"lm_head.weight": torch.cat(parts)[: arch.vocab_size]}
         if unit.kind == "embed":
             parts = pieces("embedding.word_embeddings.weight")
             return None if parts is None else {"embed_tokens.weight": torch.cat(parts)[: arch.vocab_size]}
@@ -278,19 +312,42 @@ def export_encoder_folder(final_dir: Path, weights: StageWeights, *, dp_rank: in
                           shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write the encoder folder from every rank's shards (a collective over the world: call it on all
     ranks). `pooling` / `iem` are this rank's heads (used only on the last stage's writer)."""
+    with _sharded_folder(final_dir, weights, dp_rank, rank, world, dtype, shard_bytes) as tmp:
+        if dp_rank == 0 and weights.pp_rank == weights.pp - 1 and weights.tp_rank == 0:
+            write_heads(tmp, pooling, iem)
+        if rank == 0:
+            write_config(tmp, hf_config, dtype)
+            write_folder_files(tmp, tokenizer, spec)
+    return Path(final_dir)
+
+
+def export_teacher_folder(final_dir: Path, weights: StageWeights, *, dp_rank: int, rank: int, world: int,
+                          hf_config, dtype: torch.dtype, tokenizer, prompt: TeacherPrompt,
+                          symmetric_tasks: list[str], shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a fine-tuned teacher's causal-LM folder (backbone + its own LM head, untied: the head is
+    a frozen copy while the embeddings may have trained) with the prompt it learned; collective."""
+    if not weights.causal_lm:
+        raise ValueError("export_teacher_folder: the weights must be planned with causal_lm=True")
+    with _sharded_folder(final_dir, weights, dp_rank, rank, world, dtype, shard_bytes) as tmp:
+        if rank == 0:
+            write_causal_config(tmp, hf_config, dtype)
+            tokenizer.save_pretrained(tmp)
+            write_teacher_spec(tmp, prompt, symmetric_tasks)
+    return Path(final_dir)
+
+
+@contextlib.contextmanager
+def _sharded_folder(final_dir: Path, weights: StageWeights, dp_rank: int, rank: int, world: int,
+                    dtype: torch.dtype, shard_bytes: int) -> Iterator[Path]:
+    """The shared temp folder with this rank's planned backbone files (and rank 0's index) written;
+    the caller adds the rest, and the folder appears once every rank succeeded."""
     element_size = torch.tensor([], dtype=dtype).element_size()
-    files = plan_shards(weights.arch, weights.pp, element_size, shard_bytes, weights.split)
-    last = weights.pp_rank == weights.pp - 1
+    files = plan_shards(weights.arch, weights.pp, element_size, shard_bytes, weights.split, weights.causal_lm)
     with shared_atomic_dir(Path(final_dir), rank, world) as tmp:
         if dp_rank == 0:  # the other DP replicas hold copies
             for shard in files:
                 if shard.stage == weights.pp_rank:
                     write_shard_file(tmp, shard, dtype, weights.unit_tensors)
-            if last and weights.tp_rank == 0:
-                write_heads(tmp, pooling, iem)
-        if rank == 0:
-            write_config(tmp, hf_config, dtype)
-            if len(files) > 1:
-                (tmp / INDEX).write_text(index_json(files, element_size))
-            write_folder_files(tmp, tokenizer, spec)
-    return Path(final_dir)
+        if rank == 0 and len(files) > 1:
+            (tmp / INDEX).write_text(index_json(files, element_size))
+        yield tmp

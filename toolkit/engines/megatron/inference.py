@@ -25,7 +25,7 @@ from torch import Tensor
 
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.megatron.convert import hf_to_megatron
-from toolkit.engines.megatron.model import build_backbone, transformer_config
+from toolkit.engines.megatron.model import build_backbone, transformer_config, vocab_rows
 from toolkit.engines.megatron.validate import validate_architecture
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.arch import ModelArgs
@@ -46,13 +46,6 @@ def load_stage_weights(model: torch.nn.Module, hf, arch: ModelArgs, dims: Parall
         if own[name].shape != value.shape:
             raise ValueError(f"{name}: converted shape {tuple(value.shape)} != model shape {tuple(own[name].shape)}")
     model.load_state_dict(state, strict=False)
-
-
-def causal_padding_mask(attention_mask: Tensor) -> Tensor:
-    """HF mask [b, s] (1 = token) -> megatron's causal + key-padding mask [b, 1, s, s] (True = masked)."""
-    s = attention_mask.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
-    return ~(causal[None, None] & attention_mask.bool()[:, None, None, :])
 
 
 class MegatronForward:
@@ -81,16 +74,8 @@ class MegatronForward:
         over TP from the rank that holds each row; None on other stages."""
         if not self.dims.is_last_stage:
             return None
-        weight = self.model.output_layer.weight
-        per_rank = weight.shape[0]
-        rows = torch.zeros(len(token_ids), weight.shape[1], dtype=torch.float32, device=weight.device)
-        for i, token in enumerate(token_ids):
-            local = token - self.dims.tp_rank * per_rank
-            if 0 <= local < per_rank:
-                rows[i] = weight[local].float()
-        if self.dims.tp > 1:
-            dist.all_reduce(rows, group=self.dims.tp_group)
-        return rows
+        return vocab_rows(self.model.output_layer.weight, token_ids, tp_rank=self.dims.tp_rank,
+                          tp_group=self.dims.tp_group if self.dims.tp > 1 else None)
 
     @torch.no_grad()
     def run(self, batches: list[tuple[Tensor, Tensor]], reduce: Callable[[Tensor, int], Tensor]) -> list[Tensor] | None:

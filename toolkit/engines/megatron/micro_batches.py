@@ -1,7 +1,8 @@
 """The megatron engine's micro-batches: what one pipeline-schedule slot carries.
 
 A micro-batch is a dict of right-padded token tensors ([n, s]: input_ids, attention_mask, and
-labels for MNTP or embed_mask for the contrastive roles) plus its loss scale; the sequence length
+labels for MNTP, embed_mask for the contrastive roles, or a teacher stage's prompts with `causal`
+set and each row's last real position) plus its loss scale; the sequence length
 is padded to a multiple of TP under sequence parallelism, and with `data.pack` it carries the
 packed rows the model runs (`packed`, models/packing.py) while the loss reads the padded layout.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from toolkit.engines.megatron.model import padding_mask
+from toolkit.engines.megatron.model import causal_padding_mask, padding_mask
 from toolkit.models.packing import pack_batch
 from toolkit.objectives.mntp import IGNORE_INDEX
 
@@ -31,9 +32,12 @@ def model_ids(mb: dict) -> Tensor:
 
 def attention_mask(mb: dict) -> Tensor:
     """megatron's mask for `model_ids(mb)`, True where masked: other texts' slots when packed
-    ([rows, 1, T, T]), pad keys otherwise ([b, 1, 1, s])."""
+    ([rows, 1, T, T]), later positions and pad keys for a causal (teacher) micro-batch ([b, 1, s, s]),
+    pad keys otherwise ([b, 1, 1, s])."""
     if "packed" in mb:
         return ~mb["packed"].block_mask()
+    if mb.get("causal"):
+        return causal_padding_mask(mb["attention_mask"])
     return padding_mask(mb["attention_mask"])
 
 
@@ -50,8 +54,11 @@ def pad_to_multiple(mb: dict, multiple: int) -> dict:
     if not extra:
         return mb
     fill = {"labels": IGNORE_INDEX}
-    return {k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0))
-            if isinstance(v, Tensor) and v.dim() == 2 and v.shape[1] == length else v for k, v in mb.items()}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill.get(k, 0)) if k in TOKEN_TENSORS else v
+            for k, v in mb.items()}
+
+
+TOKEN_TENSORS = ("input_ids", "attention_mask", "labels", "embed_mask")  # [n, s]: padded with the sequence
 
 
 def concat_groups(groups: list[dict]) -> dict:

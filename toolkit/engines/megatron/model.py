@@ -13,6 +13,7 @@ so no embedding group has to synchronise a shared weight across pipeline stages.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -159,3 +160,42 @@ def build_backbone(arch: ModelArgs, config, *, pre_process: bool, post_process: 
 def padding_mask(attention_mask: Tensor) -> Tensor:
     """HF attention mask [b, s] (1 = token) -> megatron key-padding mask [b, 1, 1, s] (True = masked)."""
     return ~attention_mask.bool()[:, None, None, :]
+
+
+def causal_padding_mask(attention_mask: Tensor) -> Tensor:
+    """HF mask [b, s] (1 = token) -> megatron's causal + key-padding mask [b, 1, s, s] (True = masked):
+    the plain LLM's attention (a D2LLM teacher), on the same bidirectional layer spec."""
+    s = attention_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
+    return ~(causal[None, None] & attention_mask.bool()[:, None, None, :])
+
+
+def vocab_rows(weight: Tensor, token_ids: list[int], *, tp_rank: int, tp_group=None) -> Tensor:
+    """Rows `token_ids` [n, h] (float32) of a vocabulary-parallel matrix (this TP rank holds rows
+    tp_rank * V/tp ...), each from the rank that holds it, summed over `tp_group` (None: TP = 1)."""
+    per_rank = weight.shape[0]
+    rows = torch.zeros(len(token_ids), weight.shape[1], dtype=torch.float32, device=weight.device)
+    for i, token in enumerate(token_ids):
+        local = token - tp_rank * per_rank
+        if 0 <= local < per_rank:
+            rows[i] = weight[local].detach().float()
+    if tp_group is not None:
+        dist.all_reduce(rows, group=tp_group)
+    return rows
+
+
+def tp_sharded_parameters(model) -> set[str]:
+    """Names of parameters split across TP ranks (everything else is replicated on each TP rank).
+
+    Decided by layer type, not by megatron's `tensor_model_parallel` attribute, which is not set when
+    weights are created on CPU without initialisation (ours come from the HF checkpoint).
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    names = set()
+    for prefix, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)) or (
+                    isinstance(module, RowParallelLinear) and pname == "weight"):
+                names.add(f"{prefix}.{pname}" if prefix else pname)
+    return names

@@ -29,6 +29,7 @@ def export_step(cfg: RunConfig, index: int, step_dir: Path, output: Path) -> Pat
 SPEC = register_engine(EngineSpec(
     name="megatron", engine_cls=MegatronEngine, parallel_dims=frozenset({"dp", "tp", "pp"}), needs_model_args=True,
     validate=validate, export_step=export_step, async_save=True, devices=frozenset({"cpu", "cuda"}),
+    objectives=frozenset({"mntp", "simcse", "supervised", "d2llm", "teacher"}),
     # SDPA core attention: no s x s scores kept; on GPU, K / V repeated query-wide (attention.py)
     planner=PlannerTraits(pipeline_micro_batches=True, honours_recompute=True, scores_materialized=False,
                           kv_repeated=True, distributed_optimizer=True),

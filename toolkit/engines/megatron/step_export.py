@@ -31,6 +31,7 @@ from toolkit.engines.megatron.hf_export import (
     Unit,
     index_json,
     plan_shards,
+    write_causal_config,
     write_config,
     write_shard_file,
 )
@@ -45,6 +46,7 @@ from toolkit.models.iem import InteractionEmulation
 from toolkit.models.loading import DTYPES, resolve_model_path
 from toolkit.models.pooling import Pooling
 from toolkit.models.stage_encoder import previous_final
+from toolkit.models.teacher_folder import write_teacher_spec
 from toolkit.run_layout import RunLayout
 
 LAYERS = "backbone.decoder.layers."
@@ -123,14 +125,24 @@ class CheckpointReader:
 
 
 class StepUnits:
-    """The HF tensors of each unit of a step checkpoint: from the saved weights, or base + merged adapters."""
+    """The HF tensors of each unit of a step checkpoint: from the saved weights, or base + merged adapters.
+
+    `head` (a teacher's causal-LM folder): the model the stage started from, whose LM head (or tied
+    embedding) the stage kept frozen; the backbone's names then carry the causal LM's `model.`."""
 
     def __init__(self, reader: CheckpointReader, arch: ModelArgs, dtype: torch.dtype, base: HFWeights | None,
-                 scaling: float):
+                 scaling: float, head: HFWeights | None = None):
         self.reader, self.arch, self.dtype, self.base, self.scaling = reader, arch, dtype, base, scaling
+        self.head = head
 
     def __call__(self, unit: Unit) -> dict[str, Tensor]:
-        out = self._saved(unit) if self.base is None else self._merged(unit)
+        if unit.kind == "head":
+            name = "lm_head.weight" if "lm_head.weight" in self.head else "model.embed_tokens.weight"  # tied
+            out = {"lm_head.weight": self.head[name]}
+        else:
+            out = self._saved(unit) if self.base is None else self._merged(unit)
+            if self.head is not None:
+                out = {f"model.{k}": v for k, v in out.items()}
         return {k: v.to(self.dtype).contiguous() for k, v in out.items()}
 
     def _saved(self, unit: Unit) -> dict[str, Tensor]:
@@ -193,8 +205,8 @@ def _heads(reader: CheckpointReader, cfg: RunConfig, index: int, arch: ModelArgs
 
 def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Path,
                           shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write stage `index`'s encoder folder from `step_dir` in one process (a torch.distributed group of
-    one must exist: dist_checkpointing needs it)."""
+    """Write stage `index`'s encoder folder (a teacher stage's: its causal-LM folder) from `step_dir` in
+    one process (a torch.distributed group of one must exist: dist_checkpointing needs it)."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(cfg.model.path)
@@ -204,15 +216,19 @@ def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Pa
     reader = CheckpointReader(step_dir / MODEL_DIR)
     previous = previous_final(RunLayout.of_stage_dir(step_dir.parent), cfg, index) if index > 0 else None
     stage = cfg.stages[index]
+    teacher = stage.objective.kind == "teacher"  # (a teacher recipe's only stage: it starts from `path`)
+    head = HFWeights(path) if teacher else None
     if reader.keys("lora."):
         if not stage.lora.enabled:
             raise CheckpointError(f"{step_dir}: holds LoRA adapters, but stage {stage.name} has lora.enabled=false")
         base = HFWeights(previous, prefix="model.") if previous is not None else HFWeights(path)
-        units = StepUnits(reader, arch, dtype, base, stage.lora.alpha / stage.lora.r)
+        units = StepUnits(reader, arch, dtype, base, stage.lora.alpha / stage.lora.r, head)
     elif reader.keys("backbone."):
-        units = StepUnits(reader, arch, dtype, None, 0.0)
+        units = StepUnits(reader, arch, dtype, None, 0.0, head)
     else:
         raise CheckpointError(f"{reader.folder}: neither backbone weights nor LoRA adapters")
+    if teacher:
+        return _write_teacher(output, units, hf_config, dtype, path, stage, shard_bytes)
     pooling, iem, iem_hidden = _heads(reader, cfg, index, arch, previous)
     spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True,
                        iem_hidden=iem_hidden)
@@ -226,4 +242,22 @@ def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Pa
         if len(files) > 1:
             (tmp / INDEX).write_text(index_json(files, element_size))
         write_folder_files(tmp, prepare_tokenizer(AutoTokenizer.from_pretrained(path)), spec)
+    return output
+
+
+def _write_teacher(output: Path, units: StepUnits, hf_config, dtype: torch.dtype, path: Path, stage, shard_bytes: int):
+    """A teacher stage's step as the causal-LM folder its end would write (`export_teacher_folder`)."""
+    from transformers import AutoTokenizer
+
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    files = plan_shards(units.arch, 1, element_size, shard_bytes, causal_lm=True)
+    objective = stage.objective.teacher
+    with atomic_dir(output) as tmp:
+        for shard in files:
+            write_shard_file(tmp, shard, dtype, units)
+        write_causal_config(tmp, hf_config, dtype)
+        if len(files) > 1:
+            (tmp / INDEX).write_text(index_json(files, element_size))
+        prepare_tokenizer(AutoTokenizer.from_pretrained(path)).save_pretrained(tmp)
+        write_teacher_spec(tmp, objective.stage_prompt(stage.data.max_length), objective.symmetric_tasks)
     return output

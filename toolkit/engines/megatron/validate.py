@@ -16,10 +16,15 @@ MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_ma
 
 
 def validate(cfg: RunConfig, args: ModelArgs | None) -> None:
-    if not cfg.model.bidirectional:
-        raise ConfigError("engine=megatron: model.bidirectional=false is not supported (the layer spec is bidirectional)")
+    teacher = all(stage.objective.kind == "teacher" for stage in cfg.stages)  # causal masks, given per batch
+    if not cfg.model.bidirectional and not teacher:
+        raise ConfigError("engine=megatron: model.bidirectional=false is supported only for a teacher recipe "
+                          "(objective.kind=teacher); an encoder here is bidirectional")
     for index, stage in enumerate(cfg.stages):
         where = f"stages[{index}] ({stage.name})"
+        if stage.objective.kind == "teacher" and stage.data.pack:
+            raise ConfigError(f"{where}.data.pack=true: engine=megatron does not pack a teacher stage's causal "
+                              "prompts; set data.pack=false")
         if stage.objective.kind == "mntp" and stage.objective.mntp.mask_token == "new":
             raise ConfigError(f"{where}: engine=megatron: mntp.mask_token=new (resizing the vocabulary) is not "
                               "supported; use mask_token: auto, underscore, eos or tokenizer")
