@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 from launchers import d2llm, evaluate, plan, search, submit, teacher
+from launchers.cli_format import Parser, examples
 from launchers.intermixed import take_overrides_anywhere
+from launchers.recipes import QUICKSTART_RECIPE
 from toolkit.errors import EmbedforgeError, InputError, MissingPathError, OutputError, PathExistsError
 
 EXIT_USAGE = 2
@@ -95,6 +97,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     from toolkit.distributed.device import resolve_device
     from toolkit.models.encoder import Encoder
+    from toolkit.models.folder import model_context
     from toolkit.models.loading import DTYPES
 
     if args.dtype not in DTYPES:
@@ -103,11 +106,19 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.dim is not None and args.dim < 1:
         raise InputError(f"--dim {args.dim}: must be >= 1")
+    if args.max_length is not None and args.max_length < 1:
+        raise InputError(f"--max-length {args.max_length}: must be >= 1")
     device = resolve_device(args.device, field="--device")
     texts = _read_texts(Path(args.input))
     encoder = Encoder.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
+    max_length = _encode_length(encoder, args.max_length, Path(args.model))
+    truncated = int((encoder.token_lengths(texts, args.instruction) > max_length).sum())
+    if truncated:
+        print(f"embedforge encode: warning: {truncated} of {len(texts)} texts are longer than {max_length} tokens "
+              f"and were truncated to {max_length} (--max-length; the model's context is "
+              f"{model_context(encoder.backbone.config) or 'unknown'})", file=sys.stderr)
     emb = encoder.encode(texts, instruction=args.instruction, batch_size=args.batch_size, dim=args.dim,
-                         normalize=not args.no_normalize)
+                         normalize=not args.no_normalize, max_length=max_length)
     out = Path(args.output)
     tmp = out.with_name(out.name + ".tmp.npy")
     try:
@@ -123,16 +134,31 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_length(encoder, requested: int | None, folder: Path) -> int:
+    """--max-length, else the folder's recorded length; never above the model's context."""
+    from toolkit.models.folder import model_context
+
+    context = model_context(encoder.backbone.config)
+    if requested is not None and context and requested > context:
+        raise InputError(f"--max-length {requested}: longer than the model's context ({context} tokens, "
+                         f"max_position_embeddings in {folder / 'config.json'})")
+    return requested or encoder.spec.max_length
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from toolkit.engines.export import consolidate
+    from toolkit.models.folder import SPEC_FILE, load_spec
     from toolkit.models.teacher_folder import is_teacher_folder
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise PathExistsError(f"{out}: already exists; pass --overwrite to replace it")
-    consolidate(Path(args.checkpoint), out)
+    if args.max_seq_length < 0:
+        raise InputError(f"--max-seq-length {args.max_seq_length}: must be >= 1 (0: the recorded length)")
+    consolidate(Path(args.checkpoint), out, args.max_seq_length)
     use = ("score pairs with `embedforge teacher score --model`" if is_teacher_folder(out)
-           else "load with Encoder.from_pretrained or SentenceTransformer")
+           else f"load with Encoder.from_pretrained or SentenceTransformer; encodes at "
+                f"{load_spec(out / SPEC_FILE).max_length} tokens")
     print(f"exported {args.checkpoint} -> {out} ({use})")
     return 0
 
@@ -216,11 +242,20 @@ def _cmd_data_mine(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="embedforge", description="Train decoder LLMs into text encoders (LLM2Vec, D2LLM).")
+    p = Parser(prog="embedforge", description="Train decoder LLMs into text encoders (LLM2Vec, D2LLM).",
+               epilog=examples("embedforge quickstart", "embedforge train configs/quickstart.yaml stages.simcse.steps=200",
+                               "embedforge COMMAND --help"))
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="run the stages of a YAML recipe", description="Run a recipe's stages in order.")
+    t = sub.add_parser("train", help="run the stages of a YAML recipe",
+                       description="Run a recipe's stages in order. Relative paths in the recipe (model.path, "
+                                   "data.path, prompt_file) resolve against its folder; output_dir and overrides "
+                                   "against the current directory.",
+                       epilog=examples("embedforge train configs/quickstart.yaml stages.simcse.steps=200 output_dir=runs/my-run",
+                                       "embedforge train configs/quickstart.yaml --resume auto --nproc 2",
+                                       "embedforge train configs/quickstart.yaml stages.mntp.optimizer.lr=1e-5 "
+                                       "--resume-with-changes stages.mntp.optimizer.lr"))
     t.add_argument("config", help="YAML recipe, e.g. configs/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. stages.mntp.steps=10")
     t.add_argument("--resume", default="auto", help="auto (newest complete step-N), never, or a step-N path of "
@@ -228,43 +263,76 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume-with-changes", nargs="+", default=[], metavar="KEY",
                    help="settings that may differ from the ones the checkpoints were written with, e.g. "
                    "stages.mntp.optimizer.lr (a key also allows the keys under it); every other change is refused")
-    t.add_argument("--stop-after-steps", type=int, default=0, help="save a checkpoint and stop after N steps (time slicing)")
+    t.add_argument("--stop-after-steps", type=int, default=0, help="save a checkpoint and stop after N steps (time "
+                   "slicing; 0: run to the end)")
     t.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun underneath); for several "
                    "nodes use `embedforge submit slurm|ray`")
     t.set_defaults(func=_cmd_train)
     take_overrides_anywhere(t)
 
-    e = sub.add_parser("encode", help="embed texts with a trained encoder")
+    e = sub.add_parser("encode", help="embed texts with a trained encoder",
+                       description="Embed every text of a file with an encoder folder into a float32 .npy matrix "
+                                   "(one row per text, input order). Texts longer than --max-length tokens are "
+                                   "truncated; a warning on stderr says how many.",
+                       epilog=examples("embedforge encode --model runs/quickstart/01-simcse/final --input texts.txt "
+                                       "--output emb.npy",
+                                       "embedforge encode --model my-encoder --input docs.jsonl --output docs.npy "
+                                       "--max-length 1024 --dim 256",
+                                       "embedforge encode --model my-encoder --input queries.txt --output q.npy "
+                                       "--instruction 'Given a question, retrieve passages that answer it'"))
     e.add_argument("--model", required=True, help="encoder folder (a stage's final/ or an export)")
     e.add_argument("--input", required=True, help="text file (one per line) or JSONL with a 'text' field")
     e.add_argument("--output", required=True, help="output .npy file")
     e.add_argument("--instruction", default=None, help="task instruction (attended to, not pooled)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    e.add_argument("--max-length", type=int, default=None, metavar="TOKENS",
+                   help="truncate each text (with its instruction) to this many tokens (default: the length the "
+                        "folder records, its max_seq_length; at most the model's context)")
     e.add_argument("--dim", type=int, default=None, help="Matryoshka truncation to the first DIM components")
     e.add_argument("--no-normalize", action="store_true", help="keep raw (unnormalised) embeddings")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda; auto: the GPU when CUDA is present (default: auto)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda; auto: the GPU when CUDA is present")
     e.add_argument("--dtype", default="float32",
-                   help="float32 | bfloat16: the weights' dtype; embeddings are written as float32 either way "
-                        "(default: float32)")
+                   help="float32 | bfloat16: the weights' dtype; embeddings are written as float32 either way")
     e.set_defaults(func=_cmd_encode)
 
-    x = sub.add_parser("export", help="consolidate a run / stage / step-N checkpoint into a sentence-transformers folder")
+    x = sub.add_parser("export", help="consolidate a run / stage / step-N checkpoint into a sentence-transformers folder",
+                       description="Write an encoder folder (sentence-transformers + embedforge.json) from a run, a "
+                                   "stage, its final/ or a step-N/ checkpoint. It encodes at the run's "
+                                   "export.max_seq_length (auto: the model's context, at most 512 or model.max_length), not at the "
+                                   "training crop.",
+                       epilog=examples("embedforge export --checkpoint runs/quickstart --output my-encoder",
+                                       "embedforge export --checkpoint runs/quickstart/01-simcse/step-50 --output my-encoder",
+                                       "embedforge export --checkpoint runs/quickstart/01-simcse/final --output my-encoder "
+                                       "--max-seq-length 2048 --overwrite"))
     x.add_argument("--checkpoint", required=True, help="run dir, stage dir, final/ or step-N/")
     x.add_argument("--output", required=True, help="folder to write")
-    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--max-seq-length", type=int, default=0, metavar="TOKENS",
+                   help="the length the folder encodes at (0: what the folder records, or for a step-N/ the run's "
+                        "export.max_seq_length); at most the model's context")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     x.set_defaults(func=_cmd_export)
 
-    q = sub.add_parser("quickstart", help="MNTP + SimCSE on real SmolLM2 weights, then the evaluation table")
-    q.add_argument("--config", default="configs/quickstart.yaml")
+    q = sub.add_parser("quickstart", help="MNTP + SimCSE on real SmolLM2 weights, then the evaluation table",
+                       description="Train the quickstart recipe (from any directory: the run goes to its output_dir "
+                                   "under the current one) and compare every stage on held-out tasks.",
+                       epilog=examples("embedforge quickstart",
+                                       "embedforge quickstart stages.simcse.steps=40 output_dir=runs/qs-short",
+                                       "embedforge quickstart --config my-recipe.yaml --resume never"))
+    q.add_argument("--config", default=str(QUICKSTART_RECIPE), help="the recipe")
     q.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    q.add_argument("--resume", default="auto")
+    q.add_argument("--resume", default="auto", help="auto (newest complete step-N), never, or a step-N path")
     q.set_defaults(func=_cmd_quickstart)
     take_overrides_anywhere(q)
 
     d = sub.add_parser("data", help="build, verify and inspect sharded (WebDataset) datasets")
     dsub = d.add_subparsers(dest="data_command", required=True)
     b = dsub.add_parser("build", help="validate records into tar shards + manifest.json",
-                        description="Validate records (bad ones counted and skipped) into tar shards + manifest.json.")
+                        description="Validate records (bad ones counted and skipped) into tar shards + manifest.json.",
+                        epilog=examples("embedforge data build --input corpus.jsonl more.parquet --output data/corpus "
+                                        "--kind text --shard-size 256MB",
+                                        "embedforge data build --input pairs.tsv --output data/pairs --kind pair",
+                                        "embedforge data build --input asset:nlp-corpus --output data/nlp --kind text "
+                                        "--tokenizer runs/quickstart/01-simcse/final"))
     b.add_argument("--input", nargs="+", required=True, metavar="IN",
                    help=".jsonl, .csv, .tsv, .parquet, plain text (one per line, kind=text), asset:nlp-corpus or "
                         "asset:wordnet-pairs; several are concatenated in order")
@@ -273,14 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kind", required=True, choices=["text", "pair", "scored"], help="sample kind")
     b.add_argument("--text-field", default="text", metavar="NAME", help="field holding the text (kind=text)")
     b.add_argument("--shard-size", type=_size, default=256 * 2**20, metavar="SIZE",
-                   help="close a shard at about this size: 256MB (default), 64K, 1G")
+                   help="close a shard at about this size in bytes: 256MB, 64K, 1G")
     b.add_argument("--shard-samples", type=int, default=0, metavar="N",
                    help="close a shard at N samples (0: size only)")
     b.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenizer folder: also store token ids (tokens.npz)")
     b.add_argument("--max-chars", type=int, default=100_000, metavar="N", help="a longer text is a bad record (0: no limit; the loader's data.max_chars is also 100000)")
     b.add_argument("--max-bad-fraction", type=float, default=0.0, metavar="F",
-                   help="fail if more than this fraction of records is bad (default 0: any bad record fails)")
+                   help="fail if more than this fraction of records is bad (0: any bad record fails)")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     b.set_defaults(func=_cmd_data_build)
     c = dsub.add_parser("verify", help="re-hash every shard against the manifest (exit 1 on a problem)")
@@ -293,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Top-k passages per query (its positive excluded) as hard negatives.")
     n.add_argument("--input", required=True, metavar="DIR", help="pair dataset (query, positive[, negatives])")
     n.add_argument("--output", required=True, metavar="DIR", help="pair dataset to write")
-    n.add_argument("--method", choices=["bm25", "dense"], default="bm25")
+    n.add_argument("--method", choices=["bm25", "dense"], default="bm25", help="how candidates are ranked")
     n.add_argument("--k", type=int, default=7, help="negatives per query")
     n.add_argument("--corpus", default=None, metavar="DIR", help="text dataset to mine from (default: the input's passages)")
     n.add_argument("--encoder", default=None, metavar="DIR", help="encoder folder (--method dense)")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from launchers.intermixed import take_overrides_anywhere
+from launchers.recipes import RECIPES_DIR
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,8 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        description="Fine-tune SmolLM2-135M-Instruct as a yes/no teacher on WordNet training families, "
                                    "score the training pairs with it, train the D2LLM student and a contrastive-only "
                                    "baseline, and compare them on held-out families.")
-    q.add_argument("--config", default="configs/d2llm/quickstart.yaml", help="the student recipe")
-    q.add_argument("--teacher-config", default="configs/d2llm/teacher.yaml", help="the teacher recipe")
+    q.add_argument("--config", default=str(RECIPES_DIR / "d2llm" / "quickstart.yaml"), help="the student recipe")
+    q.add_argument("--teacher-config", default=str(RECIPES_DIR / "d2llm" / "teacher.yaml"), help="the teacher recipe")
     q.add_argument("overrides", nargs="*", help="key.sub=value overrides of the student recipe")
     q.add_argument("--train-queries", type=int, default=384, help="WordNet training queries (teacher and student data)")
     q.add_argument("--eval-queries", type=int, default=64)

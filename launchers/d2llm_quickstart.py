@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from launchers.recipes import RECIPES_DIR
 from toolkit.config import load_config
 from toolkit.errors import EmbedforgeError
 
-TEACHER_CONFIG = Path("configs/d2llm/teacher.yaml")
+TEACHER_CONFIG = RECIPES_DIR / "d2llm" / "teacher.yaml"
 
 
 def _prepare_pairs(data: Path, n_train: int) -> Path:

@@ -18,6 +18,9 @@ import os
 import time
 from pathlib import Path
 
+from launchers.cli_format import examples
+from toolkit.errors import InputError
+
 
 def split_values(values: list[str] | None) -> list[str] | None:
     """Space- or comma-separated lists ("--tasks A,B C")."""
@@ -27,7 +30,14 @@ def split_values(values: list[str] | None) -> list[str] | None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="evaluate models on mteb tasks (local offline or real MTEB), cached",
-                              description="Evaluate encoders through mteb.evaluate with a result cache (only-missing).")
+                              description="Evaluate encoders through mteb.evaluate with a result cache (only-missing). "
+                                          "Progress (model, task, texts encoded, elapsed) goes to stderr.",
+                              epilog=examples("embedforge eval run --models runs/qs/01-simcse/final minilm",
+                                              "embedforge eval run --models my-encoder --tasks rt-sentiment "
+                                              "wordnet-retrieval --task-size rt-sentiment.n_test=200 "
+                                              "wordnet-retrieval.n_queries=100",
+                                              "embedforge eval run --models my-encoder --tasks STSBenchmark --cache "
+                                              "mteb-results --output r.json"))
     p.add_argument("--models", nargs="+", required=True,
                    help="encoder folders (a stage's final/, an export), step-N/ checkpoints, or 'minilm'")
     p.add_argument("--tasks", nargs="*", default=None,
@@ -39,13 +49,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "instead of the local tasks")
     p.add_argument("--cache", default=None, metavar="DIR", help="mteb result cache (default: $EMBEDFORGE_CACHE/mteb-results)")
     p.add_argument("--instructions", default=None, metavar="FILE", help="JSON task -> instruction overrides")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--task-size", nargs="+", action="extend", default=[], metavar="TASK.FIELD=N",
+                   help="size a local task (a new data revision in the cache, never mixed with other sizes): "
+                        "EmbedforgeRTSentiment / rt-sentiment: n_train, n_test; EmbedforgeWordNetRetrieval / "
+                        "wordnet-retrieval: n_queries, max_family; EmbedforgeWordNetSameSense / wordnet-same-sense: "
+                        "n_pairs; speech-continuation: half_words, min_words; debate-party: min_words; "
+                        "rt-movie-clustering: n_movies, per_movie")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model (megatron stages; torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per model (megatron stages; torchrun)")
-    p.add_argument("--overwrite", default="only-missing", choices=["only-missing", "always", "never", "only-cache"])
+    p.add_argument("--overwrite", default="only-missing", choices=["only-missing", "always", "never", "only-cache"],
+                   help="mteb's overwrite strategy for cached results")
     p.add_argument("--output", default=None, metavar="FILE", help="results JSON (default: <cache>/eval_run.json)")
     p.set_defaults(func=run)
     return p
+
+
+def parse_task_sizes(items: list[str]) -> dict[str, dict[str, int]]:
+    """`rt-sentiment.n_test=200` items -> {"rt-sentiment": {"n_test": 200}}."""
+    sizes: dict[str, dict[str, int]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        task, _, field = key.rpartition(".")
+        if not task or not field or not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"--task-size {item}: expected TASK.FIELD=N with N >= 1, e.g. rt-sentiment.n_test=200")
+        sizes.setdefault(task.strip(), {})[field.strip()] = int(value)
+    return sizes
 
 
 def _init_distributed() -> tuple[int, str]:
@@ -73,17 +102,19 @@ def run(args: argparse.Namespace) -> int:
     from toolkit.assets import cache_dir
     from toolkit.eval.mteb_model import Instructions
     from toolkit.eval.mteb_run import evaluate, load_model, select_tasks
+    from toolkit.eval.progress import EncodeProgress
 
     rank, device = _init_distributed()
     cache = Path(args.cache) if args.cache else cache_dir() / "mteb-results"
     tasks = select_tasks(split_values(args.tasks), split_values(args.task_types), split_values(args.languages),
-                         args.benchmark, local=not args.no_local)
+                         args.benchmark, local=not args.no_local, sizes=parse_task_sizes(args.task_size))
     instructions = Instructions(args.instructions)
     task_info = [{"name": t.metadata.name, "type": t.metadata.type, "main_score": t.metadata.main_score} for t in tasks]
     rows = []
     for spec in args.models:
         model = load_model(spec, instructions=instructions, batch_size=args.batch_size, device=device, tp=args.tp,
                            pp=args.pp)
+        model.progress = EncodeProgress(spec, quiet=rank != 0)  # every rank splits its encoding alike
         t0 = time.perf_counter()
         scores = evaluate(model, tasks, cache, args.overwrite, batch_size=args.batch_size)
         meta = model.mteb_model_meta

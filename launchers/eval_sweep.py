@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from launchers.cli_format import examples
 from launchers.eval_run import split_values
 from toolkit.errors import InputError
 
@@ -26,31 +27,36 @@ from toolkit.errors import InputError
 def add_parsers(subparsers) -> None:
     s = subparsers.add_parser("sweep", help="evaluate models and checkpoints x tasks in parallel; table + plots",
                               description="Fan out (model/checkpoint, task group) jobs locally, on Ray or as a "
-                                          "SLURM array; gather a table (CSV + Markdown) and plots (PNG).")
+                                          "SLURM array; gather a table (CSV + Markdown) and plots (PNG).",
+                              epilog=examples("embedforge eval sweep --checkpoints 'runs/qs/*/step-*' minilm --output sweep",
+                                              "embedforge eval sweep --models my-encoder minilm --tasks STSBenchmark "
+                                              "--ray local --output sweep",
+                                              "embedforge eval sweep --checkpoints 'runs/l8b/*/step-*' --slurm "
+                                              "--partition gpu --gpus-per-job 1 --output /shared/sweep"))
     s.add_argument("--models", nargs="*", default=[], help="encoder folders, step-N/ checkpoints or 'minilm'")
     s.add_argument("--checkpoints", nargs="*", default=[], metavar="PATH_OR_GLOB",
                    help="checkpoints of runs, e.g. 'runs/qs/*/step-*' (quote globs): placed on the training-step axis")
     s.add_argument("--tasks", nargs="*", default=None, help="task names (local or mteb); default: the local tasks")
-    s.add_argument("--task-types", nargs="*", default=None)
-    s.add_argument("--languages", nargs="*", default=None)
-    s.add_argument("--benchmark", default=None)
+    s.add_argument("--task-types", nargs="*", default=None, help="filter: Classification Retrieval STS ...")
+    s.add_argument("--languages", nargs="*", default=None, help="filter: ISO 639-3 codes, e.g. eng")
+    s.add_argument("--benchmark", default=None, help='an mteb benchmark, e.g. "MTEB(eng, v2)"')
     s.add_argument("--tasks-per-job", type=int, default=1, help="tasks evaluated by one job")
     s.add_argument("--output", required=True, metavar="DIR", help="report folder (jobs.json, results.*, *.png)")
     s.add_argument("--cache", default=None, metavar="DIR", help="mteb result cache (default: <output>/cache)")
     s.add_argument("--instructions", default=None, metavar="FILE", help="JSON task -> instruction overrides")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="run jobs as Ray tasks: local, auto or HOST:PORT")
-    s.add_argument("--cpus-per-job", type=float, default=1.0)
+    s.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs each Ray task / SLURM array task requests")
     s.add_argument("--gpus-per-job", type=float, default=0.0,
-                   help="GPUs each Ray task / SLURM array task requests (SLURM: a whole number; default 0)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda, resolved where each job runs (default: auto)")
+                   help="GPUs each Ray task / SLURM array task requests (SLURM: a whole number)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda, resolved where each job runs")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model (megatron stages): run the "
                                                      "sweep under torchrun, or --slurm (each array task runs torchrun)")
     s.add_argument("--pp", type=int, default=1, help="pipeline stages per model (as --tp)")
     s.add_argument("--slurm", action="store_true", help="submit the jobs as a SLURM array (+ a report job)")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--time", default=None)
-    s.add_argument("--account", default=None)
+    s.add_argument("--partition", default=None, help="SLURM partition")
+    s.add_argument("--time", default=None, help="SLURM: wall-time limit of each array task")
+    s.add_argument("--account", default=None, help="SLURM account")
     s.add_argument("--max-parallel", type=int, default=0, help="SLURM: array tasks running at once (0: no limit)")
     s.add_argument("--report-only", action="store_true", help="write the report from the cache, computing nothing")
     s.add_argument("--jobs-file", default=None, help=argparse.SUPPRESS)  # a planned sweep (SLURM array tasks)
@@ -59,7 +65,8 @@ def add_parsers(subparsers) -> None:
 
     c = subparsers.add_parser("compare", help="per-task deltas of two results files; exit 1 on a regression",
                               description="Compare NEW against BASELINE (files of `eval run --output` or `eval "
-                                          "sweep`); exit 1 when a task drops more than --threshold points.")
+                                          "sweep`); exit 1 when a task drops more than --threshold points.",
+                              epilog=examples("embedforge eval compare baseline.json new.json --threshold 0.5"))
     c.add_argument("baseline", help="results JSON")
     c.add_argument("new", help="results JSON")
     c.add_argument("--threshold", type=float, default=1.0, help="allowed drop, in score points (x100 scale)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from launchers.cli_format import examples
 from launchers.intermixed import take_overrides_anywhere
 
 
@@ -17,24 +18,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "plan", help="per-GPU memory plan of a recipe (parameters, grads, optimizer, activations)",
         description="Per-GPU memory of each stage of a recipe on N GPUs, without loading any weights. "
-                    "Exit 0 if every stage fits, 1 if one does not.")
+                    "Exit 0 if every stage fits, 1 if one does not.",
+        epilog=examples("embedforge plan configs/scale/llama3-8b.yaml --gpus 8 --gpu-mem 80",
+                        "embedforge plan configs/scale/llama3-70b.yaml --gpus 64 parallel.tp=8 parallel.pp=2 --dry-run",
+                        "embedforge plan configs/quickstart.yaml --gpus 1 --gpu-mem 24 --stage simcse"))
     p.add_argument("config", help="YAML recipe, e.g. configs/scale/llama3-8b.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. parallel.tp=4")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs of the job")
-    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB (default 80)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB")
     p.add_argument("--arch", default=None, metavar="FILE",
                    help="HF config.json of the model (default: model.path/config.json, else the recipe's '# arch:' line)")
     p.add_argument("--stage", default=None, help="plan only this stage (default: all)")
-    p.add_argument("--negatives", type=int, default=1, help="hard negatives per supervised sample (default 1)")
+    p.add_argument("--negatives", type=int, default=1, help="hard negatives per supervised sample")
     p.add_argument("--distributed-optimizer", action="store_true",
                    help="shard full-fine-tuning optimizer states over DP (megatron distributed optimizer)")
     p.add_argument("--reserve", type=float, default=3.0, metavar="GIB",
-                   help="per-GPU reserve for CUDA context, NCCL buffers, fragmentation (default 3)")
+                   help="per-GPU reserve for CUDA context, NCCL buffers, fragmentation")
     p.add_argument("--dry-run", action="store_true",
                    help="also build the real megatron modules of the first / middle / last pipeline stage on the meta "
                         "device under a fake process group of N ranks and print their bytes beside the plan")
     p.add_argument("--tolerance", type=float, default=0.02,
-                   help="--dry-run: largest relative difference from the plan that still passes (default 0.02)")
+                   help="--dry-run: largest relative difference from the plan that still passes")
     p.set_defaults(func=run)
     return take_overrides_anywhere(p)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from toolkit.config import load_config
 from toolkit.errors import EmbedforgeError
 from toolkit.eval.report import evaluate_models, format_table
+from toolkit.models.folder import serving_length
 from toolkit.models.loading import build_encoder
 from toolkit.train import Trainer
 
@@ -30,6 +31,7 @@ def run_quickstart(config: Path, overrides: list[str], resume: str = "auto") -> 
     models: dict = {}
     for label, bidirectional in (("causal (untrained)", False), ("bidirectional (untrained)", True)):
         encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, bidirectional=bidirectional)
+        encoder.spec.max_length = serving_length(cfg, encoder.backbone.config)  # as the trained folders encode
         models[label] = encoder.eval()
     trained = []
     for o in outcomes:

@@ -4,8 +4,9 @@ The job's entrypoint is the driver `python -m cluster.ray_train CONFIG [override
 which trains on a worker group and restarts it from the newest complete checkpoint when a worker
 dies. The recipe is validated here first, so a bad config never reaches the cluster.
 
-Paths: the config and the recipe's relative paths resolve against `--workdir` (default: this
-directory) on the cluster, so the cluster must see the same filesystem (as with SLURM).
+Paths: the config, output_dir and the overrides resolve against `--workdir` (default: this directory)
+on the cluster, the recipe's own relative paths (model, data, prompt file) against the recipe's folder
+there, so the cluster must see the same filesystem (as with SLURM).
 
 Safety: the entrypoint is a shell command; every argument is shlex-quoted, so an override is only
 ever an argument. Nothing from the environment is put in the job (entrypoint, runtime_env,
@@ -23,6 +24,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from launchers.cli_format import examples
 from launchers.intermixed import take_overrides_anywhere
 from toolkit.errors import EmbedforgeError
 
@@ -123,20 +125,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("ray", help="submit a recipe as a Ray job (worker group, restarts on failure)",
                               description="Validate a recipe here, then submit it to a Ray cluster as a job that "
                                           "trains on a worker group (one actor per rank) and restarts from the "
-                                          "newest complete checkpoint when a worker fails.")
+                                          "newest complete checkpoint when a worker fails.",
+                              epilog=examples("embedforge submit ray configs/quickstart.yaml output_dir=/shared/runs/qs "
+                                              "--address http://head:8265 --workers 2",
+                                              "embedforge submit ray configs/scale/llama3-8b.yaml --workers 8 "
+                                              "--gpus-per-worker 1 --workdir /shared/embedforge --no-wait"))
     p.add_argument("config", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.add_argument("--address", default=None,
                    help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)")
     p.add_argument("--workers", type=int, required=True, help="ranks: one Ray actor (and bundle) each")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each actor requests")
     p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1], help="one rank per GPU")
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the job fails")
     p.add_argument("--strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="placement group strategy (PACK: as few nodes as possible)")
     p.add_argument("--workdir", default=".",
-                   help="where the job runs on the cluster; relative paths resolve here (default: this directory)")
-    p.add_argument("--python", default="python", help="the cluster's Python with embedforge installed (default: python)")
+                   help="where the job runs on the cluster: the config and overrides are relative to it (the "
+                        "recipe's own paths to the recipe's folder)")
+    p.add_argument("--python", default="python", help="the cluster's Python with embedforge installed")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.set_defaults(func=run)
     return take_overrides_anywhere(p)

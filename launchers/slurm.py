@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from launchers.cli_format import examples
 from launchers.intermixed import take_overrides_anywhere
 from toolkit.errors import EmbedforgeError
 
@@ -268,17 +269,22 @@ def _sbatch(path: Path, *options: str) -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser("slurm", help="submit a recipe as a requeueable SLURM batch job",
                               description="Render an sbatch script for a recipe, check it with the controller, "
-                                          "and queue it (or print it with --dry-run).")
+                                          "and queue it (or print it with --dry-run).",
+                              epilog=examples("embedforge submit slurm configs/scale/llama3-8b.yaml "
+                                              "output_dir=/shared/runs/l8b --nodes 2 --gpus-per-node 8 --time 04:00:00",
+                                              "embedforge submit slurm configs/quickstart.yaml --tasks-per-node 2 "
+                                              "--chain 3 --dry-run",
+                                              "embedforge submit slurm configs/quickstart.yaml --launch ray --nodes 2"))
     s.add_argument("config", help="YAML recipe")
     s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--nodes", type=int, default=1, help="nodes of the allocation")
     s.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU")
-    s.add_argument("--tasks-per-node", type=int, default=0, help="ranks per node without GPUs (default 1)")
+    s.add_argument("--tasks-per-node", type=int, default=0, help="ranks per node without GPUs (0: 1)")
     s.add_argument("--cpus-per-task", type=int, default=1, help="CPUs per rank")
-    s.add_argument("--partition", default=None)
+    s.add_argument("--partition", default=None, help="SLURM partition")
     s.add_argument("--time", default=None, help="wall-time limit, e.g. 04:00:00 or 2-00:00:00")
-    s.add_argument("--account", default=None)
-    s.add_argument("--job-name", default="embedforge")
+    s.add_argument("--account", default=None, help="SLURM account")
+    s.add_argument("--job-name", default="embedforge", help="the job's name (every job of a --chain shares it)")
     s.add_argument("--launch", choices=["srun", "torchrun", "ray"], default="srun",
                    help="srun: a task per rank; torchrun: a task per node; ray: a Ray cluster over the allocation")
     s.add_argument("--signal", choices=["TERM", "USR2"], default="TERM", help="preemption notice sent to the ranks")

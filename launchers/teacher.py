@@ -11,12 +11,20 @@ import argparse
 import json
 import os
 
+from launchers.cli_format import examples
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("teacher", help="D2LLM teacher: score (query, passage) pairs with yes/no logits")
     sub = p.add_subparsers(dest="teacher_command", required=True)
     s = sub.add_parser("score", help="score a pair dataset (positives, hard negatives, in-batch pairs)",
-                       description="Score every pair D2LLM training reads into a scored dataset, resumably.")
+                       description="Score every pair D2LLM training reads into a scored dataset, resumably.",
+                       epilog=examples("embedforge teacher score --model runs/d2llm-quickstart/teacher/00-teacher/final "
+                                       "--input data/pairs-mined --output data/scored",
+                                       "embedforge teacher score --model asset:smollm2-135m-instruct --input data/pairs "
+                                       "--output data/scored --ray local --workers 2",
+                                       "torchrun --nproc-per-node 8 -- embedforge teacher score --model /models/big "
+                                       "--input data/pairs --output data/scored --tp 4 --dtype bfloat16"))
     s.add_argument("--model", required=True, help="teacher LLM: HF folder, .gguf file or asset:NAME")
     s.add_argument("--input", required=True, metavar="DIR", help="pair dataset (embedforge data build --kind pair)")
     s.add_argument("--output", required=True, metavar="DIR", help="scored dataset to write (resumed if present)")
@@ -37,11 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="prompt tokens at most, passage truncated first (default: the prompt's, 512)")
     s.add_argument("--ray", default=None, metavar="ADDRESS", help="run on Ray: local, auto or ray://HOST:PORT")
     s.add_argument("--workers", type=int, default=2, help="Ray actors (each loads the teacher once)")
-    s.add_argument("--cpus-per-worker", type=float, default=1.0)
-    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor requests (default: 0)")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each Ray actor requests")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each Ray actor requests")
     s.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda; auto: the process's GPU when CUDA is present (default: auto)")
-    s.add_argument("--dtype", default="float32", help="float32 | bfloat16: the teacher's weights (default: float32)")
+                   help="auto | cpu | cuda; auto: the process's GPU when CUDA is present")
+    s.add_argument("--dtype", default="float32", help="float32 | bfloat16: the teacher's weights")
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per teacher (megatron stages; torchrun)")
     s.add_argument("--pp", type=int, default=1, help="pipeline stages per teacher (megatron stages; torchrun)")
     s.set_defaults(func=run)

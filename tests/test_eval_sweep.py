@@ -37,7 +37,7 @@ def quickstart_run(tmp_path_factory) -> Path:
 
 def sweep_command(run: Path, out: Path) -> list[str]:
     return [EMBEDFORGE, "eval", "sweep", "--models", "minilm", "--checkpoints", f"{run}/*/step-*",
-            "--output", str(out), "--ray", "local"]
+            "--output", str(out), "--ray", "local", "--tasks", ",".join(LOCAL_TASKS)]
 
 
 def result_files(cache: Path) -> dict[Path, float]:

@@ -25,6 +25,7 @@ from tests.helpers import CORPUS, free_port, save_tiny_decoder
 from toolkit.config import config_from_dict
 from toolkit.engines.megatron.hf_export import plan_shards
 from toolkit.models.arch import ModelArgs
+from toolkit.models.folder import serving_length
 from toolkit.models.tiny import tiny_config
 
 
@@ -108,6 +109,7 @@ def test_tp2_pp2_sharded_export_equals_single_file_export(tmp_path):
 
     cfg = _cfg(model_dir, tp=1, pp=1)
     reference, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed)  # the hf engine's start: same head seed
+    reference.spec.max_length = serving_length(cfg, reference.backbone.config)  # a stage's folder serves at it
     reference.save_pretrained(tmp_path / "single")
     for name in ("config.json", "modules.json", "embedforge.json", "1_Pooling/config.json"):
         assert json.loads((final / name).read_text()) == json.loads((tmp_path / "single" / name).read_text()), name

@@ -186,8 +186,10 @@ def test_eval_sweep_as_a_slurm_array(slurm_cluster, reference, tmp_path):
     no_instructions = tmp_path / "instructions.json"  # the tiny model's max_length (48) is shorter than them
     no_instructions.write_text(json.dumps({"tasks": {"EmbedforgeRTSentiment": "", "EmbedforgeWordNetRetrieval": "",
                                                      "EmbedforgeWordNetSameSense": ""}}))
+    tasks = ["--tasks", "EmbedforgeRTSentiment", "EmbedforgeWordNetRetrieval", "EmbedforgeWordNetSameSense"]
     r = embedforge("eval", "sweep", "--models", str(whole / "01-supervised" / "final"), "--checkpoints",
-                   f"{whole}/00-mntp/step-*", "--output", str(out), "--instructions", str(no_instructions), "--slurm")
+                   f"{whole}/00-mntp/step-*", "--output", str(out), "--instructions", str(no_instructions), *tasks,
+                   "--slurm")
     assert r.returncode == 0 and "submitted array" in r.stdout, r.stderr[-3000:]
     array, report = r.stdout.split("submitted array ")[1].split()[0], r.stdout.split("report job ")[1].split(";")[0]
     wait_for(lambda: job_state(report) in ("COMPLETED", "FAILED", "CANCELLED", "GONE"), "the report job")
@@ -197,5 +199,5 @@ def test_eval_sweep_as_a_slurm_array(slurm_cluster, reference, tmp_path):
     rows = (out / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 9 and (out / "heatmap.png").is_file() and (out / "score_vs_step.png").is_file()
     again = embedforge("eval", "sweep", "--models", str(whole / "01-supervised" / "final"), "--checkpoints",
-                       f"{whole}/00-mntp/step-*", "--output", str(out), "--instructions", str(no_instructions))
+                       f"{whole}/00-mntp/step-*", "--output", str(out), "--instructions", str(no_instructions), *tasks)
     assert again.returncode == 0 and again.stderr.count("all cached") == 9, again.stderr[-3000:]

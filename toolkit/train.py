@@ -146,6 +146,7 @@ class Trainer:
         )
         self.engine = build_engine(self.cfg, self.dims, model_args)
         self.engine.build(add_mask_token=needs_new_mask)
+        _check_context(self.cfg)  # again: an asset's config.json exists now, before any step is spent
         outcomes: list[StageOutcome] = []
         previous_final: Path | None = None
         self.stop.install()
@@ -352,7 +353,7 @@ class Trainer:
         self.run_changes = []
         if not file.is_file():
             return None
-        previous = load_config(file)
+        previous = load_config(file, relative_to_recipe=False)  # the paths the run used, as recorded
         if self._has_checkpoints():
             self.run_changes = check_changes(f"{file} (the run's checkpoints)", fingerprint_settings(previous),
                                              fingerprint_settings(self.cfg), self.allow_changes)
@@ -506,8 +507,8 @@ def preflight(cfg: RunConfig, *, check_data: bool = True) -> ModelArgs | None:
 
 
 def _check_context(cfg: RunConfig) -> None:
-    """model.max_length and each stage's data.max_length fit the model's context (max_position_embeddings),
-    when its config.json is on disk (a folder, or an asset / .gguf already imported)."""
+    """model.max_length, each stage's data.max_length and export.max_seq_length fit the model's context
+    (max_position_embeddings), when its config.json is on disk (a folder, or an asset / .gguf already imported)."""
     config_json = model_config_file(cfg.model.path)
     if config_json is None:
         return
@@ -519,6 +520,7 @@ def _check_context(cfg: RunConfig) -> None:
         return
     lengths = [("model.max_length", cfg.model.max_length)]
     lengths += [(f"stages.{s.name}.data.max_length", s.data.max_length) for s in cfg.stages]
+    lengths.append(("export.max_seq_length", cfg.export.max_seq_length))  # 0 (auto) never exceeds it
     for name, value in lengths:
         if value > context:
             raise ConfigError(f"{name}: {value} is longer than the model's context ({context} tokens, "

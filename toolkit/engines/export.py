@@ -16,6 +16,7 @@ from toolkit.checkpoint.manager import complete_steps, read_meta, verify_step
 from toolkit.config import RunConfig, load_config
 from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
 from toolkit.errors import CheckpointError, MissingPathError
+from toolkit.models.export import set_folder_max_length
 from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
 
@@ -27,24 +28,27 @@ def finished_stages(run_dir: Path) -> list[Path]:
     return [d / FINAL_DIR for d in RunLayout(Path(run_dir)).stage_dirs() if (d / FINAL_DIR / SPEC_FILE).is_file()]
 
 
-def consolidate(source: Path, output: Path) -> Path:
-    """Write an Encoder folder for `source` (run dir, stage dir, stage `final/`, or `step-N/`)."""
+def consolidate(source: Path, output: Path, max_seq_length: int = 0) -> Path:
+    """Write an Encoder folder for `source` (run dir, stage dir, stage `final/`, or `step-N/`), encoding
+    at `max_seq_length` tokens (0: what the folder records, or for a step-N/ its run's export.max_seq_length)."""
     source = Path(source)
     if not source.exists():
         raise MissingPathError(f"{source}: no such file or directory")
     if (source / SPEC_FILE).is_file():  # already an encoder folder
         with atomic_dir(output) as tmp:
             shutil.copytree(source, tmp, dirs_exist_ok=True)
+            if max_seq_length:
+                set_folder_max_length(tmp, max_seq_length, field="--max-seq-length")
         return output
     if (source / COMPLETE).is_file():
-        return export_step(source, output)
+        return export_step(source, output, max_seq_length)
     if RunLayout(source).is_run():  # a run directory: its newest finished stage
         finals = finished_stages(source)
         if not finals:
             raise MissingPathError(f"{source}: no finished stage yet; export a step checkpoint (…/NN-stage/step-N) instead")
-        return consolidate(finals[-1], output)
+        return consolidate(finals[-1], output, max_seq_length)
     if parse_stage_dir(source) and (source / FINAL_DIR / SPEC_FILE).is_file():
-        return consolidate(source / FINAL_DIR, output)
+        return consolidate(source / FINAL_DIR, output, max_seq_length)
     step = PARTIAL_RE.match(source.name)
     if parse_step_dir(source) is not None or step:
         complete = [str(p) for _, p in complete_steps(source.parent)]
@@ -58,13 +62,15 @@ def consolidate(source: Path, output: Path) -> Path:
     )
 
 
-def export_step(step_dir: Path, output: Path) -> Path:
-    """A complete `<run>/<NN>-<stage>/step-N/` checkpoint as an encoder folder, by the engine that wrote it."""
+def export_step(step_dir: Path, output: Path, max_seq_length: int = 0) -> Path:
+    """A complete `<run>/<NN>-<stage>/step-N/` checkpoint as an encoder folder, by the engine that wrote it
+    (`max_seq_length` > 0 replaces the run's export.max_seq_length)."""
     stage = parse_stage_dir(step_dir.parent)
     layout = RunLayout.of_stage_dir(step_dir.parent)
     if stage is None or not layout.is_run():
         raise CheckpointError(f"{step_dir}: expected <run>/<NN>-<stage>/step-N with <run>/{layout.config_file.name}")
-    cfg: RunConfig = load_config(layout.config_file)
+    overrides = [f"export.max_seq_length={max_seq_length}"] if max_seq_length else []
+    cfg: RunConfig = load_config(layout.config_file, overrides, relative_to_recipe=False)  # paths as the run used them
     index, name = stage
     if index >= len(cfg.stages) or cfg.stages[index].name != name:
         raise CheckpointError(f"{step_dir}: stage {step_dir.parent.name} is not in {layout.config_file}")

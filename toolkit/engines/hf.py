@@ -24,7 +24,7 @@ from toolkit.engines.spec import EngineSpec, register_engine
 from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.arch import active_sliding_window
 from toolkit.models.encoder import Encoder
-from toolkit.models.folder import load_encoder_weights
+from toolkit.models.folder import load_encoder_weights, serving_length
 from toolkit.models.loading import build_encoder, set_attention_dropout
 from toolkit.models.lora import add_lora, merge_lora
 from toolkit.models.stage_encoder import merged_stage_encoder
@@ -178,7 +178,7 @@ def save_stage_output(cfg: RunConfig, stage: StageConfig, encoder: Encoder, lm_h
     """A finished stage's merged model: an encoder folder, or for a teacher stage a causal-LM folder
     that `teacher score` reads with the stage's prompt."""
     if stage.objective.kind != "teacher":
-        return encoder.save_pretrained(folder)
+        return encoder.save_pretrained(folder, max_length=serving_length(cfg, encoder.backbone.config))
     teacher = stage.objective.teacher
     return save_teacher_folder(encoder.backbone, lm_head, encoder.tokenizer, cfg.model,
                                teacher.stage_prompt(stage.data.max_length), folder, teacher.symmetric_tasks)

@@ -9,6 +9,7 @@
   `similarity` / `similarity_pairwise` use the asymmetric branch while a retrieval-like task is being
   encoded, the symmetric one otherwise; its embeddings are the raw pooled vectors the IEM was trained on.
 - The model is loaded on the first `encode`, so a run whose results are all cached loads nothing.
+- With a `progress` (rank 0 of `eval run`), each encode call reports its task and texts done on stderr.
 - `ModelMeta.name` names the run/stage (or folder) and `revision` the checkpoint, so mteb's
   ResultCache keeps one result per checkpoint; a non-default instruction set becomes an mteb
   "experiment" (its own sub-folder), never mixed with the default one.
@@ -28,11 +29,16 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
+from toolkit.engines.megatron.encoder import BATCHES_PER_SCHEDULE
 from toolkit.errors import InputError, MissingPathError
+from toolkit.eval.progress import EncodeProgress
 
 DEFAULT_INSTRUCTIONS = Path(__file__).with_name("instructions.json")
 # task types whose pairs are (query, passage): the IEM's asymmetric branch scores them
 ASYMMETRIC_TYPES = frozenset({"Retrieval", "Reranking", "InstructionRetrieval", "InstructionReranking"})
+# batches encoded between two progress reports: a whole number of megatron pipeline windows, so every rank
+# of a TP x PP group (each with its progress, silent but on rank 0) runs the same schedules
+PROGRESS_BATCHES = BATCHES_PER_SCHEDULE
 
 
 # ----------------------------------------------------------------------------- instructions
@@ -156,9 +162,10 @@ def all_gather_rows(local: np.ndarray, counts: Sequence[int], group: Any = None)
 
 
 def sharded_encode(backend: Backend, texts: Sequence[str], instruction: str | None, batch_size: int,
-                   group: Any = None) -> np.ndarray:
+                   group: Any = None, progress: EncodeProgress | None = None) -> np.ndarray:
     """Embeddings [n, dim] in input order: longest first, one contiguous slice of the sorted texts per
-    rank, gathered back. Empty texts (which the Encoder refuses) get a zero row."""
+    rank, gathered back. Empty texts (which the Encoder refuses) get a zero row. `progress` hears of this
+    rank's slice as it goes, scaled to all texts."""
     texts = list(texts)
     out = np.zeros((len(texts), backend.dim), dtype=np.float32)
     keep = np.asarray([i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()], dtype=np.int64)
@@ -169,12 +176,25 @@ def sharded_encode(backend: Backend, texts: Sequence[str], instruction: str | No
     world, rank = _dist_info(group)
     bounds = shard_bounds(len(order), world)
     mine = order[bounds[rank] : bounds[rank + 1]]
-    local = (backend.encode([kept[i] for i in mine], instruction, batch_size) if len(mine)
-             else np.zeros((0, backend.dim), dtype=np.float32))
+    local = (_encode_reporting(backend, [kept[i] for i in mine], instruction, batch_size, progress, len(texts))
+             if len(mine) else np.zeros((0, backend.dim), dtype=np.float32))
     if world > 1:
         local = all_gather_rows(np.asarray(local), np.diff(bounds).tolist(), group)
     out[keep[order]] = local
     return out
+
+
+def _encode_reporting(backend: Backend, texts: list[str], instruction: str | None, batch_size: int,
+                      progress: EncodeProgress | None, total: int) -> np.ndarray:
+    """backend.encode over length-sorted texts, in chunks of PROGRESS_BATCHES batches when `progress`
+    listens (chunk borders fall on batch borders: the same batches, the same embeddings)."""
+    if progress is None:
+        return backend.encode(texts, instruction, batch_size)
+    chunk, parts = batch_size * PROGRESS_BATCHES, []
+    for start in range(0, len(texts), chunk):
+        parts.append(np.asarray(backend.encode(texts[start : start + chunk], instruction, batch_size)))
+        progress.advance(round(total * min(start + chunk, len(texts)) / len(texts)))
+    return np.concatenate(parts)
 
 
 # ----------------------------------------------------------------------------- the mteb model
@@ -206,6 +226,7 @@ class EmbedforgeModel(AbsEncoder):
         self.encode_calls = 0
         self.texts_encoded = 0
         self._symmetric = True
+        self.progress: EncodeProgress | None = None  # `eval run` sets one on rank 0
 
     @property
     def loaded(self) -> bool:
@@ -225,8 +246,11 @@ class EmbedforgeModel(AbsEncoder):
         self._symmetric = task_metadata.type not in ASYMMETRIC_TYPES
         self.encode_calls += 1
         self.texts_encoded += len(texts)
+        if self.progress is not None:
+            kind = f", {prompt_type.value}s" if prompt_type is not None else ""
+            self.progress.begin(task_metadata.name, f"({hf_split}{kind})", len(texts))
         return sharded_encode(self.backend, texts, instruction, int(kwargs.get("batch_size") or self.batch_size),
-                              self.group)
+                              self.group, self.progress)
 
     def encode_texts(self, texts: Sequence[str], instruction: str | None = None) -> np.ndarray:
         """Plain entry point (no task metadata) over the same sharded, length-sorted path."""

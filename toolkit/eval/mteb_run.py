@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import mteb
 from mteb.abstasks import AbsTask
@@ -55,17 +55,22 @@ SCORE_DIGITS = 6  # mteb's TaskResult.to_disk rounding
 # ----------------------------------------------------------------------------- tasks
 def select_tasks(names: Sequence[str] | None = None, task_types: Sequence[str] | None = None,
                  languages: Sequence[str] | None = None, benchmark: str | None = None,
-                 local: bool = True) -> list[AbsTask]:
+                 local: bool = True, sizes: Mapping[str, Mapping[str, int]] | None = None) -> list[AbsTask]:
     """Task objects (no data loaded) in a stable order, duplicates dropped.
 
     `names` (local names/aliases first, then mteb's registry) and `benchmark` select explicitly; with
     neither, the candidates are our local tasks (`local=True`) or mteb's whole registry. `task_types`
-    and `languages` (ISO 639-3, e.g. "eng") then filter the candidates.
+    and `languages` (ISO 639-3, e.g. "eng") then filter the candidates. `sizes` ({local task name or
+    alias: {"n_test": 200}}) size the selected local tasks (`mteb_tasks.local_task`).
     """
+    sizes = {ALIASES.get(k, k): dict(v) for k, v in (sizes or {}).items()}
+    unknown = sorted(set(sizes) - set(LOCAL_MTEB_TASKS))
+    if unknown:
+        raise InputError(f"task size for {unknown[0]!r}: only local tasks are sized ({', '.join(LOCAL_MTEB_TASKS)})")
     chosen: list[AbsTask] = []
     for name in names or ():
         if local and (name in LOCAL_MTEB_TASKS or name in ALIASES):
-            chosen.append(local_task(name))
+            chosen.append(local_task(name, **sizes.get(ALIASES.get(name, name), {})))
             continue
         try:
             chosen.append(mteb.get_task(name))
@@ -78,13 +83,16 @@ def select_tasks(names: Sequence[str] | None = None, task_types: Sequence[str] |
         except (KeyError, ValueError) as exc:
             raise InputError(f"unknown benchmark {benchmark!r} ({exc})") from None
     if not names and not benchmark:
-        chosen = [local_task(n) for n in LOCAL_MTEB_TASKS] if local else list(mteb.get_tasks())
+        chosen = [local_task(n, **sizes.get(n, {})) for n in LOCAL_MTEB_TASKS] if local else list(mteb.get_tasks())
     if task_types or languages:
         chosen = list(mteb.filter_tasks(chosen, task_types=task_types or None, languages=languages or None))
     seen: set[str] = set()
     unique = [t for t in chosen if not (t.metadata.name in seen or seen.add(t.metadata.name))]
     if not unique:
         raise InputError(f"no task matches names={names} types={task_types} languages={languages} benchmark={benchmark}")
+    unsized = sorted(set(sizes) - {t.metadata.name for t in unique})
+    if unsized:
+        raise InputError(f"task size for {unsized[0]}: the task is not among the selected ones")
     return unique
 
 
@@ -213,7 +221,22 @@ def mteb_loader(model_name: str, revision: str | None = None, *, spec: str, **kw
 
 # ----------------------------------------------------------------------------- evaluation
 class RankZeroCache(ResultCache):
-    """Every rank reads the cache (so all skip the same tasks); only rank 0 writes it."""
+    """Every rank reads the cache (so all skip the same tasks); only rank 0 writes it. A cached result of
+    another data revision than the task's (a local task of other sizes) reads as missing: mteb's own
+    `only-missing` would return it as this task's score."""
+
+    def __init__(self, cache_path: str | Path, revisions: Mapping[str, str] | None = None):
+        super().__init__(cache_path)
+        self.revisions = dict(revisions or {})
+
+    def load_task_result(self, task_name: str, *args: Any, **kwargs: Any) -> Any:
+        result = super().load_task_result(task_name, *args, **kwargs)
+        expected = self.revisions.get(task_name)
+        if result is not None and expected and result.dataset_revision != expected:
+            log.info("%s: the cached result is of data revision %s, not %s: computed again", task_name,
+                     result.dataset_revision, expected)
+            return None
+        return result
 
     def save_to_cache(self, *args: Any, **kwargs: Any) -> None:
         import torch.distributed as dist
@@ -230,7 +253,9 @@ def evaluate(model_spec: str | EmbedforgeModel, tasks: Iterable[AbsTask], cache_
     `model_spec` is a spec for `load_model` or an already built model (then `instructions` is its own)."""
     model = model_spec if isinstance(model_spec, EmbedforgeModel) else load_model(
         model_spec, instructions=instructions, batch_size=batch_size or 32, work_dir=work_dir)
-    result = mteb.evaluate(model, list(tasks), cache=RankZeroCache(cache_dir), overwrite_strategy=overwrite,
+    tasks = list(tasks)
+    revisions = {t.metadata.name: (t.metadata.dataset or {}).get("revision") for t in tasks}
+    result = mteb.evaluate(model, tasks, cache=RankZeroCache(cache_dir, revisions), overwrite_strategy=overwrite,
                            encode_kwargs={"batch_size": batch_size or model.batch_size, "show_progress_bar": False},
                            co2_tracker=False, raise_error=raise_error, show_progress_bar=False)
     import torch.distributed as dist

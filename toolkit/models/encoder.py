@@ -84,12 +84,14 @@ class Encoder(nn.Module):
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InputError(f"text #{i} is empty or not a string ({t!r}); drop it before encoding")
+        if max_length is not None and max_length < 1:  # None, not 0, means "the folder's length"
+            raise InputError(f"max_length={max_length}: must be >= 1 (None: this encoder's {self.spec.max_length})")
         prompt = self.format_instruction(instruction)
         batch = self.tokenizer(
             [prompt + t for t in texts],
             padding=True,
             truncation=True,
-            max_length=max_length or self.spec.max_length,
+            max_length=self.spec.max_length if max_length is None else max_length,
             return_tensors="pt",
         )
         batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -140,9 +142,7 @@ class Encoder(nn.Module):
             raise InputError(f"dim={dim} must be in 1..{self.pooling.output_dim}")
         was_training = self.training
         self.eval()
-        prompt = self.format_instruction(instruction)
-        lengths = [len(ids) for ids in self.tokenizer([prompt + t for t in texts])["input_ids"]]
-        order = np.argsort(-np.asarray(lengths), kind="stable")
+        order = np.argsort(-self.token_lengths(texts, instruction), kind="stable")
         chunks = [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
         batches = (self.tokenize([texts[i] for i in idx], instruction, max_length) for idx in chunks)
         out = np.zeros((len(texts), dim or self.pooling.output_dim), dtype=np.float32)
@@ -154,15 +154,22 @@ class Encoder(nn.Module):
         self.train(was_training)
         return out
 
+    def token_lengths(self, texts: Sequence[str], instruction: str | None = None) -> np.ndarray:
+        """Untruncated tokens of each text with its instruction: the length order of `encode`, and
+        what a caller compares with max_length to count truncated texts."""
+        prompt = self.format_instruction(instruction)
+        return np.asarray([len(ids) for ids in self.tokenizer([prompt + t for t in texts])["input_ids"]], dtype=np.int64)
+
     def embed_batches(self, batches: Iterable[dict]) -> Iterator[Tensor]:
         """Unnormalised embeddings of tokenized batches, in order (an inference forward per batch)."""
         for batch in batches:
             yield self({k: v.to(self.device) for k, v in batch.items()})
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Write a sentence-transformers folder atomically (temp dir, then rename)."""
-        return write_sentence_transformers_folder(self, Path(path))
+    def save_pretrained(self, path: str | os.PathLike, max_length: int | None = None) -> Path:
+        """Write a sentence-transformers folder atomically (temp dir, then rename); `max_length`: the
+        length the folder encodes at (a run's export.max_seq_length), default this encoder's own."""
+        return write_sentence_transformers_folder(self, Path(path), max_length)
 
     @classmethod
     def from_pretrained(

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import load_file
 
-from toolkit.config import PoolingConfig, config_from_dict
+from toolkit.config import ConfigError, PoolingConfig, RunConfig, config_from_dict
 from toolkit.errors import CheckpointError, MissingPathError
 
 if TYPE_CHECKING:
@@ -38,10 +38,32 @@ class EncoderSpec:
     """What `embedforge.json` records beyond the HF config: how to pool and how to tokenise."""
 
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
-    max_length: int = 512
+    max_length: int = 512  # tokens the folder encodes at (a run writes export.max_seq_length: serving_length)
     bidirectional: bool = True
     iem_hidden: int = 0  # > 0: a D2LLM student, with its Interaction Emulation Module (iem.safetensors)
     format_version: int = FORMAT_VERSION
+
+
+SERVING_MAX_LENGTH = 512  # export.max_seq_length's auto cap: the length the LLM2Vec paper evaluates at
+
+
+def model_context(hf_config: Any) -> int | None:
+    """The model's context in tokens (`max_position_embeddings`), None when its config does not say."""
+    context = getattr(hf_config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and not isinstance(context, bool) and context > 0 else None
+
+
+def serving_length(cfg: RunConfig, hf_config: Any) -> int:
+    """The length the encoder folders of a run record (`export.max_seq_length`; 0: the model's context,
+    at most SERVING_MAX_LENGTH or model.max_length, whichever is longer), so a folder is never served at
+    the training crop, nor shorter than the run's own encoder length."""
+    context = model_context(hf_config)
+    length = cfg.export.max_seq_length
+    if length and context and length > context:
+        raise ConfigError(f"export.max_seq_length: {length} is longer than the model's context ({context} tokens, "
+                          "max_position_embeddings)")
+    cap = max(SERVING_MAX_LENGTH, cfg.model.max_length)
+    return length or min(context or cap, cap)
 
 
 def load_spec(spec_file: Path) -> EncoderSpec:

@@ -15,7 +15,7 @@ from torch import nn
 from toolkit.config import RunConfig
 from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.encoder import Encoder
-from toolkit.models.folder import SPEC_FILE, load_encoder_weights
+from toolkit.models.folder import SPEC_FILE, load_encoder_weights, serving_length
 from toolkit.models.loading import build_encoder
 from toolkit.models.lora import add_lora, merge_lora
 from toolkit.run_layout import RunLayout
@@ -33,7 +33,8 @@ def merged_stage_encoder(cfg: RunConfig, index: int, layout: RunLayout, tensors:
                          source: str) -> tuple[Encoder, nn.Module]:
     """Stage `index`'s starting model rebuilt in one process (base weights, previous stage merged, a
     fresh adapter), its trainable `tensors` loaded (names as in `encoder.named_parameters()`), the
-    adapter merged: what the stage's training produced, unsharded, with its frozen LM head."""
+    adapter merged: what the stage's training produced, unsharded, with its frozen LM head, encoding at
+    the run's serving length (export.max_seq_length), as its folder records."""
     stage = cfg.stages[index]
     needs_mask = any(s.objective.kind == "mntp" and s.objective.mntp.mask_token == "new" for s in cfg.stages)
     encoder, lm_head = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed, add_mask_token=needs_mask)
@@ -54,4 +55,5 @@ def merged_stage_encoder(cfg: RunConfig, index: int, layout: RunLayout, tensors:
                                   f"{tuple(params[name].shape)}")
             params[name].copy_(value)
     encoder.backbone = merge_lora(encoder.backbone)
+    encoder.spec.max_length = serving_length(cfg, encoder.backbone.config)  # what its folder records
     return encoder, lm_head

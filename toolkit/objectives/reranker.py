@@ -11,6 +11,11 @@ with the LM head frozen (only its yes and no rows are read). Pointwise: binary c
 against 1 for the positive and 0 for each negative, averaged over the batch's pairs. Listwise: for
 each query, cross-entropy of the softmax over its candidates' logits with the positive as the target,
 averaged over the queries (a query with fewer negatives has the missing ones masked out).
+
+Under data parallelism each rank takes the mean over its own pairs / queries and the gradients are
+averaged over ranks (both engines alike, as for every objective): with equal batches per rank that is
+the global mean; ranks holding different numbers of pairs (token-budget batches, uneven negatives)
+weight theirs by rank, not by pair.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ load at another TP / PP / DP layout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -59,7 +60,7 @@ from toolkit.engines.megatron.validate import validate
 from toolkit.engines.megatron.weights import HFWeights
 from toolkit.models.arch import ModelArgs
 from toolkit.models.encoder import Encoder
-from toolkit.models.folder import SPEC_FILE, EncoderSpec, load_head_weights, load_spec
+from toolkit.models.folder import SPEC_FILE, EncoderSpec, load_head_weights, load_spec, serving_length
 from toolkit.models.loading import DTYPES, resolve_model_path
 from toolkit.models.pooling import Pooling
 from toolkit.objectives.gradcache import rng_state, set_rng_state
@@ -578,7 +579,8 @@ class MegatronEngine(Engine):
             export_teacher_folder(final_dir, weights, **where, prompt=objective.stage_prompt(self.stage.data.max_length),
                                   symmetric_tasks=objective.symmetric_tasks)
         else:
-            export_encoder_folder(final_dir, weights, **where, spec=self.encoder.spec, pooling=self.encoder.pooling,
+            spec = dataclasses.replace(self.encoder.spec, max_length=serving_length(self.cfg, self.hf_config))
+            export_encoder_folder(final_dir, weights, **where, spec=spec, pooling=self.encoder.pooling,
                                   iem=self.encoder.iem)
         self._output_in_place = Path(final_dir).resolve()
         return final_dir

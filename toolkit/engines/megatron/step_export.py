@@ -16,6 +16,7 @@ model size.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from toolkit.errors import CheckpointError, MissingPathError
 from toolkit.models.arch import ModelArgs
 from toolkit.models.encoder import prepare_tokenizer
 from toolkit.models.export import write_folder_files, write_heads
-from toolkit.models.folder import IEM_FILE, SPEC_FILE, EncoderSpec, load_spec
+from toolkit.models.folder import IEM_FILE, SPEC_FILE, EncoderSpec, load_spec, serving_length
 from toolkit.models.iem import InteractionEmulation
 from toolkit.models.loading import DTYPES, resolve_model_path
 from toolkit.models.pooling import Pooling
@@ -207,7 +208,7 @@ def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Pa
                           shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write stage `index`'s encoder folder (a teacher stage's: its causal-LM folder) from `step_dir` in
     one process (a torch.distributed group of one must exist: dist_checkpointing needs it)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     path = resolve_model_path(cfg.model.path)
     hf_config = AutoConfig.from_pretrained(path)
@@ -217,20 +218,31 @@ def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Pa
     previous = previous_final(RunLayout.of_stage_dir(step_dir.parent), cfg, index) if index > 0 else None
     stage = cfg.stages[index]
     teacher = stage.objective.kind == "teacher"  # (a teacher recipe's only stage: it starts from `path`)
-    head = HFWeights(path) if teacher else None
-    if reader.keys("lora."):
-        if not stage.lora.enabled:
-            raise CheckpointError(f"{step_dir}: holds LoRA adapters, but stage {stage.name} has lora.enabled=false")
-        base = HFWeights(previous, prefix="model.") if previous is not None else HFWeights(path)
-        units = StepUnits(reader, arch, dtype, base, stage.lora.alpha / stage.lora.r, head)
-    elif reader.keys("backbone."):
-        units = StepUnits(reader, arch, dtype, None, 0.0, head)
-    else:
-        raise CheckpointError(f"{reader.folder}: neither backbone weights nor LoRA adapters")
-    if teacher:
-        return _write_teacher(output, units, hf_config, dtype, path, stage, shard_bytes)
+    with contextlib.ExitStack() as files_open:  # the lazily read weight files, closed however this ends
+        head = files_open.enter_context(HFWeights(path)) if teacher else None
+        if reader.keys("lora."):
+            if not stage.lora.enabled:
+                raise CheckpointError(f"{step_dir}: holds LoRA adapters, but stage {stage.name} has lora.enabled=false")
+            base = files_open.enter_context(HFWeights(previous, prefix="model.") if previous is not None
+                                            else HFWeights(path))
+            units = StepUnits(reader, arch, dtype, base, stage.lora.alpha / stage.lora.r, head)
+        elif reader.keys("backbone."):
+            units = StepUnits(reader, arch, dtype, None, 0.0, head)
+        else:
+            raise CheckpointError(f"{reader.folder}: neither backbone weights nor LoRA adapters")
+        if teacher:
+            return _write_teacher(output, units, hf_config, dtype, path, stage, shard_bytes)
+        return _write_encoder(output, units, reader, cfg, index, hf_config, previous, path, shard_bytes)
+
+
+def _write_encoder(output: Path, units: StepUnits, reader: CheckpointReader, cfg: RunConfig, index: int, hf_config,
+                   previous: Path | None, path: Path, shard_bytes: int) -> Path:
+    """The stage's encoder folder, as its end writes it (`hf_export.export_encoder_folder`)."""
+    from transformers import AutoTokenizer
+
+    arch, dtype = units.arch, units.dtype
     pooling, iem, iem_hidden = _heads(reader, cfg, index, arch, previous)
-    spec = EncoderSpec(pooling=cfg.pooling, max_length=cfg.model.max_length, bidirectional=True,
+    spec = EncoderSpec(pooling=cfg.pooling, max_length=serving_length(cfg, hf_config), bidirectional=True,
                        iem_hidden=iem_hidden)
     element_size = torch.tensor([], dtype=dtype).element_size()
     files = plan_shards(arch, 1, element_size, shard_bytes)
