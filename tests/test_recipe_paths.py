@@ -114,3 +114,17 @@ def test_quickstart_recipe_is_found_from_any_directory(tmp_path, monkeypatch):
     assert Path(args.config).is_file() and Path(args.config).is_absolute()
     cfg = load_config(args.config, args.overrides)
     assert cfg.output_dir == "runs/quickstart" and cfg.model.path.startswith("asset:")
+
+
+def test_a_path_that_exists_only_from_the_current_directory_is_named(tmp_path, monkeypatch):
+    """What a relative recipe path meant before (the current directory's) is refused in one line naming
+    both places, not read from the recipe's folder where nothing is."""
+    recipe = write_recipe(tmp_path / "configs")
+    (tmp_path / "data" / "mined").mkdir(parents=True)  # the old, current-directory meaning of data/mined
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"recipe.yaml: stages\[0\]\.data\.path: 'data/mined' is read from the "
+                                         r"recipe's folder, where .*configs/data/mined does not exist; .*/data/mined "
+                                         r"\(from the current directory\) does"):
+        load_config(recipe)
+    (tmp_path / "configs" / "data" / "mined").mkdir(parents=True)  # once beside the recipe: no doubt left
+    assert load_config(recipe).stages[0].data.path == str(tmp_path / "configs" / "data" / "mined")

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from toolkit.errors import EmbedforgeError
+from toolkit.errors import EmbedforgeError, InputError
 from toolkit.recipe_paths import resolve_recipe_paths
 
 
@@ -635,7 +635,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     if relative_to_recipe:
-        resolve_recipe_paths(data, path.parent)
+        try:
+            resolve_recipe_paths(data, path.parent)
+        except InputError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)

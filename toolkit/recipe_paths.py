@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from toolkit.errors import InputError
+
 NOT_A_LOCAL_PATH = re.compile(r"^(asset:|pipe:|[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
@@ -21,25 +23,34 @@ def resolve_recipe_paths(data: dict, recipe_dir: Path) -> dict:
     """A recipe's YAML mapping with its relative paths joined to `recipe_dir`, made absolute (in place;
     returned): a run records the same paths however the recipe was named (`configs/x.yaml`, its
     absolute path from `submit slurm`, a Ray working directory), and a run's own config.yaml read
-    back as a recipe means what it meant."""
-    _resolve(data.get("model"), "path", recipe_dir)
+    back as a recipe means what it meant.
+
+    A path that exists only as the current directory's (what relative recipe paths meant before) is
+    refused naming both, rather than read from a folder where nothing is."""
+    _resolve(data.get("model"), "path", recipe_dir, "model.path")
     stages = data.get("stages")
-    for stage in stages if isinstance(stages, list) else ():
+    for i, stage in enumerate(stages if isinstance(stages, list) else ()):
         if not isinstance(stage, dict):
             continue  # the config loader names the bad item
-        _resolve(stage.get("data"), "path", recipe_dir)
+        _resolve(stage.get("data"), "path", recipe_dir, f"stages[{i}].data.path")
         objective = stage.get("objective")
-        _resolve(objective.get("teacher") if isinstance(objective, dict) else None, "prompt_file", recipe_dir)
+        _resolve(objective.get("teacher") if isinstance(objective, dict) else None, "prompt_file", recipe_dir,
+                 f"stages[{i}].objective.teacher.prompt_file")
     return data
 
 
-def _resolve(section: Any, key: str, recipe_dir: Path) -> None:
+def _resolve(section: Any, key: str, recipe_dir: Path, field: str) -> None:
     value = section.get(key) if isinstance(section, dict) else None
     if not isinstance(value, str) or not value.strip() or NOT_A_LOCAL_PATH.match(value):
         return
     if os.path.isabs(os.path.expanduser(value)):
         return
-    section[key] = os.path.abspath(os.path.join(recipe_dir, value))
+    resolved = os.path.abspath(os.path.join(recipe_dir, value))
+    if not os.path.exists(resolved) and os.path.exists(value) and os.path.abspath(value) != resolved:
+        raise InputError(f"{field}: {value!r} is read from the recipe's folder, where {resolved} does not exist; "
+                         f"{os.path.abspath(value)} (from the current directory) does: write the path relative "
+                         "to the recipe, or absolute")
+    section[key] = resolved
 
 
 def is_path_setting(key: str) -> bool:
