@@ -15,7 +15,7 @@ from toolkit.atomic import atomic_dir
 from toolkit.checkpoint.manager import complete_steps, read_meta, verify_step
 from toolkit.config import RunConfig, load_config
 from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
-from toolkit.errors import CheckpointError, MissingPathError
+from toolkit.errors import CheckpointError, InputError, MissingPathError
 from toolkit.models.export import set_folder_max_length
 from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
@@ -74,6 +74,9 @@ def export_step(step_dir: Path, output: Path, max_seq_length: int = 0) -> Path:
     index, name = stage
     if index >= len(cfg.stages) or cfg.stages[index].name != name:
         raise CheckpointError(f"{step_dir}: stage {step_dir.parent.name} is not in {layout.config_file}")
+    if max_seq_length and cfg.stages[index].objective.kind == "teacher":
+        raise InputError(f"--max-seq-length: {step_dir} is a teacher stage's checkpoint (a causal LM that reads "
+                         "prompts up to its recorded prompt length), not an encoder; drop the flag")
     verify_step(step_dir)  # a corrupt file fails here, named, not as garbage weights in the export
     spec = engine_spec(read_meta(step_dir).get("engine", DEFAULT_ENGINE))
     return spec.export_step(cfg, index, step_dir, output)
