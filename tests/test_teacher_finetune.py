@@ -215,3 +215,7 @@ def test_teacher_finetunes_resumes_and_scores_everywhere(teacher_dir, pairs, tmp
     assert x.returncode == 0, x.stderr[-3000:]
     assert json.loads((out / "embedforge.json").read_text())["kind"] == "teacher"
     AutoModelForCausalLM.from_pretrained(out)
+    sized = run_embedforge("export", "--checkpoint", str(run / "00-teacher" / "step-2"), "--output",
+                           str(tmp_path / "sized"), "--max-seq-length", "64")
+    assert sized.returncode == 2 and "--max-seq-length: " in sized.stderr and "teacher stage" in sized.stderr
+    assert not (tmp_path / "sized").exists()
