@@ -1,0 +1,111 @@
+"""The LLM2Vec stage study on CPU: which stage moves embedding quality, on every local task.
+
+For each seed, trains configs/llm2vec/stage-study.yaml (MNTP -> SimCSE -> supervised on WordNet
+training families) into OUTPUT/seed-S, writes the untrained causal and bidirectional encoders as
+folders, runs `embedforge eval sweep` over every stage's final folder, those two and all-MiniLM-L6-v2
+on the local tasks (its table, CSV and plots in OUTPUT/sweep), then prints and writes
+OUTPUT/study.md: the mean of each (stage, task) over the seeds with its standard error (std / sqrt(n),
+n = seeds; "-" with one seed). Each run resumes where it stopped, and the sweep computes only what
+its cache lacks, so rerunning with more seeds adds to the study.
+
+    .venv/bin/python bench/stage_study.py --seeds 0 1 2 --output runs/stage-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from toolkit.config import load_config  # noqa: E402
+from toolkit.models.folder import serving_length  # noqa: E402
+from toolkit.models.loading import build_encoder  # noqa: E402
+
+RECIPE = ROOT / "configs" / "llm2vec" / "stage-study.yaml"
+EMBEDFORGE = str(Path(sys.executable).with_name("embedforge"))
+STAGES = ("causal", "bidirectional", "+ mntp", "+ simcse", "+ supervised")
+
+
+def train(seed: int, out: Path) -> dict[str, Path]:
+    """The seed's folders by the name the sweep gives them (trained here or found from an earlier run)."""
+    run = out / f"seed-{seed}"
+    r = subprocess.run([EMBEDFORGE, "train", str(RECIPE), f"seed={seed}", f"output_dir={run}", "--resume", "auto"])
+    if r.returncode != 0:
+        raise SystemExit(f"training seed {seed} failed (exit {r.returncode}); rerun to resume")
+    cfg = load_config(RECIPE, [f"seed={seed}", f"output_dir={run}"])
+    folders = {}
+    for label, bidirectional in (("causal", False), ("bidirectional", True)):
+        folder = out / f"untrained-{label}-seed-{seed}"  # the sweep names a plain folder by its name
+        if not (folder / "embedforge.json").is_file():
+            encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=seed, bidirectional=bidirectional)
+            encoder.save_pretrained(folder, max_length=serving_length(cfg, encoder.backbone.config))
+        folders[folder.name] = folder
+    for index, stage in enumerate(cfg.stages):  # a stage's final/: RUN/STAGE/final
+        folders[f"{run.name}/{stage.name}/final"] = run / f"{index:02d}-{stage.name}" / "final"
+    return folders
+
+
+def stage_of(label: str) -> str:
+    """The study row of a sweep label: untrained-causal-seed-0 -> causal, seed-0/mntp/final -> + mntp."""
+    if label.startswith("untrained-"):
+        return label.removeprefix("untrained-").rsplit("-seed-", 1)[0]
+    if label.startswith("seed-") and label.endswith("/final"):
+        return "+ " + label.split("/")[1]
+    return "all-MiniLM-L6-v2" if label == "minilm" else label
+
+
+def summarise(rows: list[dict]) -> str:
+    """Markdown: stage x task, mean +- standard error over seeds."""
+    tasks = sorted({r["task"] for r in rows})
+    cells: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        stage = stage_of(r["model"])
+        cells.setdefault((stage, r["task"]), []).append(r["score"])
+    order = [s for s in STAGES if any((s, t) in cells for t in tasks)]
+    order += sorted({s for s, _ in cells} - set(order))
+    lines = ["| stage | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for stage in order:
+        row = []
+        for task in tasks:
+            v = cells.get((stage, task), [])
+            if not v:
+                row.append("")
+                continue
+            mean = sum(v) / len(v)
+            se = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else None
+            row.append(f"{mean:.1f}" + (f" +- {se:.1f}" if se is not None else "") + f" (n={len(v)})")
+        lines.append(f"| {stage} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--output", default="runs/stage-study")
+    p.add_argument("--tasks", nargs="*", default=None, help="default: every local task")
+    args = p.parse_args()
+    out = Path(args.output)
+    folders: dict[str, Path] = {}
+    for seed in args.seeds:
+        folders.update(train(seed, out))
+    cmd = [EMBEDFORGE, "eval", "sweep", "--models", *map(str, folders.values()), "minilm", "--output", str(out / "sweep")]
+    if args.tasks:
+        cmd += ["--tasks", *args.tasks]
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise SystemExit(f"the sweep failed (exit {r.returncode}); rerun to continue it")
+    rows = json.loads((out / "sweep" / "results.json").read_text())["rows"]
+    table = summarise(rows)
+    (out / "study.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
