@@ -25,6 +25,14 @@ class InteractionEmulation(nn.Module):
         self.sym = nn.Linear(hidden, hidden)
         self.asym = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, 1)
+        # Difference init: W1b = -W1a, so that at the start x = relu(W1a (y_q - y_p) + b1). Pooled LLM
+        # embeddings share a large common component (here 60-90% of their energy); with independent
+        # halves it dominates u_q + u_p, every ReLU is on (or off) for all of a query's candidates, the
+        # IEM starts as an additive f(q) + g(p) and ranks each query's candidates by a passage prior.
+        # The difference cancels the shared component and starts from features of y_q - y_p (their
+        # distance); training moves both halves freely and the decomposed form is unchanged.
+        with torch.no_grad():
+            self.w1_passage.weight.copy_(-self.w1_query.weight)
 
     # ---------------------------------------------------------------- decomposed (fast) form
     def query_proj(self, y_q: Tensor) -> Tensor:
