@@ -9,30 +9,30 @@ typo in a 70B recipe should fail in the first second, not after the model loaded
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from toolkit.errors import EmbedforgeError, InputError
+from toolkit.config_d2llm import (  # noqa: F401  (re-exported: a recipe's D2LLM sections)
+    TEACHER_ASYMMETRIC,
+    TEACHER_SYMMETRIC,
+    D2LLMConfig,
+    TeacherObjectiveConfig,
+    TeacherPrompt,
+)
+from toolkit.config_schema import (  # noqa: F401  (re-exported)
+    ConfigError,
+    build_dataclass,
+    check_sizes,
+    from_dict,
+    parse_override,
+    set_path,
+    to_dict,
+)
+from toolkit.errors import InputError
 from toolkit.recipe_paths import resolve_recipe_paths
-
-
-class ConfigError(EmbedforgeError, ValueError):
-    """A configuration problem; the message names the file and the field."""
-
-
-def _check_sizes(section: str, obj: Any, minimums: dict[str, int | float]) -> None:
-    """ConfigError naming `section.field` for the first field below its minimum (a size, count or length)."""
-    for name, low in minimums.items():
-        value = getattr(obj, name)
-        if value is not None and value < low:
-            raise ConfigError(f"{section}.{name}: must be >= {low}, got {value}")
-
 
 # --------------------------------------------------------------------------------------------------
 # Sections
@@ -53,7 +53,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _check_sizes("model", self, {"max_length": 1})
+        check_sizes("model", self, {"max_length": 1})
         if self.attention_dropout is not None and not 0 <= self.attention_dropout < 1:
             raise ConfigError(f"model.attention_dropout: must be in [0, 1), got {self.attention_dropout}")
 
@@ -67,7 +67,7 @@ class PoolingConfig:
     instruction_template: str = "{instruction}\n"  # instruction tokens are attended, not pooled
 
     def __post_init__(self) -> None:
-        _check_sizes("pooling", self, {"heads": 1, "num_latents": 1, "num_seeds": 1})
+        check_sizes("pooling", self, {"heads": 1, "num_latents": 1, "num_seeds": 1})
 
 
 @dataclass(kw_only=True)
@@ -81,7 +81,7 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
-        _check_sizes("lora", self, {"r": 1, "alpha": 1, "dropout": 0})
+        check_sizes("lora", self, {"r": 1, "alpha": 1, "dropout": 0})
 
 
 @dataclass(kw_only=True)
@@ -90,102 +90,6 @@ class MNTPConfig:
     strategy: Literal["bert", "all_mask"] = "bert"  # bert = 80/10/10
     # auto: the tokenizer's mask token if it has one, else "_" (the reference's) if it is one token, else EOS
     mask_token: Literal["auto", "tokenizer", "underscore", "eos", "new"] = "auto"
-
-
-@dataclass(kw_only=True)
-class D2LLMConfig:
-    """The D2LLM student's distillation (METHODS.md 2.3): loss weights, the IEM, the symmetric tasks."""
-
-    in_batch: float = 1.0  # InfoNCE over the batch's positives (no teacher)
-    contrastive: float = 1.0  # alpha: contrastive imitation
-    rank_pearson: float = 1.0  # beta: rank imitation, 1 - Pearson
-    rank_pairwise: float = 0.01  # gamma: rank imitation, hard vs in-batch negatives (teacher group scores)
-    feature: float = 0.0  # eta (paper: 0.001): feature imitation; needs teacher features in the shards
-    temperature: float = 1.0  # divides the logits of the two InfoNCE terms
-    iem_hidden: int = 512
-    symmetric_tasks: list[str] = field(default_factory=list)  # tasks scored by the IEM's symmetric branch
-
-    def __post_init__(self) -> None:
-        weights = ("in_batch", "contrastive", "rank_pearson", "rank_pairwise", "feature")
-        if any(getattr(self, w) < 0 for w in weights) or not any(getattr(self, w) for w in weights):
-            raise ConfigError(f"d2llm: the loss weights {weights} must be >= 0 and not all 0")
-        if self.temperature <= 0 or self.iem_hidden < 1:
-            raise ConfigError("d2llm.temperature must be > 0 and d2llm.iem_hidden >= 1")
-
-
-TEACHER_SYMMETRIC = ("Sentence A: {query}\nSentence B: {passage}\n"
-                     "Does sentence B correctly describe or follow from sentence A? Answer yes or no.")
-TEACHER_ASYMMETRIC = ("Query: {query}\nPassage: {passage}\n"
-                      "Does the passage answer the query? Answer yes or no.")
-
-
-@dataclass(kw_only=True)
-class TeacherPrompt:
-    """How a yes/no cross-encoder (the D2LLM teacher) is asked about a (query, passage) pair: the same
-    for scoring and for fine-tuning it, and recorded in a fine-tuned teacher's folder.
-
-    With `chat`, the prompt is the user turn of the tokenizer's chat template and the answer word
-    follows the generation prompt; without it, the prompt is followed by a newline and
-    `answer_prefix`, and the answer word by a space; with neither (answer_prefix ""), the template is
-    the whole prompt, verbatim (special tokens included: a reranker's own format), and the answer
-    word follows it directly."""
-
-    symmetric: str = TEACHER_SYMMETRIC
-    asymmetric: str = TEACHER_ASYMMETRIC
-    yes: str = "yes"
-    no: str = "no"
-    chat: bool = True  # wrap the prompt as a user turn of the tokenizer's chat template (if it has one)
-    answer_prefix: str = "Answer:"  # without a chat template: the prompt ends with this, the answer follows
-    temperature: float = 1.0
-    max_length: int = 512
-    max_query_tokens: int = 128
-
-    def __post_init__(self) -> None:
-        for name in ("symmetric", "asymmetric"):
-            template = getattr(self, name)
-            positions = [template.find("{query}"), template.find("{passage}")]
-            if min(positions) < 0:
-                raise ConfigError(f"teacher.{name}: the template must contain {{query}} and {{passage}}")
-            if template.rstrip().endswith("}"):
-                raise ConfigError(f"teacher.{name}: the question must come after {{query}} and {{passage}}, "
-                                  "not before (the student decomposes query and passage)")
-        if self.temperature <= 0:
-            raise ConfigError(f"teacher.temperature: must be > 0, got {self.temperature}")
-        _check_sizes("teacher", self, {"max_length": 8, "max_query_tokens": 1})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "TeacherPrompt":
-        """A prompt from a YAML or JSON file of these fields (a reranker's own templates and answer words)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such prompt file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not YAML or JSON ({exc})") from None
-        return config_from_dict(data or {}, cls, source=str(path))
-
-
-@dataclass(kw_only=True)
-class TeacherObjectiveConfig:
-    """Fine-tuning the yes/no cross-encoder itself (METHODS.md 2.1) on pairs with hard negatives: the
-    score s = sigmoid((z_yes - z_no) / T) of [positive] + negatives, trained pointwise (binary cross-
-    entropy, the positive 1 and each negative 0) or listwise (softmax over the positive and its
-    negatives, the positive the target)."""
-
-    loss: Literal["pointwise", "listwise"] = "pointwise"
-    prompt: TeacherPrompt = field(default_factory=TeacherPrompt)
-    prompt_file: str = ""  # a TeacherPrompt file read into `prompt` when the recipe loads (max_length: data.max_length)
-    symmetric_tasks: list[str] = field(default_factory=list)  # a sample's task here: the symmetric template
-
-    def stage_prompt(self, max_length: int) -> TeacherPrompt:
-        """The prompt a teacher stage trains with and its folder records: its stage's data.max_length bounds it."""
-        return dataclasses.replace(self.prompt, max_length=max_length)
-
-    def __post_init__(self) -> None:
-        if self.prompt_file:  # read once: the run's config.yaml records the prompt itself, not the file
-            self.prompt = TeacherPrompt.from_file(self.prompt_file)
-            self.prompt_file = ""
 
 
 @dataclass(kw_only=True)
@@ -198,7 +102,7 @@ class ObjectiveConfig:
     gradcache_chunk_size: int = 0  # 0 = off; else embed in chunks of this many texts
 
     def __post_init__(self) -> None:
-        _check_sizes("objective", self, {"gradcache_chunk_size": 0})
+        check_sizes("objective", self, {"gradcache_chunk_size": 0})
         if self.kind == "teacher" and self.gradcache_chunk_size:
             raise ConfigError("objective.gradcache_chunk_size: a teacher stage has no embeddings to cache (its "
                               "loss reads each prompt's yes / no logit); set it to 0")
@@ -234,7 +138,7 @@ class DataConfig:
     trust_manifest_commands: bool = False
 
     def __post_init__(self) -> None:
-        _check_sizes("data", self, {"max_length": 1, "batch_size": 1, "shuffle_buffer": 0, "bucket_batches": 1,
+        check_sizes("data", self, {"max_length": 1, "batch_size": 1, "shuffle_buffer": 0, "bucket_batches": 1,
                                     "max_tokens": 0, "num_workers": 0, "prefetch": 1, "max_chars": 0,
                                     "max_bad_fraction": 0})
         if self.max_bad_fraction > 1:
@@ -252,7 +156,7 @@ class OptimizerConfig:
     clip_grad: float = 1.0  # max global grad norm; 0 disables
 
     def __post_init__(self) -> None:
-        _check_sizes("optimizer", self, {"lr": 0, "weight_decay": 0, "eps": 0, "clip_grad": 0})
+        check_sizes("optimizer", self, {"lr": 0, "weight_decay": 0, "eps": 0, "clip_grad": 0})
 
 
 @dataclass(kw_only=True)
@@ -262,7 +166,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_sizes("schedule", self, {"warmup_steps": 0, "min_lr_ratio": 0})
+        check_sizes("schedule", self, {"warmup_steps": 0, "min_lr_ratio": 0})
 
 
 @dataclass(kw_only=True)
@@ -336,7 +240,7 @@ class LoggingConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check_sizes("logging", self, {"every_steps": 1})
+        check_sizes("logging", self, {"every_steps": 1})
 
 
 @dataclass(kw_only=True)
@@ -424,7 +328,7 @@ class EvalConfig:
     task_sizes: dict[str, dict[str, int]] = field(default_factory=dict)  # e.g. {rt-sentiment: {n_test: 400}}
 
     def __post_init__(self) -> None:
-        _check_sizes("eval", self, {"batch_size": 1})
+        check_sizes("eval", self, {"batch_size": 1})
 
 
 @dataclass(kw_only=True)
@@ -489,134 +393,6 @@ class RunConfig:
 # Loading
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _build(tp: Any, value: Any, where: str) -> Any:
-    """Convert a YAML value to `tp`, raising ConfigError naming `where` on mismatch."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _build(arg, value, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return _build_dataclass(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
-
-
-def _build_dataclass(cls: type, data: dict, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys of {cls.__name__}: {sorted(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        path = f"{where}.{name}" if where else name
-        if name in data:
-            kwargs[name] = _build(hints[name], data[name], path)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}: required field is missing ({cls.__name__})")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        message, section = str(exc), where.rsplit(".", 1)[-1]
-        if where and message.startswith(section + "."):  # `data.max_length: ...` under `stages[0].data`
-            raise ConfigError(where + message[len(section):]) from None
-        raise ConfigError(f"{where + ': ' if where else ''}{message}") from None
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    """Apply `a.b.c=value` to a nested dict; list items are addressed by index or by `name`."""
-    keys = dotted.split(".")
-    node: Any = tree
-    for i, key in enumerate(keys):
-        last = i == len(keys) - 1
-        if isinstance(node, list):
-            match = [item for item in node if isinstance(item, dict) and item.get("name") == key]
-            if key.isdigit() and int(key) < len(node):
-                idx = int(key)
-            elif match:
-                idx = node.index(match[0])
-            else:
-                names = [item.get("name") for item in node if isinstance(item, dict)]
-                raise ConfigError(f"override {dotted}: no list item {key!r} (by index or name {names})")
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {'.'.join(keys[:i])} is not a mapping")
-        if last:
-            node[key] = value
-        else:
-            node = node.setdefault(key, {})
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key.sub=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key.strip(), value
-
-
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cls: type = RunConfig, *,
                 relative_to_recipe: bool = True) -> Any:
     """Load `path` (YAML) into `cls`, apply `key.sub=value` overrides; errors name file and field.
@@ -641,30 +417,13 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
             raise ConfigError(f"{path}: {exc}") from None
     for item in overrides:
         key, value = parse_override(item)
-        _set_path(data, key, value)
+        set_path(data, key, value)
     try:
-        return _build_dataclass(cls, data, "")
+        return build_dataclass(cls, data, "")
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
 def config_from_dict(data: dict, cls: type = RunConfig, source: str = "<dict>") -> Any:
-    try:
-        return _build_dataclass(cls, data, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain-YAML-able dict of a config (tuples become lists)."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        if isinstance(v, list):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(dataclasses.asdict(cfg))
+    """`data` as a RunConfig (or `cls`); errors name `source` and the field."""
+    return from_dict(data, cls, source)
