@@ -5,7 +5,7 @@ training families) into OUTPUT/seed-S, writes the untrained causal and bidirecti
 folders, runs `embedforge eval sweep` over every stage's final folder, those two and all-MiniLM-L6-v2
 on the local tasks (its table, CSV and plots in OUTPUT/sweep), then prints and writes
 OUTPUT/study.md: the mean of each (stage, task) over the seeds with its standard error (std / sqrt(n),
-n = seeds; "-" with one seed). Each run resumes where it stopped, and the sweep computes only what
+n = seeds; "-" with one seed), after each seed. Each run resumes where it stopped, and the sweep computes only what
 its cache lacks, so rerunning with more seeds adds to the study.
 
     .venv/bin/python bench/stage_study.py --seeds 0 1 2 --output runs/stage-study
@@ -29,6 +29,9 @@ from toolkit.models.loading import build_encoder  # noqa: E402
 
 RECIPE = ROOT / "configs" / "llm2vec" / "stage-study.yaml"
 EMBEDFORGE = str(Path(sys.executable).with_name("embedforge"))
+# speech halves of 128 words (~170 tokens, 2.7x the 64-token training crop) keep one sweep row of a
+# SmolLM2 stage at ~6 minutes on 2 cores; at the task's default 300 words a row takes ~15
+STUDY_SIZES = ("speech-continuation.half_words=128",)
 STAGES = ("causal", "bidirectional", "+ mntp", "+ simcse", "+ supervised")
 
 
@@ -41,9 +44,12 @@ def train(seed: int, out: Path) -> dict[str, Path]:
     cfg = load_config(RECIPE, [f"seed={seed}", f"output_dir={run}"])
     folders = {}
     for label, bidirectional in (("causal", False), ("bidirectional", True)):
-        folder = out / f"untrained-{label}-seed-{seed}"  # the sweep names a plain folder by its name
+        encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=seed, bidirectional=bidirectional)
+        # without pooling parameters the untrained encoder is the pretrained model whatever the seed:
+        # one folder (seed 0's name, as the cache knows it) instead of the same scores once per seed
+        shared = not any(True for _ in encoder.pooling.parameters())
+        folder = out / f"untrained-{label}-seed-{0 if shared else seed}"  # the sweep names a folder by its name
         if not (folder / "embedforge.json").is_file():
-            encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=seed, bidirectional=bidirectional)
             encoder.save_pretrained(folder, max_length=serving_length(cfg, encoder.backbone.config))
         folders[folder.name] = folder
     for index, stage in enumerate(cfg.stages):  # a stage's final/: RUN/STAGE/final
@@ -84,26 +90,33 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep(folders: dict[str, Path], out: Path, tasks: list[str] | None, sizes: list[str]) -> list[dict]:
+    """`embedforge eval sweep` over the folders and MiniLM (only what its cache lacks is computed)."""
+    cmd = [EMBEDFORGE, "eval", "sweep", "--models", *map(str, folders.values()), "minilm", "--output", str(out / "sweep")]
+    cmd += ["--tasks", *tasks] if tasks else []
+    cmd += ["--task-size", *sizes] if sizes else []
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise SystemExit(f"the sweep failed (exit {r.returncode}); rerun to continue it")
+    return json.loads((out / "sweep" / "results.json").read_text())["rows"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--output", default="runs/stage-study")
     p.add_argument("--tasks", nargs="*", default=None, help="default: every local task")
+    p.add_argument("--task-size", nargs="*", default=list(STUDY_SIZES), metavar="TASK.FIELD=N",
+                   help=f"local task sizes (default: {' '.join(STUDY_SIZES)})")
     args = p.parse_args()
     out = Path(args.output)
     folders: dict[str, Path] = {}
-    for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed, so a study stopped early still reports the seeds it finished
         folders.update(train(seed, out))
-    cmd = [EMBEDFORGE, "eval", "sweep", "--models", *map(str, folders.values()), "minilm", "--output", str(out / "sweep")]
-    if args.tasks:
-        cmd += ["--tasks", *args.tasks]
-    r = subprocess.run(cmd)
-    if r.returncode != 0:
-        raise SystemExit(f"the sweep failed (exit {r.returncode}); rerun to continue it")
-    rows = json.loads((out / "sweep" / "results.json").read_text())["rows"]
-    table = summarise(rows)
-    (out / "study.md").write_text(table + "\n")
-    print(table)
+        rows = sweep(folders, out, args.tasks, args.task_size)
+        table = summarise(rows)
+        (out / "study.md").write_text(table + "\n")
+        print(table, flush=True)
     return 0
 
 

@@ -49,12 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "instead of the local tasks")
     p.add_argument("--cache", default=None, metavar="DIR", help="mteb result cache (default: $EMBEDFORGE_CACHE/mteb-results)")
     p.add_argument("--instructions", default=None, metavar="FILE", help="JSON task -> instruction overrides")
-    p.add_argument("--task-size", nargs="+", action="extend", default=[], metavar="TASK.FIELD=N",
-                   help="size a local task (a new data revision in the cache, never mixed with other sizes): "
-                        "EmbedforgeRTSentiment / rt-sentiment: n_train, n_test; EmbedforgeWordNetRetrieval / "
-                        "wordnet-retrieval: n_queries, max_family; EmbedforgeWordNetSameSense / wordnet-same-sense: "
-                        "n_pairs; speech-continuation: half_words, min_words; debate-party: min_words; "
-                        "rt-movie-clustering: n_movies, per_movie")
+    p.add_argument("--task-size", nargs="+", action="extend", default=[], metavar="TASK.FIELD=N", help=TASK_SIZE_HELP)
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model (megatron stages; torchrun)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages per model (megatron stages; torchrun)")
@@ -63,6 +58,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="FILE", help="results JSON (default: <cache>/eval_run.json)")
     p.set_defaults(func=run)
     return p
+
+
+TASK_SIZE_HELP = ("size a local task (a new data revision in the cache, never mixed with other sizes): "
+                  "EmbedforgeRTSentiment / rt-sentiment: n_train, n_test; EmbedforgeWordNetRetrieval / "
+                  "wordnet-retrieval: n_queries, max_family; EmbedforgeWordNetSameSense / wordnet-same-sense: "
+                  "n_pairs; speech-continuation: half_words, min_words; debate-party: min_words; "
+                  "rt-movie-clustering: n_movies, per_movie")
 
 
 def parse_task_sizes(items: list[str]) -> dict[str, dict[str, int]]:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from launchers.cli_format import examples
-from launchers.eval_run import split_values
+from launchers.eval_run import TASK_SIZE_HELP, parse_task_sizes, split_values
 from toolkit.errors import InputError
 
 
@@ -40,6 +40,7 @@ def add_parsers(subparsers) -> None:
     s.add_argument("--task-types", nargs="*", default=None, help="filter: Classification Retrieval STS ...")
     s.add_argument("--languages", nargs="*", default=None, help="filter: ISO 639-3 codes, e.g. eng")
     s.add_argument("--benchmark", default=None, help='an mteb benchmark, e.g. "MTEB(eng, v2)"')
+    s.add_argument("--task-size", nargs="+", action="extend", default=[], metavar="TASK.FIELD=N", help=TASK_SIZE_HELP)
     s.add_argument("--tasks-per-job", type=int, default=1, help="tasks evaluated by one job")
     s.add_argument("--output", required=True, metavar="DIR", help="report folder (jobs.json, results.*, *.png)")
     s.add_argument("--cache", default=None, metavar="DIR", help="mteb result cache (default: <output>/cache)")
@@ -92,6 +93,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise InputError(f"eval sweep --ray with --tp {args.tp} / --pp {args.pp}: a job's model-parallel group runs "
                          "under torchrun; use --slurm (each array task runs torchrun) or run the sweep under torchrun")
     rank, _ = init_distributed()  # under torchrun (--tp / --pp): every rank runs each job, rank 0 reports
+    sizes = parse_task_sizes(args.task_size)
     output = Path(args.output).resolve()
     cache = Path(args.cache).resolve() if args.cache else output / "cache"
     if args.jobs_file:
@@ -103,13 +105,13 @@ def run_sweep(args: argparse.Namespace) -> int:
         if not models:
             raise InputError("nothing to evaluate: give --models and/or --checkpoints")
         tasks = select_tasks(split_values(args.tasks), split_values(args.task_types), split_values(args.languages),
-                             args.benchmark)
+                             args.benchmark, sizes=sizes)
         jobs = plan_jobs(models, [t.metadata.name for t in tasks], args.tasks_per_job)
         if rank == 0:
             write_jobs(jobs, output / "jobs.json")
     parallel = {"tp": args.tp, "pp": args.pp} if model_parallel else {}
     runner = functools.partial(run_job, cache_dir=cache, instructions=args.instructions, batch_size=args.batch_size,
-                               cache_only=args.report_only, device=args.device, **parallel)
+                               cache_only=args.report_only, device=args.device, sizes=sizes, **parallel)
     if args.job_index is not None:  # one SLURM array task
         if not 0 <= args.job_index < len(jobs):
             raise InputError(f"--job-index {args.job_index}: the sweep has {len(jobs)} jobs")
@@ -145,6 +147,7 @@ def _submit_array(args: argparse.Namespace, n_jobs: int, output: Path, cache: Pa
 
     common = ["--jobs-file", str(output / "jobs.json"), "--output", str(output), "--cache", str(cache),
               "--batch-size", str(args.batch_size), "--device", args.device] + (
+        ["--task-size", *args.task_size] if args.task_size else []) + (
         ["--instructions", args.instructions] if args.instructions else [])
     if args.gpus_per_job != int(args.gpus_per_job):
         raise InputError(f"--gpus-per-job {args.gpus_per_job:g}: a SLURM array task takes whole GPUs")

@@ -15,7 +15,7 @@ from launchers.eval_run import parse_task_sizes
 from tests.helpers import save_tiny_decoder
 from toolkit.errors import InputError
 from toolkit.eval.mteb_run import select_tasks
-from toolkit.eval.mteb_tasks import EmbedforgeWordNetSameSense
+from toolkit.eval.mteb_tasks import EmbedforgeWordNetRetrieval, EmbedforgeWordNetSameSense
 from toolkit.eval.progress import EncodeProgress
 
 SAME_SENSE = "EmbedforgeWordNetSameSense"
@@ -117,3 +117,21 @@ def test_eval_run_with_progress_at_tp2_equals_one_process(tmp_path, capsys, enco
     assert starts >= 1 and r.stderr.count(" texts, ") == starts  # rank 0 reports, its peer is silent
     tp2 = json.loads((tmp_path / "tp2" / "eval_run.json").read_text())["models"][0]
     assert tp2["scores"][SAME_SENSE] == pytest.approx(one["scores"][SAME_SENSE], abs=1e-4)
+
+
+def test_eval_sweep_sizes_each_jobs_local_tasks(tmp_path, capsys, encoder_dir):
+    """`eval sweep --task-size` sizes the tasks of every job (one task per job: each takes only its own
+    sizes) and the cache keeps the sized data revision, as `eval run` does."""
+    out = tmp_path / "sweep"
+    assert main(["eval", "sweep", "--models", str(encoder_dir), "--tasks", "wordnet-same-sense", "wordnet-retrieval",
+                 "--task-size", "wordnet-same-sense.n_pairs=24", "EmbedforgeWordNetRetrieval.n_queries=12",
+                 "--batch-size", "8", "--output", str(out)]) == 0
+    revisions = {p.stem: json.loads(p.read_text())["dataset_revision"] for p in (out / "cache").rglob("Embedforge*.json")}
+    assert revisions[SAME_SENSE].endswith("wnsense-24"), revisions
+    assert revisions["EmbedforgeWordNetRetrieval"] != EmbedforgeWordNetRetrieval.metadata.revision, revisions
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["task"] for r in rows) == ["EmbedforgeWordNetRetrieval", SAME_SENSE]
+    capsys.readouterr()
+    assert main(["eval", "sweep", "--models", str(encoder_dir), "--tasks", "wordnet-same-sense",
+                 "--task-size", "STSBenchmark.n_test=4", "--output", str(tmp_path / "bad")]) != 0
+    assert "task size for 'STSBenchmark': only local tasks are sized" in capsys.readouterr().err

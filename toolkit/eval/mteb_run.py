@@ -266,13 +266,16 @@ def evaluate(model_spec: str | EmbedforgeModel, tasks: Iterable[AbsTask], cache_
 
 
 def run_job(job: SweepJob, cache_dir: str | Path, *, instructions: str | None = None, batch_size: int = 32,
-            cache_only: bool = False, device: str = "auto", tp: int = 1, pp: int = 1) -> list[ResultRow]:
+            cache_only: bool = False, device: str = "auto", tp: int = 1, pp: int = 1,
+            sizes: Mapping[str, Mapping[str, int]] | None = None) -> list[ResultRow]:
     """Evaluate one job through mteb's result cache (only what is missing is computed; a job whose
     results are all cached loads no model) and return its rows, scores x 100. `cache_only`: read
     what is cached and compute nothing (a report after SLURM array tasks, some of which may have failed).
     `device` (auto | cpu | cuda) is resolved where the job runs (a Ray task's or array task's GPU);
-    `tp` x `pp` > 1: every rank of this process group runs the job alike (`load_model`)."""
-    tasks = select_tasks(list(job.tasks))
+    `tp` x `pp` > 1: every rank of this process group runs the job alike (`load_model`). `sizes`: the
+    sweep's local task sizes (`select_tasks`), of which the job's own tasks take theirs."""
+    own = {k: v for k, v in (sizes or {}).items() if ALIASES.get(k, k) in job.tasks}
+    tasks = select_tasks(list(job.tasks), sizes=own)
     metric = {t.metadata.name: t.metadata.main_score for t in tasks}
     where = str(resolve_device(device, field="eval sweep --device"))
     model = load_model(job.model.spec, instructions=instructions, batch_size=batch_size, device=where, tp=tp,
