@@ -23,6 +23,7 @@ from launchers.recipes import QUICKSTART_RECIPE
 from toolkit.errors import EmbedforgeError, InputError, MissingPathError, OutputError, PathExistsError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -388,15 +389,20 @@ def main(argv: list[str] | None = None) -> int:
     except EmbedforgeError as exc:
         if args.verbose:
             raise
-        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None),
-                                         getattr(args, "teacher_command", None),
-                                         getattr(args, "search_command", None),
-                                         getattr(args, "d2llm_command", None),
-                                         getattr(args, "submit_command", None),
-                                         getattr(args, "eval_command", None)]))
-        print(f"embedforge {command}: error: {exc}", file=sys.stderr)
+        print(f"embedforge {_command(args)}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C is expected: one line, no traceback (-v shows where it stopped)
+        if args.verbose:
+            raise
+        print(f"embedforge {_command(args)}: interrupted; what it finished is kept (cached results, checkpoints, "
+              "finished files); rerun the same command to go on", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line's words, e.g. `eval sweep`."""
+    return " ".join(filter(None, [args.command, *(getattr(args, f"{group}_command", None) for group in
+                                                  ("data", "teacher", "search", "d2llm", "submit", "eval"))]))
 
 if __name__ == "__main__":
     sys.exit(main())

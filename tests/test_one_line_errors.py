@@ -262,3 +262,21 @@ def test_config_error_still_a_value_error():
         config_from_dict({"output_dir": "x", "model": {"path": "m", "max_length": 0},
                           "stages": [{"name": "s", "objective": {"kind": "simcse"}, "steps": 1, "data": {"path": "d"}}]})
     assert issubclass(ConfigError, ValueError)
+
+
+def test_ctrl_c_during_an_eval_sweep_is_one_line_and_exit_130(tmp_path, encoder_dir):
+    """Ctrl-C (SIGINT) in a command other than train: exit 130 and one line naming the command, no
+    traceback (a local `eval sweep` used to print torch's whole stack)."""
+    import signal
+
+    cmd = [sys.executable, "-m", "launchers.cli", "eval", "sweep", "--models", str(encoder_dir), "--tasks",
+           "rt-sentiment", "--batch-size", "1", "--output", str(tmp_path / "sweep")]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    line = child.stdout.readline()  # "sweep: 1 job(s) ...": the command runs, inside main()
+    assert line.startswith("sweep: "), (line, child.stderr.read()[-2000:] if child.poll() is not None else "")
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("embedforge eval sweep: interrupted; what it finished is kept")
