@@ -96,7 +96,7 @@ def test_every_project_error_is_an_embedforge_error():
             for cls_name, cls in inspect.getmembers(module, inspect.isclass):
                 if cls.__module__ == module.__name__ and issubclass(cls, BaseException):
                     found[f"{module.__name__}.{cls_name}"] = cls
-    assert {"toolkit.config.ConfigError", "data_pipelines.writer.BuildError", "cluster.ray_group.TrainingFailed",
+    assert {"toolkit.config_schema.ConfigError", "data_pipelines.writer.BuildError", "cluster.ray_group.TrainingFailed",
             "launchers.slurm.SubmitError", "toolkit.errors.CheckpointError"} <= set(found)
     assert [n for n, cls in found.items() if not issubclass(cls, EmbedforgeError)] == []
 

@@ -2,7 +2,7 @@
 
 Layers, lowest first (an import may point down or sideways, never up, and never close a cycle):
 
-  0 base          toolkit.config, toolkit.errors, toolkit.recipe_paths
+  0 base          toolkit.config (+ config_schema, config_d2llm), toolkit.errors, toolkit.recipe_paths
   1 shared        toolkit.models, objectives, distributed, checkpoint, optim, assets, asset_splits,
                   atomic, training_log; data_pipelines
   2 engines       toolkit.engines
@@ -31,6 +31,8 @@ LAYER_NAMES = {BASE: "base", SHARED: "shared", ENGINES: "engines", APPS: "applic
 # toolkit/ has to be placed here deliberately).
 LAYERS = {
     "toolkit.config": BASE,
+    "toolkit.config_schema": BASE,
+    "toolkit.config_d2llm": BASE,
     "toolkit.errors": BASE,
     "toolkit.recipe_paths": BASE,
     "toolkit": SHARED,  # the package itself (its __init__)
