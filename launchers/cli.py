@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from launchers.recipes import QUICKSTART_RECIPE
 from toolkit.errors import EmbedforgeError, InputError, MissingPathError, OutputError, PathExistsError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, should the process survive its own SIGINT
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -53,10 +54,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _relaunch_with_torchrun(args: argparse.Namespace, marker: Path) -> int:
     """`embedforge train CONFIG --nproc N`: the same command under torchrun, N ranks on this node.
 
-    SIGTERM / SIGUSR2 sent to this process reach torchrun as SIGTERM (which it passes to the ranks:
-    they save and stop; SIGUSR2 would kill torchrun itself); the run's STOPPED marker, not torchrun's
-    exit code, says it stopped with a checkpoint."""
-    import signal
+    SIGINT (Ctrl-C) / SIGTERM / SIGUSR2 / SIGHUP sent to this process reach torchrun as SIGTERM (it passes
+    to the ranks: they save and stop; SIGUSR2 would kill torchrun itself). torchrun runs in its own
+    session, so a terminal's Ctrl-C reaches the ranks once, through it, and not also directly (two
+    interrupts are a rank's "abort now"). The run's STOPPED marker says it stopped with a checkpoint:
+    torchrun itself exits non-zero when it was signalled, after its ranks saved and ended."""
     import subprocess
 
     train = ["train", args.config, *args.overrides, "--resume", args.resume]
@@ -67,15 +69,20 @@ def _relaunch_with_torchrun(args: argparse.Namespace, marker: Path) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "launchers.rank", *(["-v"] if args.verbose else []), *train]
     marker.unlink(missing_ok=True)
-    child = subprocess.Popen(cmd)
-    forward = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signal.SIGTERM))
-               for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    child = subprocess.Popen(cmd, start_new_session=True)
+    signalled = []
+
+    def stop(signum: int, _frame) -> None:
+        signalled.append(signum)
+        child.send_signal(signal.SIGTERM)
+
+    forward = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)}
     try:
         code = child.wait()
     finally:
         for sig, handler in forward.items():
             signal.signal(sig, handler)
-    return 3 if code == 0 and marker.is_file() else code
+    return 3 if marker.is_file() and (code == 0 or signalled) else code
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -396,7 +403,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"embedforge {_command(args)}: interrupted; what it finished is kept (cached results, checkpoints, "
               "finished files); rerun the same command to go on", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        _die_of_sigint()
+        return EXIT_INTERRUPTED  # (not reached)
+
+
+def _die_of_sigint() -> None:
+    """End by SIGINT itself, not exit 130, so a calling shell script or loop stops as on any Ctrl-C."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def _command(args: argparse.Namespace) -> str:

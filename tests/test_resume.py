@@ -182,3 +182,36 @@ def test_checkpoint_from_before_a_setting_existed_resumes_while_it_is_default(ti
     trainer = Trainer(cfg)
     trainer.stop_after_steps = 1
     assert trainer.run()[0].steps_done == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_in_a_terminal_stops_a_two_rank_run_with_a_checkpoint(tiny_llama_dir, tmp_path):
+    """`train --nproc 2` and a terminal's Ctrl-C, which reaches the whole foreground process group: the
+    ranks get one stop request (through torchrun), save and stop, exit 3. (When torchrun shared the
+    group, each rank got the terminal's SIGINT and torchrun's forwarded one: two interrupts, the abort.)"""
+    import os
+
+    cfg = to_dict(run_config(tmp_path, tiny_llama_dir, mntp__steps=10_000))
+    cfg["stages"] = cfg["stages"][:1]
+    cfg["stages"][0]["data"]["mode"] = "resampled"  # one shard, two data-parallel readers
+    cfg["checkpoint"]["every_steps"] = 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    child = subprocess.Popen([EMBEDFORGE, "train", str(recipe), "--nproc", "2"], env=subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # its own group: the "terminal's" foreground group
+    try:
+        deadline = time.time() + 600
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert child.poll() is None and time.time() < deadline, child.stdout.read() if child.stdout else ""
+            time.sleep(0.2)
+        os.killpg(child.pid, signal.SIGINT)
+        output, _ = child.communicate(timeout=600)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 3, output
+    steps = sorted((tmp_path / "run" / "00-mntp").glob("step-*"))
+    assert len(steps) == 1 and (steps[0] / "COMPLETE").is_file(), output
