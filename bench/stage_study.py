@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolkit.config import load_config  # noqa: E402
-from toolkit.models.folder import serving_length  # noqa: E402
+from toolkit.eval.mteb_tasks import LOCAL_MTEB_TASKS  # noqa: E402
+from toolkit.models.folder import SPEC_FILE, serving_length  # noqa: E402
 from toolkit.models.loading import build_encoder  # noqa: E402
 
 RECIPE = ROOT / "configs" / "llm2vec" / "stage-study.yaml"
@@ -57,12 +58,55 @@ def train(seed: int, out: Path) -> dict[str, Path]:
     return folders
 
 
+def pooling_variant(folder: Path, out: Path, label: str, mode: str) -> Path:
+    """`folder` encoding with another pooling mode (a parameter-free one): its files linked, its
+    embedforge.json rewritten (the sentence-transformers files keep the old mode: the sweep reads only
+    embedforge.json). Named `<label>-pool-<mode>` for the sweep."""
+    variant = out / "variants" / f"{label}-pool-{mode}"
+    if not (variant / SPEC_FILE).is_file():
+        variant.mkdir(parents=True, exist_ok=True)
+        for item in folder.iterdir():
+            if item.name != SPEC_FILE and not (variant / item.name).exists():
+                (variant / item.name).symlink_to(item.resolve())
+        spec = json.loads((folder / SPEC_FILE).read_text())
+        spec["pooling"]["mode"] = mode
+        (variant / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return variant
+
+
+def settings(seed: int, out: Path, tasks: list[str] | None, sizes: list[str], folders: dict[str, Path]) -> list[dict]:
+    """The evaluation-time settings on one seed: weighted-mean pooling (the untrained causal model and
+    the + simcse encoder, both trained or built with mean pooling) and no instructions at all (+ simcse
+    and + supervised), each against the same folders' default rows."""
+    run = out / f"seed-{seed}"
+    simcse, supervised = run / "01-simcse" / "final", run / "02-supervised" / "final"
+    causal = next(path for label, path in folders.items() if label.startswith("untrained-causal-seed-"))
+    pooled = {"causal": pooling_variant(causal, out, "causal", "weighted_mean"),
+              "simcse": pooling_variant(simcse, out, f"simcse-seed-{seed}", "weighted_mean")}
+    rows = sweep(pooled, out, tasks, sizes, minilm=False, name="sweep-pooling")
+    table = out / "no-instructions.json"  # every local task (and type) without an instruction
+    table.write_text(json.dumps({"tasks": {name: "" for name in LOCAL_MTEB_TASKS},
+                                 "task_types": {kind: "" for kind in ("Retrieval", "Classification", "Clustering",
+                                                                      "STS", "PairClassification")}}))
+    plain = sweep({"simcse": simcse, "supervised": supervised}, out, tasks, sizes, minilm=False,
+                  extra=["--instructions", str(table)], name="sweep-no-instructions")
+    return [*rows, *({**r, "model": r["model"] + " (no instructions)"} for r in plain)]
+
+
 def stage_of(label: str) -> str:
-    """The study row of a sweep label: untrained-causal-seed-0 -> causal, seed-0/mntp/final -> + mntp."""
+    """The study row of a sweep label: untrained-causal-seed-0 -> causal, seed-0/mntp/final -> + mntp,
+    simcse-seed-0-pool-weighted_mean -> + simcse, weighted_mean pooling."""
+    suffix = ""
+    if label.endswith(" (no instructions)"):
+        label, suffix = label.removesuffix(" (no instructions)"), ", no instructions"
+    if "-pool-" in label:
+        base, mode = label.split("-pool-")
+        base = base.rsplit("-seed-", 1)[0]
+        return ("+ " + base if base != "causal" else base) + f", {mode} pooling" + suffix
     if label.startswith("untrained-"):
         return label.removeprefix("untrained-").rsplit("-seed-", 1)[0]
     if label.startswith("seed-") and label.endswith("/final"):
-        return "+ " + label.split("/")[1]
+        return "+ " + label.split("/")[1] + suffix
     return "all-MiniLM-L6-v2" if label == "minilm" else label
 
 
@@ -73,7 +117,7 @@ def summarise(rows: list[dict]) -> str:
     for r in rows:
         stage = stage_of(r["model"])
         cells.setdefault((stage, r["task"]), []).append(r["score"])
-    order = [s for s in STAGES if any((s, t) in cells for t in tasks)]
+    order = [s for s in STAGES if any((s, t) in cells for t in tasks)]  # then the settings' rows, by name
     order += sorted({s for s, _ in cells} - set(order))
     lines = ["| stage | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for stage in order:
@@ -90,15 +134,18 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sweep(folders: dict[str, Path], out: Path, tasks: list[str] | None, sizes: list[str]) -> list[dict]:
-    """`embedforge eval sweep` over the folders and MiniLM (only what its cache lacks is computed)."""
-    cmd = [EMBEDFORGE, "eval", "sweep", "--models", *map(str, folders.values()), "minilm", "--output", str(out / "sweep")]
+def sweep(folders: dict[str, Path], out: Path, tasks: list[str] | None, sizes: list[str], *, minilm: bool = True,
+          extra: list[str] = (), name: str = "sweep") -> list[dict]:
+    """`embedforge eval sweep` over the folders (and MiniLM) into OUTPUT/`name` (its cache computes only
+    what it lacks); its rows."""
+    cmd = [EMBEDFORGE, "eval", "sweep", "--models", *map(str, folders.values()), *(["minilm"] if minilm else []),
+           "--output", str(out / name), "--cache", str(out / "sweep" / "cache"), *extra]
     cmd += ["--tasks", *tasks] if tasks else []
     cmd += ["--task-size", *sizes] if sizes else []
     r = subprocess.run(cmd)
     if r.returncode != 0:
         raise SystemExit(f"the sweep failed (exit {r.returncode}); rerun to continue it")
-    return json.loads((out / "sweep" / "results.json").read_text())["rows"]
+    return json.loads((out / name / "results.json").read_text())["rows"]
 
 
 def main() -> int:
@@ -108,12 +155,19 @@ def main() -> int:
     p.add_argument("--tasks", nargs="*", default=None, help="default: every local task")
     p.add_argument("--task-size", nargs="*", default=list(STUDY_SIZES), metavar="TASK.FIELD=N",
                    help=f"local task sizes (default: {' '.join(STUDY_SIZES)})")
+    p.add_argument("--settings", action="store_true",
+                   help="then the evaluation-time settings on the first seed (pooling, instructions)")
     args = p.parse_args()
     out = Path(args.output)
     folders: dict[str, Path] = {}
     for seed in args.seeds:  # seed by seed, so a study stopped early still reports the seeds it finished
         folders.update(train(seed, out))
         rows = sweep(folders, out, args.tasks, args.task_size)
+        table = summarise(rows)
+        (out / "study.md").write_text(table + "\n")
+        print(table, flush=True)
+    if args.settings:
+        rows += settings(args.seeds[0], out, args.tasks, args.task_size, folders)
         table = summarise(rows)
         (out / "study.md").write_text(table + "\n")
         print(table, flush=True)

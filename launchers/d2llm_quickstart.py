@@ -206,10 +206,11 @@ def run_d2llm_quickstart(config: Path, overrides: list[str], *, teacher_config: 
     contrastive = _cosine_scores(Encoder.from_pretrained(baseline), evalset, WN_INSTRUCTION)
     untrained_enc, _ = build_encoder(cfg.model, cfg.pooling, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    untrained_enc.add_iem(cfg.stages[0].objective.d2llm.iem_hidden)
+    untrained_enc.add_iem(cfg.stages[0].objective.d2llm.iem_hidden, cfg.stages[0].objective.d2llm.cosine_scale)
     untrained, _ = _student_scores(untrained_enc.eval(), evalset, WN_INSTRUCTION)
 
-    scores = {"BM25 (first-stage order)": bm25, "student, untrained (random IEM)": untrained,
+    untrained_name = "student, untrained (random IEM" + (" + cosine skip)" if untrained_enc.iem.cosine_scale else ")")
+    scores = {"BM25 (first-stage order)": bm25, untrained_name: untrained,
               "student, contrastive only (no teacher)": contrastive, "student, distilled (D2LLM)": distilled,
               "teacher, fine-tuned (yes/no)": teacher_scores, "teacher before fine-tuning": base_scores}
     rows = {"random order (expected)": _random_ranking(len(evalset), n_candidates),

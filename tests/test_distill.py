@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from toolkit.config import D2LLMConfig
+from tests.helpers import save_tiny_decoder
+from toolkit.config import ConfigError, D2LLMConfig
 from toolkit.models.iem import InteractionEmulation
 from toolkit.objectives.distill import (
     contrastive_imitation,
@@ -143,6 +144,55 @@ def test_iem_fast_path_equals_plain_form():
     assert torch.allclose(z_mixed[0], iem(yq[:1, None], yp[None], True)[0][0])
     assert torch.allclose(z_mixed[1], iem(yq[1:2, None], yp[None], False)[0][0])
     assert InteractionEmulation(4096, 512).flops_per_pair() == pytest.approx(0.5e6, rel=0.06)  # METHODS 2.2
+
+
+def test_iem_cosine_skip_adds_scaled_cosine_in_both_forms(tmp_path):
+    """d2llm.cosine_scale c: z = the paper's IEM score + c cos(y_q, y_p), the same through the decomposed
+    projections (the passage side precomputable); the folder records it and loads it back."""
+    torch.manual_seed(0)
+    plain = InteractionEmulation(embed_dim=16, hidden=32).double()
+    skip = InteractionEmulation(embed_dim=16, hidden=32, cosine_scale=20.0).double()
+    skip.load_state_dict(plain.state_dict())  # same weights: the skip adds no parameter
+    yq, yp = torch.randn(4, 16, dtype=torch.float64), torch.randn(6, 16, dtype=torch.float64)
+    cos = torch.nn.functional.cosine_similarity(yq[:, None], yp[None], dim=-1)
+    z_plain, h_plain = plain(yq[:, None], yp[None])
+    z_skip, h_skip = skip(yq[:, None], yp[None])
+    assert torch.allclose(z_skip, z_plain + 20.0 * cos) and torch.equal(h_skip, h_plain)
+    u_p = skip.passage_proj(yp)
+    assert u_p.shape == (6, 32 + 16)  # the hidden units, then the unit embedding
+    z_fast, _ = skip.score_proj(skip.query_proj(yq)[:, None], u_p[None], False)
+    assert torch.allclose(z_fast, z_skip)
+    assert skip.flops_per_pair() == plain.flops_per_pair() + 2 * 16 + 1
+
+    from toolkit.config import ModelConfig, PoolingConfig
+    from toolkit.models.encoder import Encoder
+    from toolkit.models.loading import build_encoder
+
+    encoder, _ = build_encoder(ModelConfig(path=str(save_tiny_decoder(tmp_path / "decoder")), max_length=32),
+                               PoolingConfig())
+    encoder.add_iem(8, 5.0)
+    with pytest.raises(ConfigError, match="d2llm.cosine_scale=0, but this encoder's IEM has 5"):
+        encoder.add_iem(8, 0.0)
+    loaded = Encoder.from_pretrained(encoder.save_pretrained(tmp_path / "student"))
+    assert loaded.iem.cosine_scale == 5.0 and loaded.spec.iem_cosine_scale == 5.0
+    texts = ["a cat", "the dog barks"]
+    y = torch.from_numpy(loaded.encode(texts, normalize=False))
+    assert torch.allclose(loaded.iem(y[:1], y)[0], encoder.iem(y[:1], y)[0])
+    with pytest.raises(ConfigError, match="d2llm.cosine_scale: must be >= 0"):
+        D2LLMConfig(cosine_scale=-1.0)
+
+
+def test_d2llm_stages_of_one_run_share_one_iem_shape():
+    from toolkit.config import config_from_dict
+
+    def stage(name, **d2llm):
+        return {"name": name, "objective": {"kind": "d2llm", "d2llm": d2llm}, "data": {"path": "d"}, "steps": 1}
+
+    run = {"output_dir": "x", "model": {"path": "m"}}
+    with pytest.raises(ConfigError, match=r"a \(iem_hidden 512, cosine_scale 20\), b \(iem_hidden 512, cosine_scale 0\) "
+                                          "train one IEM"):
+        config_from_dict({**run, "stages": [stage("a", cosine_scale=20.0), stage("b")]})
+    assert len(config_from_dict({**run, "stages": [stage("a", cosine_scale=20.0), stage("b", cosine_scale=20.0)]}).stages) == 2
 
 
 def test_d2llm_config_needs_two_queries_for_in_batch_terms():

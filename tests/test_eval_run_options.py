@@ -48,6 +48,8 @@ def test_sized_local_tasks_get_their_own_data_revision():
     assert EmbedforgeWordNetSameSense.metadata.revision == default.metadata.revision  # the class is untouched
     rt, wn = select_tasks(sizes={"rt-sentiment": {"n_test": 100}, "EmbedforgeWordNetRetrieval": {"n_queries": 50}})[:2]
     assert (rt.n_test, rt.n_train, wn.n_queries) == (100, 1000, 50)
+    rt, = select_tasks(["rt-sentiment"], sizes={"rt-sentiment": {"n_test": 100}, "EmbedforgeRTSentiment": {"n_train": 60}})
+    assert (rt.n_test, rt.n_train) == (100, 60)  # alias and mteb name: both sizes kept
     with pytest.raises(InputError, match="task size wordnet-same-sense.n_test: unknown; EmbedforgeWordNetSameSense is "
                                          "sized by n_pairs"):
         select_tasks(["wordnet-same-sense"], sizes={"wordnet-same-sense": {"n_test": 4}})

@@ -16,14 +16,16 @@ from tests.helpers import CORPUS, EMBEDFORGE
 PASSAGES = list(dict.fromkeys(CORPUS))  # 8 distinct sentences
 
 
-@pytest.fixture(scope="module")
-def student(tiny_llama_dir, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=[0.0, 20.0], ids=["paper-iem", "cosine-skip"])
+def student(tiny_llama_dir, tmp_path_factory, request) -> Path:
+    """A student with the paper's IEM, and one with the cosine skip (d2llm.cosine_scale: its index
+    stores W1b y_p only and takes the unit embedding from the stored embeddings)."""
     from toolkit.config import ModelConfig, PoolingConfig
     from toolkit.models.loading import build_encoder
 
     encoder, _ = build_encoder(ModelConfig(path=str(tiny_llama_dir)), PoolingConfig(mode="pma", heads=2))
     torch.manual_seed(1)
-    encoder.add_iem(16)
+    encoder.add_iem(16, request.param)
     path = tmp_path_factory.mktemp("student") / "student"
     encoder.save_pretrained(path)
     return path

@@ -382,6 +382,12 @@ class RunConfig:
         if teachers and self.model.bidirectional:
             raise ConfigError("model.bidirectional: a teacher (objective.kind=teacher) is the causal LLM; set "
                               "model.bidirectional: false")
+        students = [s for s in self.stages if s.objective.kind == "d2llm"]
+        shapes = {(s.objective.d2llm.iem_hidden, s.objective.d2llm.cosine_scale) for s in students}
+        if len(shapes) > 1:  # one IEM goes through a run's D2LLM stages: refused now, not after a stage
+            raise ConfigError("stages: the d2llm stages " + ", ".join(
+                f"{s.name} (iem_hidden {s.objective.d2llm.iem_hidden}, cosine_scale {s.objective.d2llm.cosine_scale:g})"
+                for s in students) + " train one IEM: give them the same d2llm.iem_hidden and d2llm.cosine_scale")
         for s in self.stages:
             if s.objective.kind == "d2llm" and (s.objective.d2llm.in_batch or s.objective.d2llm.rank_pairwise) \
                     and s.data.batch_size < 2:

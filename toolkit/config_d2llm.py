@@ -4,6 +4,7 @@ and fine-tuning objective (METHODS.md 2.1, 2.3). A fine-tuned teacher folder rec
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,8 @@ class D2LLMConfig:
     feature: float = 0.0  # eta (paper: 0.001): feature imitation; needs teacher features in the shards
     temperature: float = 1.0  # divides the logits of the two InfoNCE terms
     iem_hidden: int = 512
+    # > 0: the IEM's score adds cosine_scale * cos(y_q, y_p) (not in the paper; toolkit/models/iem.py)
+    cosine_scale: float = 0.0
     symmetric_tasks: list[str] = field(default_factory=list)  # tasks scored by the IEM's symmetric branch
 
     def __post_init__(self) -> None:
@@ -32,6 +35,8 @@ class D2LLMConfig:
             raise ConfigError(f"d2llm: the loss weights {weights} must be >= 0 and not all 0")
         if self.temperature <= 0 or self.iem_hidden < 1:
             raise ConfigError("d2llm.temperature must be > 0 and d2llm.iem_hidden >= 1")
+        if not math.isfinite(self.cosine_scale) or self.cosine_scale < 0:
+            raise ConfigError(f"d2llm.cosine_scale: must be >= 0 (0: the paper's IEM), got {self.cosine_scale}")
 
 
 TEACHER_SYMMETRIC = ("Sentence A: {query}\nSentence B: {passage}\n"

@@ -87,7 +87,7 @@ class HFEngine(Engine):
         if stage.objective.kind == "d2llm":  # the student's pair scorer, trained with the pooling head
             with torch.random.fork_rng():
                 torch.manual_seed(iem_seed(self.cfg.seed, index))
-                encoder.add_iem(stage.objective.d2llm.iem_hidden).requires_grad_(True)
+                encoder.add_iem(stage.objective.d2llm.iem_hidden, stage.objective.d2llm.cosine_scale).requires_grad_(True)
         elif encoder.iem is not None:  # an earlier D2LLM stage's scorer rides along, frozen
             encoder.iem.requires_grad_(False)
         self.index, self.stage = index, stage

@@ -63,7 +63,10 @@ def select_tasks(names: Sequence[str] | None = None, task_types: Sequence[str] |
     and `languages` (ISO 639-3, e.g. "eng") then filter the candidates. `sizes` ({local task name or
     alias: {"n_test": 200}}) size the selected local tasks (`mteb_tasks.local_task`).
     """
-    sizes = {ALIASES.get(k, k): dict(v) for k, v in (sizes or {}).items()}
+    merged: dict[str, dict[str, int]] = {}  # an alias and the mteb name of one task size it together
+    for key, values in (sizes or {}).items():
+        merged.setdefault(ALIASES.get(key, key), {}).update(values)
+    sizes = merged
     unknown = sorted(set(sizes) - set(LOCAL_MTEB_TASKS))
     if unknown:
         raise InputError(f"task size for {unknown[0]!r}: only local tasks are sized ({', '.join(LOCAL_MTEB_TASKS)})")

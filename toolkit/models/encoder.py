@@ -46,17 +46,20 @@ class Encoder(nn.Module):
         self.spec = spec
         self.iem: nn.Module | None = None
         if spec.iem_hidden:
-            self.add_iem(spec.iem_hidden)
+            self.add_iem(spec.iem_hidden, spec.iem_cosine_scale)
         self._prompt_lengths: dict[str, int] = {}
         self.pack = False  # run the backbone on packed texts (a training stage's data.pack)
 
-    def add_iem(self, hidden: int) -> nn.Module:
+    def add_iem(self, hidden: int, cosine_scale: float = 0.0) -> nn.Module:
         """Attach a D2LLM Interaction Emulation Module over the pooled embeddings (kept if present)."""
         if self.iem is None:
-            self.iem = InteractionEmulation(self.pooling.output_dim, hidden)
-            self.spec.iem_hidden = hidden
+            self.iem = InteractionEmulation(self.pooling.output_dim, hidden, cosine_scale)
+            self.spec.iem_hidden, self.spec.iem_cosine_scale = hidden, float(cosine_scale)
         elif self.iem.hidden != hidden:
             raise ConfigError(f"d2llm.iem_hidden={hidden}, but this encoder's IEM has {self.iem.hidden}")
+        elif self.iem.cosine_scale != cosine_scale:
+            raise ConfigError(f"d2llm.cosine_scale={cosine_scale:g}, but this encoder's IEM has "
+                              f"{self.iem.cosine_scale:g}")
         return self.iem
 
     # ------------------------------------------------------------------ tokenisation

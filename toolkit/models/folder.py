@@ -41,6 +41,7 @@ class EncoderSpec:
     max_length: int = 512  # tokens the folder encodes at (a run writes export.max_seq_length: serving_length)
     bidirectional: bool = True
     iem_hidden: int = 0  # > 0: a D2LLM student, with its Interaction Emulation Module (iem.safetensors)
+    iem_cosine_scale: float = 0.0  # its cosine skip (d2llm.cosine_scale)
     format_version: int = FORMAT_VERSION
 
 
@@ -81,7 +82,10 @@ def load_spec(spec_file: Path) -> EncoderSpec:
 
 
 def spec_to_json(spec: EncoderSpec) -> str:
-    return json.dumps(asdict(spec), indent=2)
+    data = asdict(spec)
+    if not data["iem_cosine_scale"]:  # written only when used: a folder without it stays readable by
+        del data["iem_cosine_scale"]  # an Embedforge from before the field (same format_version)
+    return json.dumps(data, indent=2)
 
 
 def load_encoder_weights(encoder: Encoder, folder: Path) -> None:
@@ -120,7 +124,7 @@ def load_head_weights(encoder: Encoder, folder: Path) -> None:
     load_pooling_weights(encoder.pooling, folder)
     spec = load_spec(Path(folder) / SPEC_FILE)
     if spec.iem_hidden:
-        encoder.add_iem(spec.iem_hidden)
+        encoder.add_iem(spec.iem_hidden, spec.iem_cosine_scale)
         load_iem_weights(encoder, folder)
 
 

@@ -41,7 +41,7 @@ def merged_stage_encoder(cfg: RunConfig, index: int, layout: RunLayout, tensors:
     if index > 0:
         load_encoder_weights(encoder, previous_final(layout, cfg, index))
     if stage.objective.kind == "d2llm":
-        encoder.add_iem(stage.objective.d2llm.iem_hidden)  # its trained weights are among `tensors`
+        encoder.add_iem(stage.objective.d2llm.iem_hidden, stage.objective.d2llm.cosine_scale)  # weights: `tensors`
     if stage.lora.enabled:
         encoder.backbone = add_lora(encoder.backbone, stage.lora)
     params = dict(encoder.named_parameters())

@@ -42,7 +42,7 @@ def build_index(student_dir: str | Path, passages: Sequence[str], output: str | 
     ids = list(ids) if ids is not None else [str(i) for i in range(len(passages))]
     raw = student.encode(list(passages), batch_size=batch_size, normalize=False)
     with torch.inference_mode():
-        proj = student.iem.passage_proj(torch.from_numpy(raw)).numpy()
+        proj = student.iem.w1_passage(torch.from_numpy(raw)).numpy()  # W1b y_p (u_p: IEM.passage_proj_from)
     with atomic_dir(output) as tmp:
         np.save(tmp / EMBEDDINGS, raw.astype(np.float32))
         np.save(tmp / PROJECTIONS, proj.astype(np.float32))
@@ -50,7 +50,7 @@ def build_index(student_dir: str | Path, passages: Sequence[str], output: str | 
             for pid, text in zip(ids, passages):
                 fh.write(json.dumps({"id": pid, "text": text}, ensure_ascii=False) + "\n")
         (tmp / META).write_text(json.dumps({"student": str(Path(student_dir).resolve()), "passages": len(passages),
-                                            "dim": int(raw.shape[1]), "iem_hidden": int(proj.shape[1])}, indent=1))
+                                            "dim": int(raw.shape[1]), "iem_hidden": student.iem.hidden}, indent=1))
     return output
 
 
@@ -104,19 +104,25 @@ class SearchIndex:
         if mode == "rerank":
             candidates = self._first_stage(y_q, max(k, first_stage))
             for qi, cand in enumerate(candidates):
-                u_p = torch.from_numpy(np.array(self.projections[np.sort(cand)], dtype=np.float32))  # a copy: writable
-                z, _ = iem.score_proj(u_q[qi][None], u_p, symmetric)
+                z, _ = iem.score_proj(u_q[qi][None], self._u_p(np.sort(cand)), symmetric)
                 results.append(self._hits(np.sort(cand), z.numpy(), k))
         else:
             n = self.projections.shape[0]
             scores = np.empty((len(queries), n), dtype=np.float32)
             for start in range(0, n, block):
-                u_p = torch.from_numpy(np.array(self.projections[start : start + block], dtype=np.float32))
+                u_p = self._u_p(slice(start, start + block))
                 z, _ = iem.score_proj(u_q[:, None], u_p[None], symmetric)
                 scores[:, start : start + u_p.shape[0]] = z.numpy()
             for qi in range(len(queries)):
                 results.append(self._hits(np.arange(n), scores[qi], k))
         return results
+
+    def _u_p(self, rows: np.ndarray | slice) -> torch.Tensor:
+        """The IEM's u_p of these passages from the stored W1b y_p (and their embeddings: cosine skip)."""
+        stored = torch.from_numpy(np.array(self.projections[rows], dtype=np.float32))  # a copy: writable
+        embeddings = torch.from_numpy(np.array(self.embeddings[rows], dtype=np.float32)) \
+            if self.student.iem.cosine_scale else None
+        return self.student.iem.passage_proj_from(stored, embeddings)
 
     def _hits(self, indices: np.ndarray, scores: np.ndarray, k: int) -> list[Hit]:
         order = np.argsort(-scores, kind="stable")[:k]

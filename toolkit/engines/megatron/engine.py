@@ -187,7 +187,7 @@ class MegatronEngine(Engine):
             with torch.device("meta"):
                 spec = load_spec(Path(final_dir) / SPEC_FILE)
                 if spec.iem_hidden:
-                    self.encoder.add_iem(spec.iem_hidden)
+                    self.encoder.add_iem(spec.iem_hidden, spec.iem_cosine_scale)
 
     # ------------------------------------------------------------------ stage
     def begin_stage(self, index: int, stage: StageConfig, *, data_kind: str, generator: torch.Generator) -> None:
@@ -286,7 +286,7 @@ class MegatronEngine(Engine):
         if stage.objective.kind == "d2llm":
             with torch.random.fork_rng(), torch.device(self._head_device):
                 torch.manual_seed(iem_seed(self.cfg.seed, index))
-                encoder.add_iem(stage.objective.d2llm.iem_hidden)
+                encoder.add_iem(stage.objective.d2llm.iem_hidden, stage.objective.d2llm.cosine_scale)
             if self.dims.is_last_stage:
                 encoder.iem.to(self.device)
             encoder.iem.requires_grad_(self.dims.is_last_stage)

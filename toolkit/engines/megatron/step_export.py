@@ -189,19 +189,21 @@ def _heads(reader: CheckpointReader, cfg: RunConfig, index: int, arch: ModelArgs
     elif pooling.has_parameters:
         raise CheckpointError(f"{reader.folder}: pooling mode {cfg.pooling.mode!r} has weights, the checkpoint none")
     stage = cfg.stages[index]
-    hidden = stage.objective.d2llm.iem_hidden if stage.objective.kind == "d2llm" else 0
+    d2llm = stage.objective.d2llm
+    hidden, scale = (d2llm.iem_hidden, d2llm.cosine_scale) if stage.objective.kind == "d2llm" else (0, 0.0)
     iem = None
     if not hidden and previous is not None:
-        hidden = load_spec(previous / SPEC_FILE).iem_hidden
+        spec = load_spec(previous / SPEC_FILE)
+        hidden, scale = spec.iem_hidden, spec.iem_cosine_scale
     if hidden:
         from safetensors.torch import load_file
 
-        iem = InteractionEmulation(pooling.output_dim, hidden)
+        iem = InteractionEmulation(pooling.output_dim, hidden, scale)
         saved = reader.keys("iem.")
         state = {k.removeprefix("iem."): reader.load(k) for k in saved} if saved \
             else load_file(str(previous / IEM_FILE))
         iem.load_state_dict(state)
-    return pooling, iem, hidden
+    return pooling, iem
 
 
 def export_step_streaming(cfg: RunConfig, index: int, step_dir: Path, output: Path,
@@ -241,9 +243,10 @@ def _write_encoder(output: Path, units: StepUnits, reader: CheckpointReader, cfg
     from transformers import AutoTokenizer
 
     arch, dtype = units.arch, units.dtype
-    pooling, iem, iem_hidden = _heads(reader, cfg, index, arch, previous)
+    pooling, iem = _heads(reader, cfg, index, arch, previous)
     spec = EncoderSpec(pooling=cfg.pooling, max_length=serving_length(cfg, hf_config), bidirectional=True,
-                       iem_hidden=iem_hidden)
+                       iem_hidden=iem.hidden if iem is not None else 0,
+                       iem_cosine_scale=iem.cosine_scale if iem is not None else 0.0)
     element_size = torch.tensor([], dtype=dtype).element_size()
     files = plan_shards(arch, 1, element_size, shard_bytes)
     with atomic_dir(output) as tmp:
