@@ -106,10 +106,11 @@ def test_recipe_export_length_and_export_override(tmp_path, capsys, long_context
     assert json.loads((tmp_path / "c" / SPEC_FILE).read_text())["max_length"] == 300
     capsys.readouterr()
 
-    code = main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "d"), "--max-seq-length", "2000"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == EXIT_USAGE and len(err) == 1 and f"--max-seq-length 2000: must be in 1..{CONTEXT}" in err[0]
-    assert not (tmp_path / "d").exists()
+    for source in (run, step):  # a finished run, and a step-N/ (whose run records export.max_seq_length)
+        code = main(["export", "--checkpoint", str(source), "--output", str(tmp_path / "d"), "--max-seq-length", "2000"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == EXIT_USAGE and len(err) == 1 and f"--max-seq-length 2000: must be in 1..{CONTEXT}" in err[0], err
+        assert not (tmp_path / "d").exists()
 
 
 def test_export_length_above_the_context_is_refused_at_preflight(tmp_path, capsys, long_context_model):

@@ -11,12 +11,13 @@ import re
 import shutil
 from pathlib import Path
 
+from toolkit.assets import resolve_model_path
 from toolkit.atomic import atomic_dir
 from toolkit.checkpoint.manager import complete_steps, read_meta, verify_step
 from toolkit.config import RunConfig, load_config
 from toolkit.engines.spec import DEFAULT_ENGINE, engine_spec
 from toolkit.errors import CheckpointError, InputError, MissingPathError
-from toolkit.models.export import set_folder_max_length
+from toolkit.models.export import check_serving_length, set_folder_max_length
 from toolkit.models.folder import SPEC_FILE
 from toolkit.run_layout import COMPLETE, FINAL_DIR, RunLayout, parse_stage_dir, parse_step_dir
 
@@ -77,6 +78,8 @@ def export_step(step_dir: Path, output: Path, max_seq_length: int = 0) -> Path:
     if max_seq_length and cfg.stages[index].objective.kind == "teacher":
         raise InputError(f"--max-seq-length: {step_dir} is a teacher stage's checkpoint (a causal LM that reads "
                          "prompts up to its recorded prompt length), not an encoder; drop the flag")
+    if max_seq_length:  # named as the user gave it, before anything is written
+        check_serving_length(resolve_model_path(cfg.model.path), max_seq_length, field="--max-seq-length")
     verify_step(step_dir)  # a corrupt file fails here, named, not as garbage weights in the export
     spec = engine_spec(read_meta(step_dir).get("engine", DEFAULT_ENGINE))
     return spec.export_step(cfg, index, step_dir, output)

@@ -89,11 +89,16 @@ def write_length_files(folder: Path, spec: "EncoderSpec") -> None:
 def set_folder_max_length(folder: Path, max_length: int, *, field: str) -> None:
     """Re-record an encoder folder's serving length (`embedforge export --max-seq-length`); refused
     above the backbone's context, naming `field`."""
-    context = model_context(AutoConfig.from_pretrained(folder))
+    check_serving_length(folder, max_length, field=field)
+    write_length_files(folder, dataclasses.replace(load_spec(folder / SPEC_FILE), max_length=max_length))
+
+
+def check_serving_length(model_folder: Path, max_length: int, *, field: str) -> None:
+    """Refuse a serving length outside 1..the context of the model in `model_folder`, naming `field`."""
+    context = model_context(AutoConfig.from_pretrained(model_folder))
     if max_length < 1 or (context and max_length > context):
         raise ConfigError(f"{field} {max_length}: must be in 1..{context or 'the model context'} (the model's "
-                          f"context, max_position_embeddings in {folder / 'config.json'})")
-    write_length_files(folder, dataclasses.replace(load_spec(folder / SPEC_FILE), max_length=max_length))
+                          f"context, max_position_embeddings in {Path(model_folder) / 'config.json'})")
 
 
 def write_heads(folder: Path, pooling: "Pooling", iem: "nn.Module | None") -> None:
