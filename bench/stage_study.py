@@ -157,6 +157,7 @@ def main() -> int:
                    help=f"local task sizes (default: {' '.join(STUDY_SIZES)})")
     p.add_argument("--settings", action="store_true",
                    help="then the evaluation-time settings on the first seed (pooling, instructions)")
+    p.add_argument("--settings-tasks", nargs="*", default=None, help="the settings' tasks (default: --tasks)")
     args = p.parse_args()
     out = Path(args.output)
     folders: dict[str, Path] = {}
@@ -167,7 +168,7 @@ def main() -> int:
         (out / "study.md").write_text(table + "\n")
         print(table, flush=True)
     if args.settings:
-        rows += settings(args.seeds[0], out, args.tasks, args.task_size, folders)
+        rows += settings(args.seeds[0], out, args.settings_tasks or args.tasks, args.task_size, folders)
         table = summarise(rows)
         (out / "study.md").write_text(table + "\n")
         print(table, flush=True)
