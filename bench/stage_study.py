@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from toolkit.config import load_config  # noqa: E402
+from toolkit.eval.mteb_model import Instructions  # noqa: E402
 from toolkit.eval.mteb_tasks import LOCAL_MTEB_TASKS  # noqa: E402
 from toolkit.models.folder import SPEC_FILE, serving_length  # noqa: E402
 from toolkit.models.loading import build_encoder  # noqa: E402
@@ -48,7 +49,7 @@ def train(seed: int, out: Path) -> dict[str, Path]:
         encoder, _ = build_encoder(cfg.model, cfg.pooling, seed=seed, bidirectional=bidirectional)
         # without pooling parameters the untrained encoder is the pretrained model whatever the seed:
         # one folder (seed 0's name, as the cache knows it) instead of the same scores once per seed
-        shared = not any(True for _ in encoder.pooling.parameters())
+        shared = not encoder.pooling.has_parameters
         folder = out / f"untrained-{label}-seed-{0 if shared else seed}"  # the sweep names a folder by its name
         if not (folder / "embedforge.json").is_file():
             encoder.save_pretrained(folder, max_length=serving_length(cfg, encoder.backbone.config))
@@ -86,8 +87,7 @@ def settings(seed: int, out: Path, tasks: list[str] | None, sizes: list[str], fo
     rows = sweep(pooled, out, tasks, sizes, minilm=False, name="sweep-pooling")
     table = out / "no-instructions.json"  # every local task (and type) without an instruction
     table.write_text(json.dumps({"tasks": {name: "" for name in LOCAL_MTEB_TASKS},
-                                 "task_types": {kind: "" for kind in ("Retrieval", "Classification", "Clustering",
-                                                                      "STS", "PairClassification")}}))
+                                 "task_types": {kind: "" for kind in Instructions().task_types}}))
     plain = sweep({"simcse": simcse, "supervised": supervised}, out, tasks, sizes, minilm=False,
                   extra=["--instructions", str(table)], name="sweep-no-instructions")
     return [*rows, *({**r, "model": r["model"] + " (no instructions)"} for r in plain)]

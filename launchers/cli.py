@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from launchers import d2llm, evaluate, plan, search, submit, teacher
 from launchers.cli_format import Parser, examples
@@ -24,7 +25,6 @@ from launchers.recipes import QUICKSTART_RECIPE
 from toolkit.errors import EmbedforgeError, InputError, MissingPathError, OutputError, PathExistsError
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, should the process survive its own SIGINT
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -404,10 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedforge {_command(args)}: interrupted; what it finished is kept (cached results, checkpoints, "
               "finished files); rerun the same command to go on", file=sys.stderr)
         _die_of_sigint()
-        return EXIT_INTERRUPTED  # (not reached)
 
 
-def _die_of_sigint() -> None:
+def _die_of_sigint() -> NoReturn:
     """End by SIGINT itself, not exit 130, so a calling shell script or loop stops as on any Ctrl-C."""
     sys.stdout.flush()
     sys.stderr.flush()
