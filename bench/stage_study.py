@@ -8,7 +8,18 @@ OUTPUT/study.md: the mean of each (stage, task) over the seeds with its standard
 n = seeds; "-" with one seed), after each seed. Each run resumes where it stopped, and the sweep computes only what
 its cache lacks, so rerunning with more seeds adds to the study.
 
+`--settings` then measures, on the first seed, the evaluation-time settings (weighted-mean pooling, no
+instructions) and `--train-settings` the training-time ones (TRAIN_SETTINGS: one value changed in one
+stage, that stage retrained from the seed's own earlier stages with everything else the same, and the
+later stages left out: an MNTP setting is measured at + mntp), each against the seed's own row for that
+stage: study.md's second table, next to the stage's standard deviation over the seeds (the spread of one
+run, the yardstick for a difference between two runs).
+
     .venv/bin/python bench/stage_study.py --seeds 0 1 2 --output runs/stage-study
+    .venv/bin/python bench/stage_study.py --seeds 0 1 2 --train-settings --settings-tasks \\
+        EmbedforgeWordNetRetrieval EmbedforgeWordNetSameSense EmbedforgeSpeechContinuation
+
+Ctrl-C stops the running child (a training run saves a checkpoint first); rerun the same command to go on.
 """
 
 from __future__ import annotations
@@ -16,14 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from toolkit.config import load_config  # noqa: E402
+from toolkit.config import load_config, to_dict  # noqa: E402
 from toolkit.eval.mteb_model import Instructions  # noqa: E402
 from toolkit.eval.mteb_tasks import LOCAL_MTEB_TASKS  # noqa: E402
 from toolkit.models.folder import SPEC_FILE, serving_length  # noqa: E402
@@ -35,14 +52,27 @@ EMBEDFORGE = str(Path(sys.executable).with_name("embedforge"))
 # SmolLM2 stage at ~6 minutes on 2 cores; at the task's default 300 words a row takes ~15
 STUDY_SIZES = ("speech-continuation.half_words=128",)
 STAGES = ("causal", "bidirectional", "+ mntp", "+ simcse", "+ supervised")
+# the training-time settings: name -> (the stage retrained, its overrides); the study recipe's values are
+# mask_probability 0.2, mask_token underscore, 100 MNTP steps; SimCSE attention_dropout 0.3, batch 32,
+# LoRA r 16 (alpha 2r), lr 1e-4, 80 steps
+TRAIN_SETTINGS = {
+    "mntp-mask-probability-0.4": ("mntp", ["objective.mntp.mask_probability=0.4"]),
+    "mntp-mask-token-eos": ("mntp", ["objective.mntp.mask_token=eos"]),
+    "mntp-steps-200": ("mntp", ["steps=200", "schedule.warmup_steps=20"]),
+    "simcse-dropout-0.1": ("simcse", ["attention_dropout=0.1"]),
+    "simcse-batch-64": ("simcse", ["data.batch_size=64"]),  # also twice the sentences seen
+    "simcse-lora-r-64": ("simcse", ["lora.r=64", "lora.alpha=128"]),
+    "simcse-lr-3e-4": ("simcse", ["optimizer.lr=3.0e-4"]),
+    "simcse-steps-160": ("simcse", ["steps=160", "schedule.warmup_steps=16"]),
+}
 
 
 def train(seed: int, out: Path) -> dict[str, Path]:
     """The seed's folders by the name the sweep gives them (trained here or found from an earlier run)."""
     run = out / f"seed-{seed}"
-    r = subprocess.run([EMBEDFORGE, "train", str(RECIPE), f"seed={seed}", f"output_dir={run}", "--resume", "auto"])
-    if r.returncode != 0:
-        raise SystemExit(f"training seed {seed} failed (exit {r.returncode}); rerun to resume")
+    code = run_child([EMBEDFORGE, "train", str(RECIPE), f"seed={seed}", f"output_dir={run}", "--resume", "auto"])
+    if code != 0:
+        raise SystemExit(f"training seed {seed} stopped (exit {code}); rerun to resume")
     cfg = load_config(RECIPE, [f"seed={seed}", f"output_dir={run}"])
     folders = {}
     for label, bidirectional in (("causal", False), ("bidirectional", True)):
@@ -65,14 +95,33 @@ def pooling_variant(folder: Path, out: Path, label: str, mode: str) -> Path:
     embedforge.json). Named `<label>-pool-<mode>` for the sweep."""
     variant = out / "variants" / f"{label}-pool-{mode}"
     if not (variant / SPEC_FILE).is_file():
-        variant.mkdir(parents=True, exist_ok=True)
-        for item in folder.iterdir():
-            if item.name != SPEC_FILE and not (variant / item.name).exists():
-                (variant / item.name).symlink_to(item.resolve())
+        link_files(folder, variant, skip=SPEC_FILE)
         spec = json.loads((folder / SPEC_FILE).read_text())
         spec["pooling"]["mode"] = mode
         (variant / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     return variant
+
+
+def link_files(source: Path, dest: Path, skip: str | None = None) -> None:
+    """`dest` made of relative symlinks to `source`'s entries (but `skip`), so a moved study keeps them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        link = dest / item.name
+        if item.name != skip and not link.exists():
+            if link.is_symlink():  # dangling
+                link.unlink()
+            link.symlink_to(os.path.relpath(item.resolve(), dest.resolve()))
+
+
+def run_child(cmd: list[str]) -> int:
+    """The child's exit code. A Ctrl-C reaches the child alone (the terminal sends it to both), so a
+    training run saves its checkpoint before it stops instead of being killed by this process."""
+    child = subprocess.Popen(cmd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def settings(seed: int, out: Path, tasks: list[str] | None, sizes: list[str], folders: dict[str, Path]) -> list[dict]:
@@ -93,6 +142,66 @@ def settings(seed: int, out: Path, tasks: list[str] | None, sizes: list[str], fo
     return [*rows, *({**r, "model": r["model"] + " (no instructions)"} for r in plain)]
 
 
+def train_setting(name: str, seed: int, out: Path) -> Path:
+    """Retrain one stage of seed `seed`'s chain with TRAIN_SETTINGS[name] into
+    OUTPUT/train-settings/seed-S/NAME: the stages before it are the seed's own finals (linked file by
+    file, so the run skips them and starts from the same weights), the stages after it are left out.
+    Returns the retrained stage's final/ (the sweep names it NAME/STAGE/final)."""
+    stage, overrides = TRAIN_SETTINGS[name]
+    run = out / "train-settings" / f"seed-{seed}" / name
+    cfg = load_config(RECIPE, [f"stages.{stage}.{o}" for o in overrides] + [f"seed={seed}", f"output_dir={run.resolve()}"])
+    index = [s.name for s in cfg.stages].index(stage)
+    cfg.stages = cfg.stages[: index + 1]
+    for i, earlier in enumerate(cfg.stages[:index]):
+        source = out / f"seed-{seed}" / f"{i:02d}-{earlier.name}" / "final"
+        if not (source / SPEC_FILE).is_file():
+            raise SystemExit(f"{source}: missing; train seed {seed} first (--seeds {seed})")
+        linked = run / f"{i:02d}-{earlier.name}" / "final"
+        if not (linked / SPEC_FILE).is_file():  # first run, or links left dangling by a moved study
+            building = linked.with_name("final.linking")
+            shutil.rmtree(building, ignore_errors=True)  # removes the links, never what they point at
+            link_files(source, building)
+            shutil.rmtree(linked, ignore_errors=True)
+            building.rename(linked)
+    file = run / "recipe.yaml"
+    run.mkdir(parents=True, exist_ok=True)
+    file.write_text(f"# {RECIPE.name} with stage {stage}: {' '.join(overrides)} (bench/stage_study.py)\n"
+                    + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    code = run_child([EMBEDFORGE, "train", str(file), "--resume", "auto"])
+    if code != 0:
+        raise SystemExit(f"training setting {name} stopped (exit {code}); rerun to resume")
+    return run / f"{index:02d}-{stage}" / "final"
+
+
+def setting_deltas(rows: list[dict], seed: int) -> str:
+    """Markdown: each training-time setting's score minus the seed's own row for the same stage, next to
+    that stage's standard deviation over the seeds: a difference between two runs is noise below ~2 SD."""
+    scores: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        scores.setdefault((stage_of(r["model"]), r["task"]), []).append(r["score"])
+    own = {(stage_of(r["model"]), r["task"]): r["score"] for r in rows
+           if r["model"].startswith(f"seed-{seed}/")}
+    lines = [f"| setting | task | score | seed {seed} | difference | stage SD over seeds |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        name = r["model"].split("/")[0]
+        if name not in TRAIN_SETTINGS:
+            continue
+        stage = "+ " + TRAIN_SETTINGS[name][0]
+        base = own.get((stage, r["task"]))
+        if base is None:
+            continue
+        v = scores.get((stage, r["task"]), [])
+        sd = f"{statistics.stdev(v):.1f} (n={len(v)})" if len(v) > 1 else "-"
+        lines.append(f"| {stage}, {' '.join(TRAIN_SETTINGS[name][1])} | {r['task']} | {r['score']:.1f} | {base:.1f} | "
+                     f"{r['score'] - base:+.1f} | {sd} |")
+    return "\n".join(lines)
+
+
+def standard_error(values: list[float]) -> float | None:
+    """Of the mean over seeds: std / sqrt(n); None for one seed."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+
+
 def stage_of(label: str) -> str:
     """The study row of a sweep label: untrained-causal-seed-0 -> causal, seed-0/mntp/final -> + mntp,
     simcse-seed-0-pool-weighted_mean -> + simcse, weighted_mean pooling."""
@@ -107,6 +216,9 @@ def stage_of(label: str) -> str:
         return label.removeprefix("untrained-").rsplit("-seed-", 1)[0]
     if label.startswith("seed-") and label.endswith("/final"):
         return "+ " + label.split("/")[1] + suffix
+    if label.split("/")[0] in TRAIN_SETTINGS:
+        stage, overrides = TRAIN_SETTINGS[label.split("/")[0]]
+        return f"+ {stage}, {' '.join(overrides)}"
     return "all-MiniLM-L6-v2" if label == "minilm" else label
 
 
@@ -127,8 +239,7 @@ def summarise(rows: list[dict]) -> str:
             if not v:
                 row.append("")
                 continue
-            mean = sum(v) / len(v)
-            se = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else None
+            mean, se = sum(v) / len(v), standard_error(v)
             row.append(f"{mean:.1f}" + (f" +- {se:.1f}" if se is not None else "") + f" (n={len(v)})")
         lines.append(f"| {stage} | " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -142,9 +253,9 @@ def sweep(folders: dict[str, Path], out: Path, tasks: list[str] | None, sizes: l
            "--output", str(out / name), "--cache", str(out / "sweep" / "cache"), *extra]
     cmd += ["--tasks", *tasks] if tasks else []
     cmd += ["--task-size", *sizes] if sizes else []
-    r = subprocess.run(cmd)
-    if r.returncode != 0:
-        raise SystemExit(f"the sweep failed (exit {r.returncode}); rerun to continue it")
+    code = run_child(cmd)
+    if code != 0:
+        raise SystemExit(f"the sweep stopped (exit {code}); rerun to continue it")
     return json.loads((out / name / "results.json").read_text())["rows"]
 
 
@@ -157,6 +268,9 @@ def main() -> int:
                    help=f"local task sizes (default: {' '.join(STUDY_SIZES)})")
     p.add_argument("--settings", action="store_true",
                    help="then the evaluation-time settings on the first seed (pooling, instructions)")
+    p.add_argument("--train-settings", nargs="*", default=None, metavar="NAME", choices=sorted(TRAIN_SETTINGS),
+                   help="then these training-time settings on the first seed (none named: all of "
+                        f"{', '.join(TRAIN_SETTINGS)})")
     p.add_argument("--settings-tasks", nargs="*", default=None, help="the settings' tasks (default: --tasks)")
     args = p.parse_args()
     out = Path(args.output)
@@ -169,7 +283,18 @@ def main() -> int:
         print(table, flush=True)
     if args.settings:
         rows += settings(args.seeds[0], out, args.settings_tasks or args.tasks, args.task_size, folders)
+    if args.train_settings is not None:
+        retrained: dict[str, Path] = {}
+        for name in args.train_settings or TRAIN_SETTINGS:  # each evaluated once trained: a stop keeps the ones done
+            retrained[name] = train_setting(name, args.seeds[0], out)
+            setting_rows = sweep(retrained, out, args.settings_tasks or args.tasks, args.task_size, minilm=False,
+                                 name="sweep-train-settings")
+            print(setting_deltas(rows + setting_rows, args.seeds[0]), flush=True)
+        rows += setting_rows
+    if args.settings or args.train_settings is not None:
         table = summarise(rows)
+        if args.train_settings is not None:
+            table += "\n\nTraining-time settings, against the seed's own stage:\n\n" + setting_deltas(rows, args.seeds[0])
         (out / "study.md").write_text(table + "\n")
         print(table, flush=True)
     return 0
