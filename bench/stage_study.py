@@ -45,6 +45,7 @@ from toolkit.eval.mteb_model import Instructions  # noqa: E402
 from toolkit.eval.mteb_tasks import LOCAL_MTEB_TASKS  # noqa: E402
 from toolkit.models.folder import SPEC_FILE, serving_length  # noqa: E402
 from toolkit.models.loading import build_encoder  # noqa: E402
+from toolkit.run_layout import RunLayout  # noqa: E402
 
 RECIPE = ROOT / "configs" / "llm2vec" / "stage-study.yaml"
 EMBEDFORGE = str(Path(sys.executable).with_name("embedforge"))
@@ -85,7 +86,7 @@ def train(seed: int, out: Path) -> dict[str, Path]:
             encoder.save_pretrained(folder, max_length=serving_length(cfg, encoder.backbone.config))
         folders[folder.name] = folder
     for index, stage in enumerate(cfg.stages):  # a stage's final/: RUN/STAGE/final
-        folders[f"{run.name}/{stage.name}/final"] = run / f"{index:02d}-{stage.name}" / "final"
+        folders[f"{run.name}/{stage.name}/final"] = RunLayout(run).final_dir(index, stage.name)
     return folders
 
 
@@ -129,7 +130,7 @@ def settings(seed: int, out: Path, tasks: list[str] | None, sizes: list[str], fo
     the + simcse encoder, both trained or built with mean pooling) and no instructions at all (+ simcse
     and + supervised), each against the same folders' default rows."""
     run = out / f"seed-{seed}"
-    simcse, supervised = run / "01-simcse" / "final", run / "02-supervised" / "final"
+    simcse, supervised = RunLayout(run).final_dir(1, "simcse"), RunLayout(run).final_dir(2, "supervised")
     causal = next(path for label, path in folders.items() if label.startswith("untrained-causal-seed-"))
     pooled = {"causal": pooling_variant(causal, out, "causal", "weighted_mean"),
               "simcse": pooling_variant(simcse, out, f"simcse-seed-{seed}", "weighted_mean")}
@@ -153,10 +154,10 @@ def train_setting(name: str, seed: int, out: Path) -> Path:
     index = [s.name for s in cfg.stages].index(stage)
     cfg.stages = cfg.stages[: index + 1]
     for i, earlier in enumerate(cfg.stages[:index]):
-        source = out / f"seed-{seed}" / f"{i:02d}-{earlier.name}" / "final"
+        source = RunLayout(out / f"seed-{seed}").final_dir(i, earlier.name)
         if not (source / SPEC_FILE).is_file():
             raise SystemExit(f"{source}: missing; train seed {seed} first (--seeds {seed})")
-        linked = run / f"{i:02d}-{earlier.name}" / "final"
+        linked = RunLayout(run).final_dir(i, earlier.name)
         if not (linked / SPEC_FILE).is_file():  # first run, or links left dangling by a moved study
             building = linked.with_name("final.linking")
             shutil.rmtree(building, ignore_errors=True)  # removes the links, never what they point at
@@ -170,7 +171,7 @@ def train_setting(name: str, seed: int, out: Path) -> Path:
     code = run_child([EMBEDFORGE, "train", str(file), "--resume", "auto"])
     if code != 0:
         raise SystemExit(f"training setting {name} stopped (exit {code}); rerun to resume")
-    return run / f"{index:02d}-{stage}" / "final"
+    return RunLayout(run).final_dir(index, stage)
 
 
 def setting_deltas(rows: list[dict], seed: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.config import load_config
+from toolkit.run_layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_a_training_setting_changes_one_value_of_one_stage_and_starts_from_the_s
         study, name, tmp_path, monkeypatch):
     out, seed = tmp_path / "study", 1  # not the recipe's own seed: the seed must reach the run and the links
     for i, stage in enumerate(("mntp", "simcse")):
-        final = out / f"seed-{seed}" / f"{i:02d}-{stage}" / "final"
+        final = RunLayout(out / f"seed-{seed}").final_dir(i, stage)
         final.mkdir(parents=True)
         (final / "embedforge.json").write_text("{}")
     calls = []
@@ -89,13 +90,13 @@ def test_a_training_setting_changes_one_value_of_one_stage_and_starts_from_the_s
     assert retrained.name == stage and earlier == list(base.stages[: len(earlier)])
     assert changed_fields(base.stages[len(earlier)], retrained) == {o.split("=")[0] for o in overrides}
     for i, stage_cfg in enumerate(earlier):  # the seed's own finals, linked: the run skips them
-        linked = run / f"{i:02d}-{stage_cfg.name}" / "final" / "embedforge.json"
+        linked = RunLayout(run).final_dir(i, stage_cfg.name) / "embedforge.json"
         assert linked.is_symlink() and not Path(os.readlink(linked)).is_absolute()
-        assert linked.resolve() == (out / f"seed-{seed}" / f"{i:02d}-{stage_cfg.name}" / "final" / "embedforge.json").resolve()
+        assert linked.resolve() == (RunLayout(out / f"seed-{seed}").final_dir(i, stage_cfg.name) / "embedforge.json").resolve()
     # a rerun keeps good links and rebuilds dangling ones (a study moved, or a stop mid-way)
     assert study.train_setting(name, seed, out) == final
     if earlier:
-        linked = run / "00-mntp" / "final" / "embedforge.json"
+        linked = RunLayout(run).final_dir(0, "mntp") / "embedforge.json"
         linked.unlink()
         linked.symlink_to("../../nowhere.json")
         study.train_setting(name, seed, out)
