@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs of the job")
     p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory per GPU in GiB")
     p.add_argument("--arch", default=None, metavar="FILE",
-                   help="HF config.json of the model (default: model.path/config.json, else the recipe's '# arch:' line)")
+                   help="HF config.json of the model (default: model.path/config.json, or an imported asset: / .gguf "
+                        "model's, else the recipe's '# arch:' line)")
     p.add_argument("--stage", default=None, help="plan only this stage (default: all)")
     p.add_argument("--negatives", type=int, default=1, help="hard negatives per supervised sample")
     p.add_argument("--distributed-optimizer", action="store_true",

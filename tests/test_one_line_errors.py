@@ -264,18 +264,25 @@ def test_config_error_still_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-def test_ctrl_c_during_an_eval_sweep_is_one_line_and_ends_by_sigint(tmp_path, encoder_dir):
+def test_ctrl_c_during_an_eval_sweep_is_one_line_and_ends_by_sigint(tmp_path, tiny_llama_dir):
     """Ctrl-C (SIGINT) in a command other than train: one line naming the command, no traceback (a local
     `eval sweep` used to print torch's whole stack), and the process ends by SIGINT, so a calling shell
-    loop stops too."""
+    loop stops too. The encoder's 256 tokens fit the task's instruction: at encoder_dir's 48 the sweep
+    stops by its own one-line error within seconds, which raced the signal on a loaded machine."""
     import signal
 
-    cmd = [sys.executable, "-m", "launchers.cli", "eval", "sweep", "--models", str(encoder_dir), "--tasks",
+    from toolkit.config import ModelConfig, PoolingConfig
+    from toolkit.models.loading import build_encoder
+
+    encoder, _ = build_encoder(ModelConfig(path=str(tiny_llama_dir), max_length=256), PoolingConfig())
+    folder = encoder.save_pretrained(tmp_path / "encoder")
+    cmd = [sys.executable, "-m", "launchers.cli", "eval", "sweep", "--models", str(folder), "--tasks",
            "rt-sentiment", "--batch-size", "1", "--output", str(tmp_path / "sweep")]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              cwd=Path(__file__).resolve().parents[1])
     line = child.stdout.readline()  # "sweep: 1 job(s) ...": the command runs, inside main()
     assert line.startswith("sweep: "), (line, child.stderr.read()[-2000:] if child.poll() is not None else "")
+    assert child.poll() is None, ("the sweep ended before the signal", child.stderr.read()[-2000:])
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == -signal.SIGINT, err[-2000:]

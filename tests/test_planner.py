@@ -429,3 +429,19 @@ def test_cli_plan_preset(capsys, tmp_path):
     assert main(["plan", str(bare), "--gpus", "8"]) == 2
     assert "pass --arch FILE" in capsys.readouterr().err
     assert main(["plan", str(bare), "--gpus", "8", "--arch", str(SCALE / "arch" / "llama3-8b.json")]) == 0
+
+
+def test_plan_reads_the_architecture_of_an_imported_asset_model(capsys, tmp_path, monkeypatch):
+    """`plan configs/quickstart.yaml` (model.path: asset:...) reads the imported asset's config.json, as
+    training does; before the first import it says so in one line."""
+    monkeypatch.setenv("EMBEDFORGE_CACHE", str(tmp_path))
+    argv = ["plan", str(ROOT / "configs/quickstart.yaml"), "--gpus", "1", "--stage", "simcse"]
+    assert main(argv) == 2
+    assert "asset:smollm2-135m-instruct: no config.json there (an asset: or .gguf model has one once imported" \
+        in capsys.readouterr().err
+    imported = tmp_path / "models" / "smollm2-135m-instruct"
+    imported.mkdir(parents=True)
+    tiny_config("llama", num_hidden_layers=3).to_json_file(imported / "config.json")
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"llama, 3 layers, hidden 64 (arch: {imported / 'config.json'})" in out and "stage simcse (simcse)" in out

@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toolkit.assets import model_config_file
 from toolkit.config import ConfigError, RunConfig, StageConfig
 from toolkit.distributed.parallel_dims import ParallelDims
 from toolkit.engines.spec import engine_spec, validate_run
@@ -285,15 +286,17 @@ _ARCH_COMMENT = re.compile(r"^#\s*arch:\s*(\S+)", re.MULTILINE)
 
 def load_arch(cfg: RunConfig, config_path: str | Path | None = None,
               arch_file: str | Path | None = None) -> tuple[ModelArgs, str]:
-    """The architecture: `arch_file`, else `model.path/config.json`, else the recipe's `# arch: FILE`
-    comment (relative to the recipe), so presets plan without downloading any weights."""
-    path, folder = Path(arch_file) if arch_file else None, Path(cfg.model.path)
-    if path is None and (folder / "config.json").is_file():
-        path = folder / "config.json"
-    elif path is None and config_path and (m := _ARCH_COMMENT.search(Path(config_path).read_text())):
+    """The architecture: `arch_file`, else the model's config.json (a folder, or an `asset:` / `.gguf`
+    model once imported), else the recipe's `# arch: FILE` comment (relative to the recipe), so presets
+    plan without downloading any weights."""
+    path = Path(arch_file) if arch_file else model_config_file(cfg.model.path)
+    if path is None and config_path and (m := _ARCH_COMMENT.search(Path(config_path).read_text())):
         path = Path(config_path).parent / m[1]
     if path is None:
-        raise ConfigError(f"model.path={cfg.model.path}: no config.json there; pass --arch FILE (an HF config.json)")
+        spec = cfg.model.path
+        imported = " (an asset: or .gguf model has one once imported by `train` or `quickstart`)" \
+            if spec.startswith("asset:") or spec.endswith(".gguf") else ""
+        raise ConfigError(f"model.path={spec}: no config.json there{imported}; pass --arch FILE (an HF config.json)")
     if not path.is_file():
         raise ConfigError(f"{path}: architecture file not found")
     return read_model_args(path), str(path)
