@@ -89,6 +89,9 @@ def test_a_training_setting_changes_one_value_of_one_stage_and_starts_from_the_s
     *earlier, retrained = cfg.stages
     assert retrained.name == stage and earlier == list(base.stages[: len(earlier)])
     assert changed_fields(base.stages[len(earlier)], retrained) == {o.split("=")[0] for o in overrides}
+    # the model is the study's, save recomputation where a setting needs it to fit 24 GiB (same loss)
+    assert changed_fields(base.model, cfg.model) == ({"gradient_checkpointing"} if name in study.RECOMPUTE else set())
+    assert cfg.model.gradient_checkpointing is (name in study.RECOMPUTE) and study.RECOMPUTE <= set(study.TRAIN_SETTINGS)
     for i, stage_cfg in enumerate(earlier):  # the seed's own finals, linked: the run skips them
         linked = RunLayout(run).final_dir(i, stage_cfg.name) / "embedforge.json"
         assert linked.is_symlink() and not Path(os.readlink(linked)).is_absolute()
