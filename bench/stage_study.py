@@ -67,7 +67,7 @@ TRAIN_SETTINGS = {
     "simcse-steps-160": ("simcse", ["steps=160", "schedule.warmup_steps=16"]),
 }
 # settings that need activation recomputation to fit 24 GiB: SimCSE at batch 64 x 2 views x 64 tokens on
-# SmolLM2-135M was OOM-killed at 23.5 GB RSS (2.3 GB with recomputation). Recomputation changes memory and
+# SmolLM2-135M was OOM-killed at 22.5 GiB resident (~2.2 GiB with recomputation). Recomputation changes memory and
 # speed, not the loss: torch.utils.checkpoint restores the RNG state, so the recomputed dropout masks are the
 # same (tests/test_train.py::test_gradcache_step_equals_plain_step trains with it on, dropout included). The
 # flag is part of a run's settings: a folder started without it is refused on resume; delete it first.
