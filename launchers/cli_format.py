@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import textwrap
 
 SILENT_DEFAULT = (None, argparse.SUPPRESS, False)  # "(default: None)" on an unset option or a flag says nothing
 
@@ -21,6 +22,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if "\n" in text:
             return super()._fill_text(text, width, indent)  # RawDescriptionHelpFormatter: as written
         return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """An option's help wrapped at spaces only: a default path such as /srv/my-runs/recipe.yaml stays
+        whole, to be copied (argparse also breaks at hyphens and inside long words)."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""

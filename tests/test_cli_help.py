@@ -80,3 +80,12 @@ def test_top_level_help_runs(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--task-size TASK.FIELD=N" in out and "(default: only-missing)" in flat(out)
+
+
+def test_a_default_path_is_never_broken_across_lines():
+    """A checkout under a folder with hyphens (e.g. /tmp/ci-clone) made argparse wrap the default recipe
+    path at a hyphen, so `--help` showed `/tmp/ci-` and `clone/...` on two lines."""
+    parser = argparse.ArgumentParser(prog="x", formatter_class=lambda prog: HelpFormatter(prog, width=60))
+    path = "/tmp/some-checkout-with-hyphens/configs/d2llm/quickstart-long-name.yaml"
+    parser.add_argument("--config", default=path, help="the student recipe, a YAML file in the checkout")
+    assert any(path + ")" in line for line in parser.format_help().splitlines())
