@@ -135,8 +135,8 @@ def settings(seed: int, out: Path, tasks: list[str] | None, sizes: list[str], fo
     """The evaluation-time settings on one seed: weighted-mean pooling (the untrained causal model and
     the + simcse encoder, both trained or built with mean pooling) and no instructions at all (+ simcse
     and + supervised), each against the same folders' default rows."""
-    run = out / f"seed-{seed}"
-    simcse, supervised = RunLayout(run).final_dir(1, "simcse"), RunLayout(run).final_dir(2, "supervised")
+    layout = RunLayout(out / f"seed-{seed}")
+    simcse, supervised = layout.final_dir(1, "simcse"), layout.final_dir(2, "supervised")
     causal = next(path for label, path in folders.items() if label.startswith("untrained-causal-seed-"))
     pooled = {"causal": pooling_variant(causal, out, "causal", "weighted_mean"),
               "simcse": pooling_variant(simcse, out, f"simcse-seed-{seed}", "weighted_mean")}
@@ -161,11 +161,12 @@ def train_setting(name: str, seed: int, out: Path) -> Path:
                       + [f"seed={seed}", f"output_dir={run.resolve()}"])
     index = [s.name for s in cfg.stages].index(stage)
     cfg.stages = cfg.stages[: index + 1]
+    seed_layout, layout = RunLayout(out / f"seed-{seed}"), RunLayout(run)
     for i, earlier in enumerate(cfg.stages[:index]):
-        source = RunLayout(out / f"seed-{seed}").final_dir(i, earlier.name)
+        source = seed_layout.final_dir(i, earlier.name)
         if not (source / SPEC_FILE).is_file():
             raise SystemExit(f"{source}: missing; train seed {seed} first (--seeds {seed})")
-        linked = RunLayout(run).final_dir(i, earlier.name)
+        linked = layout.final_dir(i, earlier.name)
         if not (linked / SPEC_FILE).is_file():  # first run, or links left dangling by a moved study
             building = linked.with_name("final.linking")
             shutil.rmtree(building, ignore_errors=True)  # removes the links, never what they point at
@@ -179,7 +180,7 @@ def train_setting(name: str, seed: int, out: Path) -> Path:
     code = run_child([EMBEDFORGE, "train", str(file), "--resume", "auto"])
     if code != 0:
         raise SystemExit(f"training setting {name} stopped (exit {code}); rerun to resume")
-    return RunLayout(run).final_dir(index, stage)
+    return layout.final_dir(index, stage)
 
 
 def setting_deltas(rows: list[dict], seed: int) -> str:

@@ -4,7 +4,7 @@ Layers, lowest first (an import may point down or sideways, never up, and never 
 
   0 base          toolkit.config (+ config_schema, config_d2llm), toolkit.errors, toolkit.recipe_paths
   1 shared        toolkit.models, objectives, distributed, checkpoint, optim, assets, asset_splits,
-                  atomic, training_log; data_pipelines
+                  atomic, training_log, fault_injection; data_pipelines
   2 engines       toolkit.engines
   3 applications  toolkit.train, eval, planner, dry_run, teacher, search
   4 entry points  launchers, cluster
@@ -47,6 +47,7 @@ LAYERS = {
     "toolkit.training_log": SHARED,
     "toolkit.run_layout": SHARED,
     "toolkit.seeds": SHARED,
+    "toolkit.fault_injection": SHARED,
     "data_pipelines": SHARED,
     "toolkit.engines": ENGINES,
     "toolkit.train": APPS,

@@ -40,13 +40,18 @@ def recipe(tmp_path: Path, model: str = "no-model", data: str = "no-data", **top
     return file
 
 
-@pytest.fixture(scope="module")
-def encoder_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+def save_encoder(folder: Path, model_dir: Path, max_length: int) -> Path:
+    """An untrained encoder folder over the tiny decoder, as export writes one."""
     from toolkit.config import ModelConfig, PoolingConfig
     from toolkit.models.loading import build_encoder
 
-    encoder, _ = build_encoder(ModelConfig(path=str(tiny_llama_dir), max_length=48), PoolingConfig())
-    return encoder.save_pretrained(tmp_path_factory.mktemp("enc") / "encoder")
+    encoder, _ = build_encoder(ModelConfig(path=str(model_dir), max_length=max_length), PoolingConfig())
+    return encoder.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    return save_encoder(tmp_path_factory.mktemp("enc") / "encoder", tiny_llama_dir, max_length=48)
 
 
 @pytest.fixture
@@ -271,15 +276,19 @@ def test_ctrl_c_during_an_eval_sweep_is_one_line_and_ends_by_sigint(tmp_path, ti
     stops by its own one-line error within seconds, which raced the signal on a loaded machine."""
     import signal
 
-    from toolkit.config import ModelConfig, PoolingConfig
-    from toolkit.models.loading import build_encoder
-
-    encoder, _ = build_encoder(ModelConfig(path=str(tiny_llama_dir), max_length=256), PoolingConfig())
-    folder = encoder.save_pretrained(tmp_path / "encoder")
+    folder = save_encoder(tmp_path / "encoder", tiny_llama_dir, max_length=256)
     cmd = [sys.executable, "-m", "launchers.cli", "eval", "sweep", "--models", str(folder), "--tasks",
            "rt-sentiment", "--batch-size", "1", "--output", str(tmp_path / "sweep")]
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parents[1])
+    # SIGINT at its default in the child, as for a terminal's foreground command: a test run started as a
+    # background job (`.ci/run &`) ignores SIGINT, the child inherits that, and Python then keeps ignoring
+    # it (by design: `cmd &` must survive the terminal's Ctrl-C); the sweep ran to the end (reproduced).
+    # A handled signal is reset to its default at exec, an ignored one is not.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=Path(__file__).resolve().parents[1])
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     line = child.stdout.readline()  # "sweep: 1 job(s) ...": the command runs, inside main()
     assert line.startswith("sweep: "), (line, child.stderr.read()[-2000:] if child.poll() is not None else "")
     assert child.poll() is None, ("the sweep ended before the signal", child.stderr.read()[-2000:])

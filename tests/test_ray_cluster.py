@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.helpers import EMBEDFORGE, free_port, losses, torchrun, two_stage_recipe
+from toolkit.fault_injection import TEST_HOLD_ENV
 
 # a local Ray cluster's start plus the 2-rank torchrun reference run, then the test's own runs
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -102,7 +103,8 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def tiny_recipe(tmp_path_factory) -> Path:
     """The 2-stage tiny recipe (full MNTP, then LoRA supervised) on the hf engine, DP=2, checkpoints
-    every 2 steps; 6 MNTP steps leave a kill after the first checkpoint time to land mid-run."""
+    every 2 steps, 6 MNTP steps. A test that kills or signals a rank after the step-2 checkpoint holds
+    that rank there (TEST_HOLD_ENV): the tiny run's steps take ~40 ms, a watcher can be seconds late."""
     tmp = tmp_path_factory.mktemp("recipe")
     path = two_stage_recipe(tmp)
     cfg = yaml.safe_load(path.read_text())
@@ -138,7 +140,8 @@ def assert_same_run(got: Path, want: Path) -> None:
 
 
 def kill_when(path: Path, pid: int, sig: int, fired: list, timeout: float = 300.0) -> threading.Thread:
-    """Send `sig` to `pid` as soon as `path` exists (a checkpoint's COMPLETE marker)."""
+    """Send `sig` to `pid` as soon as `path` exists (a checkpoint's COMPLETE marker). The run must hold
+    that rank there (TEST_HOLD_ENV): this thread may be seconds late, and the tiny run would be over."""
 
     def watch() -> None:
         end = time.monotonic() + timeout
@@ -224,12 +227,13 @@ def test_killed_worker_restarts_from_the_newest_checkpoint(ray_cluster, tiny_rec
         if attempt == 1:  # SIGKILL rank 1 right after the first checkpoint is committed
             kill_when(out / "00-mntp" / "step-2" / "COMPLETE", group.workers[1].pid, signal.SIGKILL, fired)
 
-    report = run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=1, on_start=on_start)
+    report = run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=1, on_start=on_start,
+                          env={TEST_HOLD_ENV: "1:mntp:2"})
     assert fired == [pids[1][1]], "the kill did not happen"
     assert report.completed and len(report.failures) == 1, report
     assert "rank 1: ActorDiedError" in report.failures[0]
     assert set(pids[2]).isdisjoint(pids[1])  # a fresh group
-    assert f"stage mntp: resumed from {out}/00-mntp/step-" in worker_logs(ray_cluster)
+    assert f"stage mntp: resumed from {out}/00-mntp/step-2 (step 2)" in worker_logs(ray_cluster)  # held there
     assert_same_run(out, reference)
 
 
@@ -242,7 +246,8 @@ def test_exhausted_restarts_raise_a_clear_error(ray_cluster, tiny_recipe, tmp_pa
         kill_when(out / "00-mntp" / "step-2" / "COMPLETE", group.workers[1].pid, signal.SIGKILL, fired)
 
     with pytest.raises(TrainingFailed) as err:
-        run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=0, on_start=on_start)
+        run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=0, on_start=on_start,
+                     env={TEST_HOLD_ENV: "1:mntp:2"})
     assert fired and "training failed 1 time(s) (max_failures=0)" in str(err.value)
     assert "attempt 1: rank 1: ActorDiedError" in str(err.value)
 
@@ -291,7 +296,8 @@ def test_preemption_signal_stops_with_a_checkpoint_without_retrying(ray_cluster,
         starts.append(attempt)
         kill_when(out / "00-mntp" / "step-2" / "COMPLETE", group.workers[0].pid, signal.SIGTERM, fired)
 
-    report = run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=3, on_start=on_start)
+    report = run_training(tiny_recipe, [f"output_dir={out}"], workers=2, max_failures=3, on_start=on_start,
+                          env={TEST_HOLD_ENV: "0:mntp:2"})
     assert fired and starts == [1] and report.failures == []
     assert not report.completed and report.stopped_at["stage"] == "mntp" and report.stopped_at["final_dir"] is None
     stopped_step = report.stopped_at["steps_done"]

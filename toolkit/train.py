@@ -49,6 +49,7 @@ from toolkit.config import ConfigError, RunConfig, StageConfig, load_config, to_
 from toolkit.distributed.parallel_dims import ParallelDims, init_distributed
 from toolkit.engines.spec import DEFAULT_ENGINE, build_engine, engine_spec, validate_run
 from toolkit.errors import CheckpointError, NonFiniteError
+from toolkit.fault_injection import hold_until_stopped, injected_failure
 from toolkit.models.arch import ModelArgs, read_model_args
 from toolkit.models.folder import SPEC_FILE
 from toolkit.objectives.mntp import resolve_mask_token
@@ -65,9 +66,6 @@ from toolkit.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 DEADLINE_ENV = "EMBEDFORGE_DEADLINE"
-# Test hook only (tests/test_failure_propagation.py, tests/test_ray_cluster.py): "RANK:STAGE:STEP" makes that
-# rank raise after that step, "RANK:STAGE:end" at the stage's end, as a bug or a bad record on one rank would.
-TEST_FAIL_ENV = "EMBEDFORGE_TEST_FAIL_AT"
 
 
 @dataclass
@@ -234,7 +232,7 @@ class Trainer:
                 # a skipped (non-finite) step still consumes its batches: the data order never depends on it
                 result = engine.train_step([next(batches) for _ in range(stage.grad_accum)])
                 step += 1
-                _injected_failure(dims.rank, stage.name, str(step))
+                injected_failure(dims.rank, stage.name, str(step))
                 steps_this_run += 1
                 seconds = time.perf_counter() - t0
                 self.slowest_step = max(self.slowest_step, seconds)
@@ -257,6 +255,7 @@ class Trainer:
                         path = self.saves.finish() or path
                         log.warning("stage %s: stopped at step %d; resume from %s", stage.name, step, path)
                         return StageOutcome(stage.name, None, step, last_loss)
+                hold_until_stopped(dims.rank, stage.name, step, lambda: self.stop.requested)
             self.saves.finish()
         except BaseException:
             self.saves.abandon()  # peers may be gone: no collective; the previous complete step stays
@@ -272,7 +271,7 @@ class Trainer:
                 log.warning("stage %s: skipped %d bad records of %d read (%s)", stage.name, bad.num_bad,
                             bad.good + bad.num_bad, bad.bad)
 
-        _injected_failure(dims.rank, stage.name, "end")
+        injected_failure(dims.rank, stage.name, "end")
         final = engine.end_stage(self.layout.final_dir(index, stage.name))
         log.info("stage %s: done, merged model saved to %s", stage.name, final)
         return StageOutcome(stage.name, final, step, last_loss)
@@ -451,14 +450,6 @@ class StepGuard:
             log.warning("stage %s: the run looks collapsed: grad norm 0 or a constant loss (%g) for steps %d-%d; "
                         "check the learning rate and the data", self.stage, result.loss, self._flat_since, step)
         return 0
-
-
-def _injected_failure(rank: int, stage: str, where: str) -> None:
-    """The test hook EMBEDFORGE_TEST_FAIL_AT: one rank raises while its peers go on into a collective,
-    which is what failure propagation must end within seconds. Unset outside tests: a no-op."""
-    wanted = os.environ.get(TEST_FAIL_ENV)
-    if wanted and wanted == f"{rank}:{stage}:{where}":
-        raise RuntimeError(f"{TEST_FAIL_ENV}={wanted}: injected failure on rank {rank}, stage {stage}, at {where}")
 
 
 def _newest_good(stage_dir: Path) -> str:
