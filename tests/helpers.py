@@ -76,6 +76,15 @@ def save_tiny_decoder(path: Path, model_type: str = "llama", seed: int = 0, **ov
     return path
 
 
+def save_encoder(folder: Path, model_dir: Path, max_length: int) -> Path:
+    """An untrained encoder (mean pooling) over a decoder folder, saved as export writes one."""
+    from toolkit.config import ModelConfig, PoolingConfig
+    from toolkit.models.loading import build_encoder
+
+    encoder, _ = build_encoder(ModelConfig(path=str(model_dir), max_length=max_length), PoolingConfig())
+    return encoder.save_pretrained(folder)
+
+
 # ----------------------------------------------------------------------------- tiny data
 def write_shards(folder: Path, samples: list[dict], per_shard: int, kind: str = "text") -> Manifest:
     """Shards of `per_shard` samples (one task per shard for pair data) plus a manifest, written directly

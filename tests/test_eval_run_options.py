@@ -12,7 +12,7 @@ import pytest
 
 from launchers.cli import main
 from launchers.eval_run import parse_task_sizes
-from tests.helpers import save_tiny_decoder
+from tests.helpers import save_encoder, save_tiny_decoder
 from toolkit.errors import InputError
 from toolkit.eval.mteb_run import select_tasks
 from toolkit.eval.mteb_tasks import EmbedforgeWordNetRetrieval, EmbedforgeWordNetSameSense
@@ -23,13 +23,8 @@ SAME_SENSE = "EmbedforgeWordNetSameSense"
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory) -> Path:
-    from toolkit.config import ModelConfig, PoolingConfig
-    from toolkit.models.loading import build_encoder
-
     tmp = tmp_path_factory.mktemp("eval-run")
-    encoder, _ = build_encoder(ModelConfig(path=str(save_tiny_decoder(tmp / "decoder")), max_length=256),
-                               PoolingConfig())
-    return encoder.save_pretrained(tmp / "encoder")
+    return save_encoder(tmp / "encoder", save_tiny_decoder(tmp / "decoder"), max_length=256)
 
 
 def test_task_size_items_parse_and_bad_ones_are_named():

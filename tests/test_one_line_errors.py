@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from launchers.cli import EXIT_USAGE, main
-from tests.helpers import write_data
+from tests.helpers import save_encoder, write_data
 from toolkit.config import ConfigError, config_from_dict
 
 
@@ -38,15 +38,6 @@ def recipe(tmp_path: Path, model: str = "no-model", data: str = "no-data", **top
                     "data": {"path": data, "batch_size": 2, "max_length": 48}}],
         "logging": {"tensorboard": False, "progress": False}, **top}))
     return file
-
-
-def save_encoder(folder: Path, model_dir: Path, max_length: int) -> Path:
-    """An untrained encoder folder over the tiny decoder, as export writes one."""
-    from toolkit.config import ModelConfig, PoolingConfig
-    from toolkit.models.loading import build_encoder
-
-    encoder, _ = build_encoder(ModelConfig(path=str(model_dir), max_length=max_length), PoolingConfig())
-    return encoder.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
